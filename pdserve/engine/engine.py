@@ -1,0 +1,305 @@
+"""LLMEngine: one model, one device, one step at a time. The wall clock enters here.
+
+`step()` = schedule -> run the model -> account tokens -> detokenize, stop strings -> outputs.
+Requests come in as text or token ids, for a colocated run (role both), as the prefill half
+of a disaggregated run (`remote_decode`: held after the first token), or as the decode half
+(`remote_first_token`: blocks allocated, the prompt's KV loaded by a connector).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pdserve.config import EngineConfig
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.model_runner import KVAllocator, ModelRunner
+from pdserve.engine.outputs import CompletionOutput, RequestOutput
+from pdserve.engine.request import FinishReason, SamplingParams, Sequence, Status
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
+from pdserve.models.loader import read_hf_config, resolve_model
+
+log = logging.getLogger("pdserve.engine")
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+class RequestError(ValueError):
+    """Bad input: the server answers 400 with this message and `param`."""
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class _State:
+    seq: Sequence
+    prompt: str | None
+    detok: IncrementalDetokenizer
+    out: CompletionOutput
+    emitted: int = 0   # characters of out.text already handed out (stop strings are held back)
+    error: str | None = None
+    new_lp: list = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, kv_allocator: KVAllocator | None = None,
+                 **kwargs):
+        self.config = config = config or EngineConfig.from_kwargs(**kwargs)
+        name, self.model_dir = resolve_model(config.model)
+        self.model_name = config.served_model_name or name
+        hf = read_hf_config(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.max_model_len = self._max_model_len(hf)
+        self.runner = ModelRunner(config, self.model_dir, hf, self.max_model_len, kv_allocator)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
+            role=config.role), self.block_manager)
+        self.eos_token_ids = self._eos_ids(hf)
+        self.states: dict[str, _State] = {}
+        self.on_kv_load: Callable[[Sequence], None] | None = None  # set by a KV connector
+        self.pending_kv_loads: list[Sequence] = []                 # when no connector is set
+        self._loaded: list[str] = []                               # KV arrived, first token to emit
+        self._ids = itertools.count()
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+                 self.model_name, self.runner.device, self.runner.dtype, self.runner.num_blocks,
+                 config.block_size, self.max_model_len)
+
+    def _max_model_len(self, hf: dict) -> int:
+        model_max = hf.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)
+        want = self.config.max_model_len
+        if want is None:
+            return min(model_max, DEFAULT_MAX_MODEL_LEN)
+        if want > model_max:
+            raise ValueError(f"max_model_len={want} exceeds the model's max_position_embeddings={model_max}")
+        return want
+
+    def _eos_ids(self, hf: dict) -> tuple[int, ...]:
+        ids = []
+        gen = Path(self.model_dir) / "generation_config.json"
+        for src in ((json.loads(gen.read_text()) if gen.is_file() else {}), hf):
+            e = src.get("eos_token_id")
+            ids += e if isinstance(e, list) else ([e] if e is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+    # ---- requests -----------------------------------------------------------------------
+    def make_sequence(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                      *, remote_decode: bool = False, remote_first_token: int | None = None,
+                      arrival_time: float | None = None) -> tuple[Sequence, str | None]:
+        """Validate a request and build its sequence without touching engine state (any thread)."""
+        params = params or SamplingParams()
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty; send at least one token", "prompt")
+        vocab = self.runner.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{len(ids)} tokens, which leaves no room for a completion.", "prompt")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, "
+                f"{params.max_tokens} for the completion).", "max_tokens")
+        role = self.config.role
+        if role == "prefill" and remote_first_token is not None:
+            raise RequestError("this worker has role prefill and cannot continue a remote prefill",
+                               "kv_transfer_params")
+        if role == "decode" and remote_decode:
+            raise RequestError("this worker has role decode and cannot produce KV for remote decode",
+                               "kv_transfer_params")
+        if remote_first_token is not None and not 0 <= remote_first_token < vocab:
+            raise RequestError("the first token from the prefill worker is out of range", "kv_transfer_params")
+        seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params,
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+                       eos_token_ids=self.eos_token_ids, remote_first_token=remote_first_token)
+        seq.remote_decode = remote_decode or role == "prefill"
+        return seq, text
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt) if prompt else []
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self._prompt_ids(prompt["prompt"])
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise RequestError("a prompt is a string, a list of token ids or {'prompt_token_ids': [...]}", "prompt")
+
+    def chat_prompt_ids(self, messages: list[dict], chat_template: str | None = None) -> list[int]:
+        try:
+            return apply_chat_template(self.tokenizer, messages, True, chat_template)
+        except ValueError as e:
+            raise RequestError(str(e), "messages") from e
+
+    def add_sequence(self, seq: Sequence, prompt_text: str | None = None) -> None:
+        if seq.request_id in self.states:
+            raise RequestError(f"request id {seq.request_id!r} is already in use", "request_id")
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
+        lps = [] if seq.params.logprobs is not None else None
+        self.states[seq.request_id] = _State(seq, prompt_text, detok, CompletionOutput(0, logprobs=lps))
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    **kwargs) -> str:
+        seq, text = self.make_sequence(prompt, params, request_id, **kwargs)
+        self.add_sequence(seq, text)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> bool:
+        st = self.states.pop(request_id, None)
+        seq = self.scheduler.abort(request_id)
+        return st is not None or seq is not None
+
+    def release(self, request_id: str) -> bool:
+        """Prefill side: the decode worker has the KV (or gave up); free the held blocks."""
+        return self.scheduler.release(request_id) is not None
+
+    def finish_kv_load(self, request_id: str, ok: bool, error: str | None = None) -> None:
+        """Decode side: the connector finished pulling a request's KV into its blocks.
+        With ok=False the request is either prefilled locally or failed (error given)."""
+        if error is not None:
+            st = self.states.get(request_id)
+            if st is not None:
+                st.error = error
+            self.scheduler.abort(request_id)
+            return
+        if self.scheduler.finish_kv_load(request_id, ok) is not None and ok:
+            self._loaded.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.states) or self.scheduler.has_work()
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        self.scheduler.expire_held(now, self.config.kv_abort_timeout)
+        out = self.scheduler.schedule()
+        for seq in out.kv_loads:
+            (self.on_kv_load or self.pending_kv_loads.append)(seq)
+        finished_errors = self._collect_errors()
+        if out.is_empty:
+            return finished_errors + self._collect_loaded()
+        before = {s.request_id: s.num_output_tokens for s in out.seqs}
+        self.num_prompt_tokens += sum(min(n, max(0, s.num_prompt_tokens - s.num_computed_tokens))
+                                      for s, n in zip(out.seqs, out.num_new_tokens))
+        tokens, logprobs = self.runner.execute(out, self._banned)
+        now = time.monotonic()
+        self.scheduler.update(out, tokens, now)
+        results = []
+        for seq, lp in zip(out.seqs, logprobs):
+            st = self.states.get(seq.request_id)
+            if st is None or seq.num_output_tokens == before[seq.request_id]:
+                continue  # aborted, or a prefill chunk that produced no token
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.num_generation_tokens += 1
+            if lp is not None:
+                st.new_lp.append(lp)
+            results.append(self._emit(st, [seq.token_ids[-1]]))
+        return finished_errors + self._collect_loaded() + results
+
+    def _collect_loaded(self) -> list[RequestOutput]:
+        """Decode side: requests whose KV arrived got their first token appended by the scheduler."""
+        res = []
+        loaded, self._loaded = self._loaded, []
+        for rid in loaded:
+            st = self.states.get(rid)
+            if st is not None and st.seq.num_output_tokens == 1 and not st.out.token_ids:
+                st.seq.first_token_time = st.seq.first_token_time or time.monotonic()
+                res.append(self._emit(st, [st.seq.token_ids[-1]]))
+        return res
+
+    def _collect_errors(self) -> list[RequestOutput]:
+        res = []
+        for rid, st in list(self.states.items()):
+            if st.error is not None:
+                del self.states[rid]
+                o = st.out
+                o.finish_reason, o.new_text, o.new_token_ids = "error", "", []
+                res.append(self._output(st, finished=True, error=st.error))
+        return res
+
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        p = seq.params
+        if seq.num_output_tokens < p.min_tokens and not p.ignore_eos:
+            return tuple(self.eos_token_ids) + tuple(p.stop_token_ids)
+        if seq.num_output_tokens < p.min_tokens:
+            return tuple(p.stop_token_ids)
+        return ()
+
+    def _emit(self, st: _State, new_ids: list[int]) -> RequestOutput:
+        seq, o = st.seq, st.out
+        for t in new_ids:
+            if seq.finish_reason == FinishReason.STOP and t in seq.eos_token_ids and not seq.params.ignore_eos:
+                continue  # EOS is not part of the text
+            st.detok.add(t)
+        o.token_ids.extend(new_ids)
+        o.new_token_ids = list(new_ids)
+        if o.logprobs is not None:
+            o.logprobs.extend(st.new_lp)
+        o.new_logprobs, st.new_lp = st.new_lp, []
+        text = st.detok.text
+        if seq.is_finished:
+            text += st.detok.flush()
+        self._check_stop_strings(st, text)
+        finished = seq.is_finished
+        o.finish_reason = seq.finish_reason.value if finished else None
+        o.stop_reason = seq.stop_reason
+        # hold back a tail that could be the start of a stop string
+        hold = 0 if finished else max((len(s) - 1 for s in seq.params.stop), default=0)
+        visible = len(o.text) - hold
+        o.new_text = o.text[st.emitted:max(visible, st.emitted)]
+        st.emitted = max(visible, st.emitted)
+        if finished:
+            self.states.pop(seq.request_id, None)
+        return self._output(st, finished)
+
+    def _check_stop_strings(self, st: _State, text: str) -> None:
+        seq, p = st.seq, st.seq.params
+        st.out.text = text
+        if not p.stop or seq.finish_reason == FinishReason.REMOTE_DECODE:
+            return
+        # look only where a new match can be: the new text plus a stop string's length before it
+        start = max(0, st.emitted - max(len(s) for s in p.stop))
+        hits = [(text.find(s, start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits or seq.num_output_tokens < p.min_tokens:
+            return
+        i, s = min(hits)
+        st.out.text = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
+        if seq.is_finished:  # the same token also hit max_tokens or EOS: the stop string wins
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, s
+        else:
+            self.scheduler.finish(seq, FinishReason.STOP, s)
+
+    def _output(self, st: _State, finished: bool, error: str | None = None) -> RequestOutput:
+        seq = st.seq
+        return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [st.out], finished,
+                             seq.num_cached_tokens, seq.arrival_time, seq.first_token_time, error)
+
+    # ---- introspection ------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_requests_running": self.scheduler.num_running,
+                "num_requests_waiting": len(self.scheduler.waiting),
+                "num_requests_held": len(self.scheduler.held),
+                "kv_cache_usage_perc": bm.usage,
+                "num_blocks": bm.num_blocks, "num_used_blocks": bm.num_used_blocks,
+                "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,
+                "num_preemptions": self.scheduler.num_preemptions}

@@ -1,0 +1,137 @@
+"""Turns a scheduled step into tensors, runs the model on its device and samples.
+
+Owns the model and the KV cache: one tensor [layers, 2, num_blocks, block_size, kv_heads,
+head_dim], so one block of one layer's K (or V) is a contiguous run of bytes that the KV
+transports can copy without reshaping.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine.request import Sequence
+from pdserve.engine.sampler import SampleRow, Sampler
+from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.models.attention import AttentionMetadata
+from pdserve.models.decoder import CausalLM, ModelConfig
+from pdserve.models.loader import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+# allocate(shape, dtype, device) -> tensor; the shm transport swaps in shared memory
+KVAllocator = Callable[[tuple, torch.dtype, torch.device], torch.Tensor]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: str, hf_config: dict, max_model_len: int,
+                 kv_allocator: KVAllocator | None = None):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.model_config = ModelConfig.from_hf(hf_config)
+        self.block_size = config.block_size
+        torch.manual_seed(config.seed)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = CausalLM(self.model_config, max_model_len)
+        finally:
+            torch.set_default_dtype(prev)
+        load_weights(self.model, model_dir)
+        self.model.rope.float()  # keep cos/sin in float32 whatever the weights' dtype
+        self.model.eval()
+        self.sampler = Sampler(config.seed)
+        self.num_blocks = self._num_blocks(max_model_len)
+        mc = self.model_config
+        self.kv_shape = (mc.num_layers, 2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        alloc = kv_allocator or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
+        self.kv_cache = alloc(self.kv_shape, self.dtype, self.device)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers, K and V."""
+        return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+
+    def _num_blocks(self, max_model_len: int) -> int:
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                activations = 4 * self.config.max_num_batched_tokens * self.model_config.vocab_size
+                budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
+            else:
+                budget = DEFAULT_CPU_KV_BYTES
+        n = budget // self.block_bytes
+        need = -(-max_model_len // self.block_size)
+        if n < need:
+            raise ValueError(
+                f"KV cache budget of {budget / 2**20:.1f} MiB holds {n} blocks of {self.block_size} tokens, "
+                f"fewer than one max_model_len={max_model_len} sequence needs ({need}); "
+                "raise --kv-cache-memory or lower --max-model-len")
+        return int(n)
+
+    # ---- one step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, banned: Callable[[Sequence], tuple[int, ...]]):
+        """Run one scheduled step. Returns (token or None per out.seqs entry, logprobs per entry)."""
+        order = sorted(range(len(out.seqs)), key=lambda i: out.num_new_tokens[i] == 1)  # prefills first
+        ids, pos, slots, sample_at, rows = [], [], [], [], []
+        meta = AttentionMetadata(slot_mapping=None, prefill_query_lens=[], prefill_context_lens=[],
+                                 prefill_block_tables=[])
+        dec_tables, dec_lens = [], []
+        bs = self.block_size
+        for i in order:
+            seq, n = out.seqs[i], out.num_new_tokens[i]
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c:c + n])
+            pos.extend(range(c, c + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
+            if n == 1:
+                dec_tables.append(table)
+                dec_lens.append(c + 1)
+            else:
+                meta.prefill_query_lens.append(n)
+                meta.prefill_context_lens.append(c + n)
+                meta.prefill_block_tables.append(torch.tensor(table[:-(-(c + n) // bs)], device=self.device))
+            if c + n == seq.num_tokens:
+                sample_at.append((i, len(ids) - 1))
+                rows.append(SampleRow(seq.params, seq.num_tokens, banned(seq)))
+        dev = self.device
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if dec_tables:
+            width = max(len(t) for t in dec_tables)
+            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=dev)
+            lens = torch.tensor(dec_lens, device=dev)
+            meta.decode_context_lens = lens
+            meta.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)
+        tokens: list[int | None] = [None] * len(out.seqs)
+        logprobs = [None] * len(out.seqs)
+        if sample_at:
+            logits = self.model.compute_logits(hidden[[j for _, j in sample_at]])
+            sampled, lps = self.sampler(logits, rows)
+            for (i, _), t, lp in zip(sample_at, sampled, lps):
+                tokens[i], logprobs[i] = t, lp
+        return tokens, logprobs

@@ -1,0 +1,78 @@
+"""Paged attention over the block KV cache: the torch backend, which runs on any device.
+
+A step's tokens are flattened into one [T, ...] batch. Prefill sequences (several query
+tokens) come first, each attended on its own; decode sequences (one query token) follow
+and are attended together as one padded batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor          # [T] cache slot (block * block_size + offset) per token
+    # prefill part: python lists, one entry per prefill sequence
+    prefill_query_lens: list[int]
+    prefill_context_lens: list[int]     # tokens in cache after this step, incl. the queries
+    prefill_block_tables: list[torch.Tensor]
+    # decode part: tensors over the decode sequences
+    decode_block_tables: torch.Tensor | None = None   # [B, max_blocks], padded with 0
+    decode_context_lens: torch.Tensor | None = None   # [B]
+    decode_mask: torch.Tensor | None = None           # [B, 1, 1, max_blocks*block_size] additive
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_query_lens)
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """cache: [2, num_blocks, block_size, kv_heads, head_dim] of one layer."""
+    kv_heads, head_dim = cache.shape[-2:]
+    cache[0].view(-1, kv_heads, head_dim)[slots] = k
+    cache[1].view(-1, kv_heads, head_dim)[slots] = v
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] for this step's tokens. Returns [T, H, D]."""
+    write_kv(cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    start = 0
+    for qlen, ctx, table in zip(meta.prefill_query_lens, meta.prefill_context_lens,
+                                meta.prefill_block_tables):
+        qs = q[start:start + qlen]
+        if ctx == qlen:  # nothing cached before: attend to this step's own keys
+            ks, vs = k[start:start + qlen], v[start:start + qlen]
+            mask, causal = None, True
+        else:
+            ks, vs = _gather(cache, table, ctx)
+            pos = torch.arange(ctx - qlen, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]
+            causal = False
+        o = F.scaled_dot_product_attention(
+            qs.transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
+            vs.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=causal,
+            scale=scale, enable_gqa=True)
+        out[start:start + qlen] = o.squeeze(0).transpose(0, 1)
+        start += qlen
+    if meta.decode_block_tables is not None:
+        b, nblk = meta.decode_block_tables.shape
+        bs, kvh, d = cache.shape[2:]
+        ks = cache[0][meta.decode_block_tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
+        vs = cache[1][meta.decode_block_tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
+        qd = q[start:].unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=meta.decode_mask,
+                                           scale=scale, enable_gqa=True)
+        out[start:] = o.squeeze(2)
+    return out
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, ctx: int):
+    bs, kvh, d = cache.shape[2:]
+    k = cache[0][table].view(-1, kvh, d)[:ctx]
+    v = cache[1][table].view(-1, kvh, d)[:ctx]
+    return k, v
