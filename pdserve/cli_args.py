@@ -1,0 +1,34 @@
+"""Command-line flags for the engine, shared by `generate`, `chat`, `serve` and `profile`."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from pdserve.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -> None:
+    if model_positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: 1GiB on CPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")
+    g.add_argument("--served-model-name", default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    names = {f.name for f in fields(EngineConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw.update(overrides)
+    return EngineConfig(**kw)
