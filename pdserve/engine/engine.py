@@ -56,6 +56,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.max_model_len = self._max_model_len(hf)
         self.runner = ModelRunner(config, self.model_dir, hf, self.max_model_len, kv_allocator)
+        self._fit_max_model_len()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -81,6 +82,19 @@ class LLMEngine:
         if want > model_max:
             raise ValueError(f"max_model_len={want} exceeds the model's max_position_embeddings={model_max}")
         return want
+
+    def _fit_max_model_len(self) -> None:
+        """One sequence of max_model_len tokens must fit in the KV cache: lower a default
+        max_model_len to fit, refuse an explicit one that does not."""
+        capacity = self.runner.num_blocks * self.config.block_size
+        if capacity >= self.max_model_len:
+            return
+        msg = (f"the KV cache holds {capacity} tokens ({self.runner.num_blocks} blocks), fewer than "
+               f"max_model_len={self.max_model_len}")
+        if self.config.max_model_len is not None:
+            raise ValueError(msg + "; raise --kv-cache-memory or lower --max-model-len")
+        log.warning("%s: lowering max_model_len to %d", msg, capacity)
+        self.max_model_len = capacity
 
     def _eos_ids(self, hf: dict) -> tuple[int, ...]:
         ids = []

@@ -43,7 +43,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: str, hf_config: dict, max_model_len: int,
+    def __init__(self, config: EngineConfig, model_dir: str, hf_config: dict, max_positions: int,
                  kv_allocator: KVAllocator | None = None):
         self.config = config
         self.device = pick_device(config.device)
@@ -55,14 +55,14 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = CausalLM(self.model_config, max_model_len)
+                self.model = CausalLM(self.model_config, max_positions)
         finally:
             torch.set_default_dtype(prev)
         load_weights(self.model, model_dir)
         self.model.rope.float()  # keep cos/sin in float32 whatever the weights' dtype
         self.model.eval()
         self.sampler = Sampler(config.seed)
-        self.num_blocks = self._num_blocks(max_model_len)
+        self.num_blocks = self._num_blocks()
         mc = self.model_config
         self.kv_shape = (mc.num_layers, 2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         alloc = kv_allocator or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
@@ -73,7 +73,7 @@ class ModelRunner:
         """Bytes of one block across all layers, K and V."""
         return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
 
-    def _num_blocks(self, max_model_len: int) -> int:
+    def _num_blocks(self) -> int:
         budget = self.config.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
@@ -83,12 +83,9 @@ class ModelRunner:
             else:
                 budget = DEFAULT_CPU_KV_BYTES
         n = budget // self.block_bytes
-        need = -(-max_model_len // self.block_size)
-        if n < need:
-            raise ValueError(
-                f"KV cache budget of {budget / 2**20:.1f} MiB holds {n} blocks of {self.block_size} tokens, "
-                f"fewer than one max_model_len={max_model_len} sequence needs ({need}); "
-                "raise --kv-cache-memory or lower --max-model-len")
+        if n < 1:
+            raise ValueError(f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of "
+                             f"{self.block_size} tokens; raise --kv-cache-memory")
         return int(n)
 
     # ---- one step ---------------------------------------------------------------------
