@@ -1,0 +1,153 @@
+"""The router's HTTP face (aiohttp): OpenAI endpoints, /health, /metrics, /status, /instances.
+
+aiohttp rather than FastAPI: the router only moves bytes and JSON, and aiohttp's server and
+client share one event loop with little per-request cost. No torch anywhere below here.
+"""
+from __future__ import annotations
+
+import hmac
+import time
+
+from aiohttp import web
+
+from pdserve.config import RouterConfig
+from pdserve.router.instances import ROLES
+from pdserve.router.openai_io import CHAT, COMPLETIONS, error_body
+from pdserve.router.proxy import Router
+from pdserve.router.upstream import ClientError
+
+ROUTER = web.AppKey("router", Router)
+
+
+def _err(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response(error_body(message, status, param=param), status=status)
+
+
+@web.middleware
+async def auth(request: web.Request, handler):
+    key = request.app[ROUTER].cfg.api_key
+    # as vLLM: the OpenAI routes need the key; so do the admin routes that change the pools
+    if key and (request.path.startswith("/v1") or request.path == "/instances"):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return _err(401, "Unauthorized: a valid API key is needed (Authorization: Bearer ...)")
+    return await handler(request)
+
+
+async def _read_json(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ClientError.of(400, f"request body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        raise ClientError.of(400, "request body must be a JSON object")
+    return body
+
+
+def _openai(kind: str):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _read_json(request)
+        except ClientError as e:
+            return web.json_response(e.body, status=e.status)
+        return await request.app[ROUTER].handle(request, kind, body)
+    return handler
+
+
+async def models(request: web.Request) -> web.Response:
+    r = request.app[ROUTER]
+    for inst in r.pools.healthy("decode") + r.pools.healthy("prefill"):
+        try:
+            async with r.session.get(inst.url + "/v1/models", headers=r.headers("models"),
+                                     timeout=r.timeout) as resp:
+                if resp.status == 200:
+                    return web.json_response(await resp.json(content_type=None))
+        except Exception as e:  # try the next instance
+            inst.last_error = f"/v1/models: {e!r}"[:300]
+    return _err(503, "no healthy instance to list models from")
+
+
+async def health(request: web.Request) -> web.Response:
+    ok = bool(request.app[ROUTER].pools.healthy("decode"))
+    return web.json_response({"status": "ok" if ok else "no healthy decode instance"}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    r = request.app[ROUTER]
+    return web.Response(body=r.metrics.render(r.pools.instances.values()),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def status(request: web.Request) -> web.Response:
+    r = request.app[ROUTER]
+    insts = [i.status() for i in r.pools.instances.values()]
+    return web.json_response({
+        "policy": r.cfg.policy, "local_prefill_max_tokens": r.cfg.local_prefill_max_tokens,
+        "prefill_instances": [i for i in insts if i["role"] == "prefill"],
+        "decode_instances": [i for i in insts if i["role"] == "decode"],
+        "requests": {"remote_prefill": r.counts["remote"], "local_prefill": r.counts["local"],
+                     "local_prefill_reasons": dict(r.local_reasons)},
+        "time": time.time()})
+
+
+async def _instance_arg(request: web.Request) -> tuple[str | None, str | None]:
+    """Accept {"role"|"type": ..., "url"|"instance": ...} in the body or the query string."""
+    body = {}
+    if request.can_read_body:
+        body = await _read_json(request)
+    q = {**request.query, **body}
+    return q.get("url") or q.get("instance"), q.get("role") or q.get("type")
+
+
+async def add_instance(request: web.Request) -> web.Response:
+    try:
+        url, role = await _instance_arg(request)
+        if not url or role not in ROLES:
+            raise ClientError.of(400, f'give {{"role": one of {list(ROLES)}, "url": "host:port"}}')
+        inst = request.app[ROUTER].pools.add(url, role)
+    except ClientError as e:
+        return web.json_response(e.body, status=e.status)
+    except ValueError as e:
+        return _err(400, str(e))
+    return web.json_response(inst.status())
+
+
+async def remove_instance(request: web.Request) -> web.Response:
+    try:
+        url, _ = await _instance_arg(request)
+    except ClientError as e:
+        return web.json_response(e.body, status=e.status)
+    if not url:
+        return _err(400, 'give {"url": "host:port"}')
+    inst = request.app[ROUTER].pools.remove(url)
+    if inst is None:
+        return _err(404, f"no instance {url}")
+    return web.json_response(inst.status())
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    return web.json_response([i.status() for i in request.app[ROUTER].pools.instances.values()])
+
+
+def make_app(cfg: RouterConfig, **router_kwargs) -> web.Application:
+    app = web.Application(middlewares=[auth], client_max_size=64 << 20)
+    router = app[ROUTER] = Router(cfg, **router_kwargs)
+    app.router.add_post("/v1/completions", _openai(COMPLETIONS))
+    app.router.add_post("/v1/chat/completions", _openai(CHAT))
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    app.router.add_get("/instances", list_instances)
+    app.router.add_post("/instances", add_instance)
+    app.router.add_delete("/instances", remove_instance)
+
+    async def startup(_):
+        await router.start()
+
+    async def cleanup(_):
+        await router.close()
+    app.on_startup.append(startup)
+    app.on_cleanup.append(cleanup)
+    return app
+

@@ -1,0 +1,122 @@
+"""The router's view of its workers: who they are, whether they answer, how busy they are.
+
+Plain state plus one health-check loop. A request that cannot reach an instance marks it down
+at once (no need to wait for the next check); the periodic check brings it back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+log = logging.getLogger("pdserve.router")
+
+ROLES = ("prefill", "decode")
+
+
+def normalize_url(addr: str) -> str:
+    """'host:port', 'http://host:port/' -> 'http://host:port'."""
+    addr = addr.strip().rstrip("/")
+    if not addr:
+        raise ValueError("empty instance address")
+    if "://" not in addr:
+        addr = "http://" + addr
+    return addr
+
+
+def split_addrs(values: list[str] | None) -> list[str]:
+    """Repeatable and comma-separated flags: ['a:1,b:2', 'c:3'] -> ['http://a:1', ...]."""
+    return [normalize_url(a) for v in values or [] for a in v.split(",") if a.strip()]
+
+
+@dataclass
+class Instance:
+    url: str
+    role: str                      # prefill | decode (a `both` worker in the decode pool prefills locally)
+    healthy: bool = True           # optimistic until a check or a request says otherwise
+    in_flight: int = 0
+    last_error: str | None = None
+    last_error_time: float | None = None
+    down_since: float | None = None
+    requests: int = 0
+    failures: int = 0
+
+    def mark_down(self, error: str) -> bool:
+        """Record a failure; True if this took a healthy instance down."""
+        self.last_error, self.last_error_time = error, time.time()
+        self.failures += 1
+        was = self.healthy
+        self.healthy = False
+        if was:
+            self.down_since = time.time()
+            log.warning("%s %s is down: %s", self.role, self.url, error)
+        return was
+
+    def status(self) -> dict:
+        return {"url": self.url, "role": self.role, "healthy": self.healthy, "in_flight": self.in_flight,
+                "requests": self.requests, "failures": self.failures, "last_error": self.last_error,
+                "last_error_time": self.last_error_time, "down_since": self.down_since}
+
+
+@dataclass
+class Pools:
+    instances: dict[str, Instance] = field(default_factory=dict)   # url -> instance
+    on_change: list = field(default_factory=list)   # callbacks(instance, event) for policies and metrics
+
+    def add(self, url: str, role: str) -> Instance:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        url = normalize_url(url)
+        old = self.instances.get(url)
+        if old is not None and old.role == role:
+            return old
+        if old is not None:
+            self.remove(url)
+        inst = self.instances[url] = Instance(url, role)
+        log.info("added %s instance %s", role, url)
+        self._notify(inst, "added")
+        return inst
+
+    def remove(self, url: str) -> Instance | None:
+        inst = self.instances.pop(normalize_url(url), None)
+        if inst is not None:
+            log.info("removed %s instance %s", inst.role, inst.url)
+            self._notify(inst, "removed")
+        return inst
+
+    def healthy(self, role: str, exclude: set[str] = frozenset()) -> list[Instance]:
+        return [i for i in self.instances.values() if i.role == role and i.healthy and i.url not in exclude]
+
+    def of_role(self, role: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.role == role]
+
+    def mark_up(self, inst: Instance) -> None:
+        if not inst.healthy:
+            log.warning("%s %s is up again", inst.role, inst.url)
+            inst.healthy, inst.down_since = True, None
+            # it may have restarted with an empty cache: forget what we believed it held
+            self._notify(inst, "up")
+
+    def _notify(self, inst: Instance, event: str) -> None:
+        for cb in self.on_change:
+            cb(inst, event)
+
+
+async def check_one(session: aiohttp.ClientSession, pools: Pools, inst: Instance, timeout: float) -> None:
+    try:
+        async with session.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            if r.status != 200:
+                raise RuntimeError(f"/health answered {r.status}")
+    except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, OSError) as e:
+        inst.mark_down(f"health check failed: {e!r}"[:300])
+        return
+    pools.mark_up(inst)
+
+
+async def health_loop(session: aiohttp.ClientSession, pools: Pools, interval: float, timeout: float) -> None:
+    while True:
+        await asyncio.gather(*(check_one(session, pools, i, timeout) for i in list(pools.instances.values())))
+        await asyncio.sleep(interval)

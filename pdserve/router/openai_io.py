@@ -1,0 +1,122 @@
+"""OpenAI wire format as the router needs it: errors, SSE framing, the prefill body, the first
+token, and what to match prompts on. No routing decisions here."""
+from __future__ import annotations
+
+import json
+
+# The router does not tokenize (it would need the model's tokenizer and chat template); prompt
+# sizes for conditional disaggregation are estimated from characters. English BPE vocabularies
+# average about four characters per token, and the threshold is a coarse knob anyway.
+CHARS_PER_TOKEN = 4
+
+COMPLETIONS, CHAT = "completions", "chat"
+
+
+def error_body(message: str, status: int, type_: str | None = None, param: str | None = None) -> dict:
+    type_ = type_ or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                      429: "RateLimitError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def prompt_key(kind: str, body: dict) -> tuple[list | str | None, int]:
+    """(key for the prefix policy, estimated prompt tokens). key None: cannot tell (batch)."""
+    if kind == CHAT:
+        parts = []
+        for m in body.get("messages") or []:
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, list):  # content parts: only text counts
+                c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
+            parts.append(f"<{m.get('role', '') if isinstance(m, dict) else ''}>{c or ''}\n")
+        text = "".join(parts)
+        return text, -(-len(text) // CHARS_PER_TOKEN)
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return p, -(-len(p) // CHARS_PER_TOKEN)
+    if isinstance(p, list) and all(isinstance(t, int) for t in p):
+        return p, len(p)   # token ids: exact
+    return None, 0
+
+
+def why_not_remote(kind: str, body: dict) -> str | None:
+    """Requests that gain nothing from a remote prefill, or that the hand-off cannot express."""
+    if (body.get("n") or 1) != 1 or body.get("best_of") not in (None, 1):
+        return "n>1"
+    if kind == COMPLETIONS and (body.get("echo") or body.get("logprobs") is not None):
+        return "echo/logprobs"
+    if kind == CHAT and (body.get("logprobs") or body.get("top_logprobs")):
+        return "logprobs"
+    if max_tokens(kind, body) == 1:
+        return "max_tokens=1"   # the whole request is one prefill; a hand-off only adds work
+    return None
+
+
+def max_tokens(kind: str, body: dict) -> int | None:
+    if kind == CHAT and body.get("max_completion_tokens") is not None:
+        return body["max_completion_tokens"]
+    return body.get("max_tokens")
+
+
+def prefill_body(kind: str, body: dict) -> dict:
+    """The same request cut to its first token, asking the worker to hold the KV for a puller."""
+    pb = dict(body)
+    pb["max_tokens"] = 1
+    if kind == CHAT and "max_completion_tokens" in pb:
+        pb["max_completion_tokens"] = 1
+    if pb.get("min_tokens"):
+        pb["min_tokens"] = 1   # still forbids a first-token EOS, as the full request does
+    pb["stream"] = False
+    pb.pop("stream_options", None)
+    pb["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+    return pb
+
+
+def first_text(kind: str, resp: dict) -> str:
+    """The first token's text in a prefill worker's answer."""
+    choice = (resp.get("choices") or [{}])[0]
+    if kind == CHAT:
+        return (choice.get("message") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def first_chunk(kind: str, id_: str, created: int, model: str, text: str) -> dict:
+    if kind == CHAT:
+        return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": None}]}
+    return {"id": id_, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+
+
+class TextSkipper:
+    """Drop, from a decode worker's stream, the text the client already got from the prefill
+    worker's first token. The decode worker emits that token again (it is its first output
+    token), so the first `n` characters of its text are skipped, whichever chunks carry them."""
+
+    def __init__(self, kind: str, n: int, role_sent: bool):
+        self.kind, self.left, self.role_sent = kind, n, role_sent
+
+    def apply(self, chunk: dict) -> bool:
+        """Edit chunk in place; False if nothing is left worth sending."""
+        keep = bool(chunk.get("usage")) or not chunk.get("choices")
+        for c in chunk.get("choices") or []:
+            holder, field = (c.get("delta") or {}, "content") if self.kind == CHAT else (c, "text")
+            if self.kind == CHAT and self.role_sent:
+                holder.pop("role", None)
+            text = holder.get(field)
+            if text and self.left:
+                cut = min(self.left, len(text))
+                holder[field] = text = text[cut:]
+                self.left -= cut
+            if text or c.get("finish_reason") or (self.kind == CHAT and holder.get("role")) \
+                    or c.get("logprobs") or (self.kind == CHAT and holder.get("tool_calls")):
+                keep = True
+        return keep

@@ -1,0 +1,304 @@
+"""The P->D orchestration: pick a decode worker, decide where prefill runs, call the prefill
+worker, hand its kv_transfer_params to the decode worker, and give the client one completion.
+
+Retries: a failed prefill call goes to another prefill worker, then to local prefill on the
+decode worker; a decode call that fails before it produced anything goes to another decode
+worker. Nothing waits forever: every upstream call has a timeout and every failure becomes
+an answer or an SSE error event.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from pdserve.config import RouterConfig
+from pdserve.router.instances import Instance, Pools, health_loop
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.openai_io import (CHAT, CHARS_PER_TOKEN, SSE_DONE, TextSkipper, error_body, first_chunk,
+                                      first_text, prefill_body, prompt_key, sse, why_not_remote)
+from pdserve.router.policies import make_policy
+from pdserve.router.upstream import ClientError, UpstreamError, post_json, stream_sse
+
+log = logging.getLogger("pdserve.router")
+
+PATHS = {"completions": "/v1/completions", CHAT: "/v1/chat/completions"}
+
+
+@dataclass
+class Job:
+    kind: str
+    body: dict
+    rid: str
+    key: list | str | None
+    est_tokens: int
+    id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    t0: float = field(default_factory=time.monotonic)
+    tried_decode: set = field(default_factory=set)
+
+
+@dataclass
+class Prefilled:
+    inst: Instance
+    params: dict     # kv_transfer_params for the decode worker
+    text: str        # the first token's text, already computed
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig, health_interval: float = 2.0, request_timeout: float = 600.0,
+                 connect_timeout: float = 5.0):
+        self.cfg = cfg
+        self.health_interval = health_interval
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=request_timeout)
+        self.pools = Pools()
+        self.policies = {"prefill": make_policy(cfg.policy), "decode": make_policy(cfg.policy)}
+        self.metrics = RouterMetrics()
+        self.counts = {"remote": 0, "local": 0}
+        self.local_reasons: dict[str, int] = {}
+        self.pools.on_change.append(self._on_change)
+        for url in cfg.prefill:
+            self.pools.add(url, "prefill")
+        for url in cfg.decode:
+            self.pools.add(url, "decode")
+        self.session: aiohttp.ClientSession | None = None
+        self._health: asyncio.Task | None = None
+        self._bg: set[asyncio.Task] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        # no per-host connection cap: many concurrent streams to one worker are the normal case
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        self._health = asyncio.create_task(health_loop(self.session, self.pools, self.health_interval,
+                                                       timeout=min(5.0, max(1.0, self.health_interval))))
+
+    async def close(self) -> None:
+        if self._health:
+            self._health.cancel()
+        if self.session:
+            await self.session.close()
+
+    def _on_change(self, inst: Instance, event: str) -> None:
+        if event in ("removed", "up"):  # gone, or back with a cache we know nothing about
+            self.policies[inst.role].remove(inst.url)
+        if event == "removed":
+            self.metrics.forget(inst)
+
+    def headers(self, rid: str) -> dict:
+        h = {"X-Request-Id": rid}
+        if self.cfg.api_key:
+            h["Authorization"] = f"Bearer {self.cfg.api_key}"
+        return h
+
+    # ---- choices -----------------------------------------------------------------------
+    def _pick(self, role: str, key, exclude: set[str] = frozenset()) -> tuple[Instance, int] | None:
+        cands = self.pools.healthy(role, exclude)
+        if not cands:
+            return None
+        loads = {i.url: i.in_flight for i in cands}
+        choice = self.policies[role].select([i.url for i in cands], key, loads)
+        self.policies[role].record(choice.instance, key)
+        return self.pools.instances[choice.instance], choice.matched
+
+    def _local_reason(self, job: Job, matched: int) -> str | None:
+        """Why this request should prefill on its decode worker (None: remotely)."""
+        why = why_not_remote(job.kind, job.body)
+        if why:
+            return why
+        if not self.pools.healthy("prefill"):
+            return "no_prefill_worker"
+        n = self.cfg.local_prefill_max_tokens
+        if n > 0:
+            cached = matched if isinstance(job.key, list) else matched // CHARS_PER_TOKEN
+            if job.est_tokens - cached <= n:
+                return "short_prompt"
+        return None
+
+    def _count(self, where: str, reason: str | None = None) -> None:
+        self.counts[where] += 1
+        self.metrics.requests.labels(where).inc()
+        if reason:
+            self.local_reasons[reason] = self.local_reasons.get(reason, 0) + 1
+            self.metrics.local_reasons.labels(reason).inc()
+
+    # ---- prefill -----------------------------------------------------------------------
+    async def _prefill(self, job: Job) -> Prefilled | None:
+        """Run the prefill remotely, on another prefill worker if one fails. None: none could."""
+        tried: set[str] = set()
+        body = prefill_body(job.kind, job.body)
+        while (pick := self._pick("prefill", job.key, tried)) is not None:
+            inst = pick[0]
+            tried.add(inst.url)
+            t = time.monotonic()
+            try:
+                resp = await post_json(self.session, inst, PATHS[job.kind], body, self.headers(job.rid),
+                                       self.timeout)
+            except UpstreamError as e:
+                self._failed(inst, e, "prefill")
+                continue
+            self.metrics.prefill_time.observe(time.monotonic() - t)
+            params = resp.get("kv_transfer_params")
+            if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+                self._failed(inst, UpstreamError(f"{inst.url} returned no kv_transfer_params", False), "prefill")
+                continue
+            return Prefilled(inst, params, first_text(job.kind, resp))
+        return None
+
+    def _failed(self, inst: Instance, e: UpstreamError, stage: str) -> None:
+        log.warning("%s call to %s failed: %s", stage, inst.url, e)
+        if e.down:
+            inst.mark_down(str(e))
+        else:
+            inst.last_error, inst.last_error_time = str(e), time.time()
+            inst.failures += 1
+        self.metrics.retries.labels(stage).inc()
+
+    async def release(self, pre: Prefilled, rid: str) -> None:
+        """Tell a prefill worker nobody will pull its held blocks (client gone, no decoder)."""
+        body = {"request_id": pre.params.get("remote_request_id", rid), "kv_token": pre.params.get("kv_token")}
+        try:
+            async with self.session.post(pre.inst.url + "/v1/kv/release", json=body, headers=self.headers(rid),
+                                         timeout=aiohttp.ClientTimeout(total=5)) as r:
+                await r.read()
+        except Exception as e:  # best effort: the worker's abort timeout frees them anyway
+            log.info("release on %s failed: %r", pre.inst.url, e)
+
+    # ---- one request -------------------------------------------------------------------
+    async def handle(self, request: web.Request, kind: str, body: dict) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        key, est = prompt_key(kind, body)
+        job = Job(kind, body, rid, key, est, ("chatcmpl-" if kind == CHAT else "cmpl-") + rid)
+        self.metrics.running.inc()
+        pre: Prefilled | None = None
+        done = False
+        try:
+            pick = self._pick("decode", key)
+            if pick is None:
+                raise ClientError.of(503, "no healthy decode instance")
+            dec, matched = pick
+            reason = self._local_reason(job, matched)
+            if reason is None:
+                pre = await self._prefill(job)
+                if pre is None:
+                    reason = "prefill_failed"
+            self._count("local" if reason else "remote", reason)
+            job.tried_decode.add(dec.url)
+            if body.get("stream"):
+                resp = await self._stream(request, job, dec, pre)
+            else:
+                resp = await self._json(job, dec, pre)
+            done = True
+            return resp
+        except ClientError as e:
+            self.metrics.errors.labels(str(e.status)).inc()
+            return web.json_response(e.body, status=e.status, headers={"X-Request-Id": rid})
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.metrics.aborts.inc()
+            raise
+        finally:
+            self.metrics.running.dec()
+            self.metrics.e2e.observe(time.monotonic() - job.t0)
+            if pre is not None and not done:
+                # a task of its own: the handler itself may be what is being cancelled
+                t = asyncio.ensure_future(self.release(pre, rid))
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
+
+    def _decode_body(self, job: Job, pre: Prefilled | None) -> dict:
+        if pre is None:
+            return job.body
+        return {**job.body, "kv_transfer_params": pre.params}
+
+    def _next_decode(self, job: Job, inst: Instance, e: UpstreamError) -> Instance:
+        self._failed(inst, e, "decode")
+        pick = self._pick("decode", job.key, job.tried_decode)
+        if pick is None:
+            raise ClientError.of(503, f"decode failed and no other decode instance is healthy: {e}")
+        job.tried_decode.add(pick[0].url)
+        return pick[0]
+
+    async def _json(self, job: Job, dec: Instance, pre: Prefilled | None) -> web.Response:
+        body = self._decode_body(job, pre)
+        while True:
+            try:
+                out = await post_json(self.session, dec, PATHS[job.kind], body, self.headers(job.rid), self.timeout)
+                break
+            except UpstreamError as e:
+                dec = self._next_decode(job, dec, e)
+        out["id"] = job.id
+        out.pop("kv_transfer_params", None)
+        return web.json_response(out, headers={"X-Request-Id": job.rid})
+
+    async def _stream(self, request: web.Request, job: Job, dec: Instance, pre: Prefilled | None):
+        out = SSEOut(request, job.rid)
+        sent = ""
+        # a trailing U+FFFD is half of a multi-byte character: let the decode worker finish it
+        if pre is not None and pre.text and not pre.text.endswith("\ufffd"):
+            await out.send(sse(first_chunk(job.kind, job.id, job.created, job.body.get("model") or "", pre.text)))
+            self.metrics.ttft.observe(time.monotonic() - job.t0)
+            sent = pre.text
+        skip = TextSkipper(job.kind, len(sent), role_sent=bool(sent))
+        body = self._decode_body(job, pre)
+        produced = False
+        while True:
+            try:
+                async with aclosing(stream_sse(self.session, dec, PATHS[job.kind], body, self.headers(job.rid),
+                                               self.timeout)) as events:
+                    async for ev in events:
+                        if ev is None:
+                            await out.send(SSE_DONE)
+                            return await out.finish()
+                        if "error" in ev:   # the worker's own in-stream error: the client's answer
+                            await out.send(sse(ev) + SSE_DONE)
+                            return await out.finish()
+                        ev["id"], ev["created"] = job.id, job.created
+                        if skip.apply(ev):
+                            if not out.started:
+                                self.metrics.ttft.observe(time.monotonic() - job.t0)
+                            produced = True
+                            await out.send(sse(ev))
+                return await out.finish()
+            except UpstreamError as e:
+                if produced:  # the client already has part of this worker's answer
+                    self._failed(dec, e, "decode")
+                    await out.send(sse(error_body(f"decode worker failed mid-stream: {e}", 503)) + SSE_DONE)
+                    return await out.finish()
+                try:
+                    dec = self._next_decode(job, dec, e)
+                except ClientError as ce:
+                    if not out.started:
+                        raise
+                    await out.send(sse(ce.body) + SSE_DONE)
+                    return await out.finish()
+
+
+class SSEOut:
+    """The client's event stream, opened on the first write so that a request that fails before
+    anything was sent still gets a plain HTTP error status."""
+
+    def __init__(self, request: web.Request, rid: str):
+        self.request, self.rid = request, rid
+        self.resp: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.resp is not None
+
+    async def send(self, data: bytes) -> None:
+        if self.resp is None:
+            self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                    "X-Request-Id": self.rid})
+            await self.resp.prepare(self.request)
+        await self.resp.write(data)
+
+    async def finish(self) -> web.StreamResponse:
+        if self.resp is None:
+            await self.send(SSE_DONE)
+        await self.resp.write_eof()
+        return self.resp

@@ -1,0 +1,94 @@
+"""Calls from the router to one worker: a JSON call and an SSE stream, with failures sorted
+into 'try another instance' (UpstreamError) and 'the client's own fault' (ClientError)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+import aiohttp
+
+from pdserve.router.instances import Instance
+from pdserve.router.openai_io import error_body
+
+
+class UpstreamError(Exception):
+    """The instance could not serve the call (down, 5xx, broken stream): another one may.
+    `down` says whether the instance itself looks gone, not just this request."""
+
+    def __init__(self, message: str, down: bool):
+        super().__init__(message)
+        self.down = down
+
+
+class ClientError(Exception):
+    """An answer to hand to the client as it is (a worker's 4xx, or no instance at all)."""
+
+    def __init__(self, status: int, body: dict):
+        super().__init__(f"{status}: {body}")
+        self.status, self.body = status, body
+
+    @classmethod
+    def of(cls, status: int, message: str) -> "ClientError":
+        return cls(status, error_body(message, status))
+
+
+# Errors that mean the instance is gone or wedged, not that this request was bad.
+CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError,
+                  ConnectionError, OSError)
+
+
+async def _raise_for_status(r: aiohttp.ClientResponse, inst: Instance) -> None:
+    if r.status < 400:
+        return
+    raw = await r.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = error_body(raw.decode(errors="replace")[:500] or r.reason or "error", r.status)
+    if r.status >= 500:
+        msg = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
+        raise UpstreamError(f"{inst.url} answered {r.status}: {msg or body}"[:500], down=False)
+    raise ClientError(r.status, body)
+
+
+async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str, body: dict,
+                    headers: dict, timeout: aiohttp.ClientTimeout) -> dict:
+    inst.in_flight += 1
+    inst.requests += 1
+    try:
+        async with session.post(inst.url + path, json=body, headers=headers, timeout=timeout) as r:
+            await _raise_for_status(r, inst)
+            return await r.json(content_type=None)
+    except CONNECT_ERRORS as e:
+        raise UpstreamError(f"{inst.url}: {e!r}"[:500], down=True) from e
+    except (aiohttp.ClientPayloadError, ValueError) as e:
+        raise UpstreamError(f"{inst.url}: bad answer: {e!r}"[:500], down=False) from e
+    finally:
+        inst.in_flight -= 1
+
+
+async def stream_sse(session: aiohttp.ClientSession, inst: Instance, path: str, body: dict,
+                     headers: dict, timeout: aiohttp.ClientTimeout) -> AsyncIterator[dict | None]:
+    """Yield each `data:` event as a dict, then None for [DONE]. Leaving early (client gone)
+    closes the connection, which the worker takes as an abort."""
+    inst.in_flight += 1
+    inst.requests += 1
+    try:
+        async with session.post(inst.url + path, json=body, headers=headers, timeout=timeout) as r:
+            await _raise_for_status(r, inst)
+            async for line in r.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    yield None
+                    return
+                yield json.loads(data)
+        raise UpstreamError(f"{inst.url}: stream ended without [DONE]", down=False)
+    except CONNECT_ERRORS as e:
+        raise UpstreamError(f"{inst.url}: {e!r}"[:500], down=True) from e
+    except (aiohttp.ClientPayloadError, ValueError) as e:
+        raise UpstreamError(f"{inst.url}: broken stream: {e!r}"[:500], down=False) from e
+    finally:
+        inst.in_flight -= 1
