@@ -205,9 +205,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         for seq in out.kv_loads:
             (self.on_kv_load or self.pending_kv_loads.append)(seq)
-        finished_errors = self._collect_errors()
+        early = self._collect_errors() + self._collect_loaded()
         if out.is_empty:
-            return finished_errors + self._collect_loaded()
+            return early
         before = {s.request_id: s.num_output_tokens for s in out.seqs}
         self.num_prompt_tokens += sum(min(n, max(0, s.num_prompt_tokens - s.num_computed_tokens))
                                       for s, n in zip(out.seqs, out.num_new_tokens))
@@ -224,8 +224,8 @@ class LLMEngine:
             self.num_generation_tokens += 1
             if lp is not None:
                 st.new_lp.append(lp)
-            results.append(self._emit(st, [seq.token_ids[-1]]))
-        return finished_errors + self._collect_loaded() + results
+            results.append(self._emit(st, seq.output_token_ids[len(st.out.token_ids):]))
+        return early + results
 
     def _collect_loaded(self) -> list[RequestOutput]:
         """Decode side: requests whose KV arrived got their first token appended by the scheduler."""
@@ -233,9 +233,9 @@ class LLMEngine:
         loaded, self._loaded = self._loaded, []
         for rid in loaded:
             st = self.states.get(rid)
-            if st is not None and st.seq.num_output_tokens == 1 and not st.out.token_ids:
+            if st is not None and not st.out.token_ids:
                 st.seq.first_token_time = st.seq.first_token_time or time.monotonic()
-                res.append(self._emit(st, [st.seq.token_ids[-1]]))
+                res.append(self._emit(st, st.seq.output_token_ids))
         return res
 
     def _collect_errors(self) -> list[RequestOutput]:
