@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": ("pdserve.cli_generate", "generate text for prompts with the local engine"),
     "chat": ("pdserve.cli_generate", "chat with the model in the terminal"),
     "router": ("pdserve.router.cli", "OpenAI endpoint in front of prefill and decode workers"),
+    "bench": ("pdserve.bench.cli", "benchmark a serving endpoint (TTFT, ITL, goodput); compare deployments"),
 }
 
 
