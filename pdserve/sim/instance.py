@@ -1,0 +1,72 @@
+"""One simulated serving instance: pdserve's own Scheduler and BlockManager, a step-time model,
+and the memory arithmetic that sizes its KV cache. No copy of the engine's logic lives here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.sim.cluster_config import InstanceSpec
+from pdserve.sim.hardware import get_hardware
+from pdserve.sim.models import ModelShape, get_model
+from pdserve.sim.perf import AnalyticalPerf, ProfilePerf
+
+
+@dataclass
+class EngineDefaults:
+    """Run-wide engine settings (CLI flags); a cluster config may override them per instance.
+    Defaults are pdserve's EngineConfig defaults, so the simulator predicts `pdserve serve`."""
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = False
+    max_model_len: int | None = None    # None: the model's max_position_embeddings
+    dtype_bytes: int = 2
+
+
+class Instance:
+    def __init__(self, spec: InstanceSpec, defaults: EngineDefaults, profile: dict | None = None):
+        self.spec = spec
+        self.name = spec.name
+        self.role = spec.role
+        o = {**defaults.__dict__, **spec.overrides}
+        self.model: ModelShape = get_model(spec.model_name)
+        db = defaults.dtype_bytes
+        self.kv_bytes_per_token = self.model.kv_bytes_per_token(db)
+        self.block_bytes = self.kv_bytes_per_token * o["block_size"]
+        self.weight_bytes = self.model.weight_bytes(db)
+        budget = spec.mem_size * spec.tp_size * spec.mem_util - self.weight_bytes
+        num_blocks = int(budget // self.block_bytes)
+        if num_blocks < 1:
+            raise ValueError(
+                f"instance {spec.name}: {spec.model_name} needs {self.weight_bytes / 1e9:.1f} GB of weights, "
+                f"more than {spec.mem_util:.0%} of {spec.tp_size} x {spec.mem_size / 1e9:.0f} GB leaves room for")
+        self.bm = BlockManager(num_blocks, o["block_size"], o["enable_prefix_caching"])
+        max_len = o["max_model_len"] or self.model.max_position_embeddings
+        self.sched = Scheduler(SchedulerConfig(
+            max_num_seqs=o["max_num_seqs"] or 1 << 30, max_num_batched_tokens=o["max_num_batched_tokens"],
+            max_model_len=max_len, enable_chunked_prefill=o["enable_chunked_prefill"], role=self.role), self.bm)
+        self.max_model_len = max_len
+        if profile is not None:
+            self.perf = ProfilePerf(profile)
+        else:
+            self.perf = AnalyticalPerf(self.model, get_hardware(spec.hardware), spec.tp_size, db, spec.mem_bw)
+        self.step_time = self.perf.step_time
+        # state of the step in flight
+        self.busy = False
+        self.out = None
+        self.producers: list = []
+        self.link_free = 0.0        # when this instance's incoming KV link is next idle
+        # counters for the periodic log
+        self.prompt_tokens = 0
+        self.gen_tokens = 0
+        self.last_p = 0             # sequences prefilling in the latest step
+        self.last_d = 0             # sequences decoding in the latest step
+        self.num_steps = 0
+        self.busy_time = 0.0
+
+    @property
+    def mem_used(self) -> float:
+        """Bytes in use on the instance: weights plus referenced KV blocks."""
+        return self.weight_bytes + self.bm.num_used_blocks * self.block_bytes

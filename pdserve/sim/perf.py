@@ -1,0 +1,110 @@
+"""Step-time models: how long one engine step takes for a given batch.
+
+A step is summarised as (pt, pairs, pkv, nd, dctx, ns): prefill tokens computed, their
+(query, key) attention pairs, KV tokens the prefill chunks read, decode sequences (one token
+each), their total context, and rows sampled. Two models answer with seconds:
+
+- Analytical: a roofline per step, max(FLOPs / compute, bytes / bandwidth), plus the
+  tensor-parallel all-reduces and a fixed per-step overhead.
+- Profile: interpolation in step times that `pdserve profile` measured on real hardware.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from pathlib import Path
+
+from pdserve.sim.hardware import Hardware
+from pdserve.sim.models import ModelShape
+
+log = logging.getLogger("pdserve.sim")
+
+# Fractions of peak that serving kernels reach: large GEMMs get ~60% of tensor FLOP/s,
+# streaming weights and KV gets ~75% of memory bandwidth (vLLM-class engines on H100/A100).
+COMPUTE_EFF = 0.6
+MEMORY_EFF = 0.75
+ALLREDUCE_LATENCY = 8e-6   # seconds per all-reduce, NCCL small-message floor
+
+
+class AnalyticalPerf:
+    def __init__(self, model: ModelShape, hw: Hardware, tp_size: int = 1, dtype_bytes: int = 2,
+                 mem_bw: float | None = None):
+        self.tp = tp_size
+        self.flops = hw.flops * tp_size * COMPUTE_EFF
+        self.bw = (mem_bw or hw.mem_bw) * tp_size * MEMORY_EFF
+        self.overhead = hw.step_overhead
+        self.lp2 = 2 * model.layer_params                      # FLOPs per token through the layers
+        self.head2 = 2 * model.hidden_size * model.vocab_size  # FLOPs per sampled row
+        self.attn4 = 4 * model.num_layers * model.num_heads * model.head_dim  # per (query, key) pair
+        self.weights = model.weight_bytes(dtype_bytes)
+        self.kv_tok = model.kv_bytes_per_token(dtype_bytes)
+        # two all-reduces per layer of tokens x hidden activations, ring: 2(tp-1)/tp of the data
+        self.ar_bytes = 2 * model.num_layers * model.hidden_size * dtype_bytes * 2 * (tp_size - 1) / tp_size
+        self.ar_fixed = 2 * model.num_layers * ALLREDUCE_LATENCY if tp_size > 1 else 0.0
+        self.link = hw.tp_link_bw
+
+    def step_time(self, pt: int, pairs: int, pkv: int, nd: int, dctx: int, ns: int) -> float:
+        tokens = pt + nd
+        flops = self.lp2 * tokens + self.head2 * ns + self.attn4 * (pairs + dctx)
+        bytes_ = self.weights + self.kv_tok * (dctx + pkv + tokens)
+        t = max(flops / self.flops, bytes_ / self.bw) + self.overhead
+        if self.tp > 1:
+            t += self.ar_fixed + tokens * self.ar_bytes / self.link
+        return t
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise linear; beyond the ends, extend the nearest segment's slope."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+class ProfilePerf:
+    """Step times from PROFILE.json: prefill time by tokens, decode time by (batch, context).
+
+    A mixed step (chunked prefill beside decodes) costs the decode step plus the prefill's
+    tokens beyond the fixed per-step cost, which the measured prefill curve's intercept gives.
+    """
+
+    def __init__(self, profile: dict):
+        pre = sorted((p["tokens"], p["time_s"]) for p in profile["prefill"])
+        self.p_x = [float(x) for x, _ in pre]
+        self.p_y = [y for _, y in pre]
+        self.p0 = max(0.0, _interp(self.p_x, self.p_y, 0.0))
+        dec = profile["decode"]
+        self.b_x = sorted({float(d["batch"]) for d in dec})
+        self.c_x = sorted({float(d["context"]) for d in dec})
+        grid = {(float(d["batch"]), float(d["context"])): d["time_s"] for d in dec}
+        missing = [(b, c) for b in self.b_x for c in self.c_x if (b, c) not in grid]
+        if missing:
+            raise ValueError(f"profile decode grid is incomplete: no point for (batch, context) {missing[:3]}")
+        # one row per batch size: time as a function of context
+        self.rows = [[grid[(b, c)] for c in self.c_x] for b in self.b_x]
+        self.meta = {k: profile.get(k) for k in ("model", "device", "dtype", "tp_size", "block_size")}
+
+    def prefill_time(self, tokens: float) -> float:
+        return max(self.p0, _interp(self.p_x, self.p_y, tokens))
+
+    def decode_time(self, batch: float, context: float) -> float:
+        col = [_interp(self.c_x, row, context) for row in self.rows]
+        return max(0.0, _interp(self.b_x, col, batch))
+
+    def step_time(self, pt: int, pairs: int, pkv: int, nd: int, dctx: int, ns: int) -> float:
+        if nd == 0:
+            return self.prefill_time(pt)
+        t = self.decode_time(nd, dctx / nd)
+        if pt:
+            t += self.prefill_time(pt) - self.p0
+        return t
+
+
+def load_profile(path: str | Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    for key in ("prefill", "decode"):
+        if not data.get(key):
+            raise ValueError(f"{path}: profile has no {key!r} measurements")
+    return data

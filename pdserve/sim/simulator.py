@@ -1,0 +1,314 @@
+"""Event-driven cluster simulation with a virtual clock.
+
+Each instance runs pdserve's own Scheduler and BlockManager; routing uses pdserve's router
+policies. The clock jumps from event to event: a request arrives, an instance's step ends
+(its length from the performance model), or a KV hand-off lands on a decode instance.
+
+Disaggregated flow, as the real router does it: on arrival a decode instance D is chosen, then
+a prefill instance P (or D itself when the uncached prompt is at most local_prefill_max_tokens).
+P prefills with `remote_decode`, so the scheduler holds the blocks after the first token. Only
+then is the request added to D with `remote_first_token`; D's scheduler allocates its blocks
+(reusing its own prefix cache) and the missing KV crosses the link in
+`link_latency + bytes / link_bw`, transfers into one D queued on its link. D then decodes.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pdserve.engine.request import FinishReason, SamplingParams, Sequence
+from pdserve.router.policies import make_policy
+from pdserve.sim.cluster_config import ClusterConfig
+from pdserve.sim.instance import EngineDefaults, Instance
+from pdserve.sim.trace import Session
+
+log = logging.getLogger("pdserve.sim")
+
+TOKEN = -1            # what every simulated step "samples": never EOS, never a prompt id
+ARRIVAL, STEP_DONE, KV_DONE = 0, 1, 2
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    session: Session
+    index: int                       # sub-request index in its session
+    input_toks: int
+    output_toks: int
+    arrival: float
+    prefill_instance: str = ""
+    decode_instance: str = ""
+    first_scheduled: float = -1.0
+    token_times: list = field(default_factory=list)
+    kv_bytes: int = 0
+    kv_start: float = -1.0
+    kv_done: float = -1.0
+    end: float = -1.0
+    error: str = ""
+
+    @property
+    def instance(self) -> str:
+        return self.decode_instance or self.prefill_instance
+
+
+@dataclass
+class SimOptions:
+    routing: str = "round_robin"
+    local_prefill_max_tokens: int = 0   # as the router's flag: 0 = always prefill remotely
+    log_interval: float = 0.0           # seconds of simulated time between log lines; 0: none
+
+
+class ClusterSim:
+    def __init__(self, cluster: ClusterConfig, engine: EngineDefaults | None = None,
+                 options: SimOptions | None = None, profile: dict | None = None,
+                 on_log: Callable[[str], None] | None = None):
+        self.cluster = cluster
+        self.opts = options or SimOptions()
+        engine = engine or EngineDefaults()
+        self.instances = [Instance(s, engine, profile) for s in cluster.instances]
+        self.by_name = {i.name: i for i in self.instances}
+        self.prefill_pool = [i.name for i in self.instances if i.role == "prefill"]
+        self.decode_pool = [i.name for i in self.instances if i.role in ("decode", "both")]
+        self.policy_p = make_policy(self.opts.routing)
+        self.policy_d = make_policy(self.opts.routing)
+        self.inflight = {i.name: 0 for i in self.instances}   # the router's view of load
+        self.on_log = on_log or (lambda line: print(line, flush=True))
+        self.events: list = []
+        self._seq = itertools.count()
+        self._rid = itertools.count()
+        self._base = 0                    # next unused synthetic token id
+        self._params: dict[int, SamplingParams] = {}
+        self.records: dict[str, RequestRecord] = {}
+        self.now = 0.0
+        self.mem_history: list[tuple[float, list[float]]] = []   # (time, bytes used per instance)
+        self._log_state = (0, 0, 0)
+
+    # ---- events -------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, a, b=None) -> None:
+        heapq.heappush(self.events, (t, next(self._seq), kind, a, b))
+
+    def run(self, sessions: list[Session], on_finish: Callable[[RequestRecord], None] | None = None,
+            progress: Callable[[int], None] | None = None) -> float:
+        """Simulate until every request has finished. Returns the wall-clock seconds it took."""
+        self.on_finish = on_finish or (lambda rec: None)
+        self.progress = progress
+        wall = time.perf_counter()
+        for s in sessions:
+            self._push(s.arrival, ARRIVAL, s, 0)
+        interval = self.opts.log_interval
+        next_log = interval if interval > 0 else float("inf")
+        events, pop = self.events, heapq.heappop
+        while events:
+            t, _, kind, a, b = pop(events)
+            if t >= next_log:
+                next_log = self._log_until(t, next_log, interval)
+            self.now = t
+            if kind == STEP_DONE:
+                self._step_done(a, t)
+            elif kind == ARRIVAL:
+                self._arrive(a, b, t)
+            else:
+                self._kv_done(a, b, t)
+        if interval > 0:
+            self._log_until(self.now + interval, next_log, interval)
+        return time.perf_counter() - wall
+
+    # ---- arrivals and routing -----------------------------------------------------------
+    def _prompt(self, s: Session, k: int) -> list[int]:
+        r = s.requests[k]
+        if r.input_tok_ids is not None:
+            return list(r.input_tok_ids)
+        # no ids in the trace: distinct ids per request; the calls of one session share theirs,
+        # so a later call's prompt starts with an earlier call's prompt (as a conversation does)
+        if k == 0:
+            s.extra["base"] = self._base
+            self._base += max(q.input_toks for q in s.requests)
+        base = s.extra.get("base", 0)
+        return list(range(base, base + r.input_toks))
+
+    def _arrive(self, s: Session, k: int, t: float) -> None:
+        r = s.requests[k]
+        rid = f"r{next(self._rid)}"
+        rec = RequestRecord(rid, s, k, r.input_toks, r.output_toks, t)
+        ids = self._prompt(s, k)
+        params = self._params.get(r.output_toks)
+        if params is None:
+            params = self._params[r.output_toks] = SamplingParams(max_tokens=r.output_toks, ignore_eos=True)
+        key = ids
+        d = self.policy_d.select(self.decode_pool, key, self.inflight).instance
+        dinst = self.by_name[d]
+        if r.input_toks + r.output_toks > dinst.max_model_len:
+            rec.error = f"input + output tokens exceed max_model_len={dinst.max_model_len}"
+            return self._finish(rec, t)
+        self.policy_d.record(d, key)
+        self.records[rid] = rec
+        self.inflight[d] += 1
+        seq = Sequence(rid, ids, params, arrival_time=t)
+        if self.prefill_pool and not self._local_prefill(d, key, r.input_toks):
+            p = self.policy_p.select(self.prefill_pool, key, self.inflight).instance
+            self.policy_p.record(p, key)
+            self.inflight[p] += 1
+            rec.prefill_instance, rec.decode_instance = p, d
+            seq.remote_decode = True
+            target = self.by_name[p]
+        else:
+            rec.prefill_instance = d
+            if self.prefill_pool:
+                rec.decode_instance = d
+            target = dinst
+        target.sched.add(seq)
+        if not target.busy:
+            self._kick(target, t)
+
+    def _local_prefill(self, d: str, key, n: int) -> bool:
+        limit = self.opts.local_prefill_max_tokens
+        return limit > 0 and n - self.policy_d.estimate_cached(d, key) <= limit
+
+    # ---- one instance step ----------------------------------------------------------------
+    def _kick(self, inst: Instance, t: float) -> None:
+        """Start inst's next step at time t if it has anything to run."""
+        out = inst.sched.schedule()
+        for seq in out.kv_loads:
+            self._start_kv(inst, seq, t)
+        if out.is_empty:
+            inst.busy = False
+            self._drop_unservable(inst, t)
+            return
+        pt = pairs = pkv = nd = dctx = np_ = 0
+        producers, starters = [], []
+        for seq, n in zip(out.seqs, out.num_new_tokens):
+            c = seq.num_computed_tokens
+            if n == 1:          # the model runner's decode path (one query token)
+                nd += 1
+                dctx += c + 1
+                if c < seq.num_prompt_tokens:
+                    starters.append(seq)
+            else:
+                np_ += 1
+                pt += n
+                pairs += n * c + n * (n + 1) // 2
+                pkv += c + n
+                starters.append(seq)
+            if c + n >= seq.num_tokens:
+                producers.append(seq)
+        for seq in starters:   # queuing ends when the prompt's first chunk is scheduled
+            rec = self.records[seq.request_id]
+            if rec.first_scheduled < 0:
+                rec.first_scheduled = t
+        dt = inst.step_time(pt, pairs, pkv, nd, dctx, len(producers))
+        inst.out, inst.producers, inst.busy = out, producers, True
+        inst.prompt_tokens += pt
+        inst.gen_tokens += len(producers)
+        inst.last_p, inst.last_d = np_, nd
+        inst.num_steps += 1
+        inst.busy_time += dt
+        self._push(t + dt, STEP_DONE, inst)
+
+    def _step_done(self, inst: Instance, t: float) -> None:
+        out = inst.out
+        finished = inst.sched.update(out, [TOKEN] * len(out.seqs), t)
+        records = self.records
+        for seq in inst.producers:
+            records[seq.request_id].token_times.append(t)
+        for seq in finished:
+            rec = records[seq.request_id]
+            if seq.request_id in inst.sched.held:
+                self._prefilled(inst, seq, rec, t)
+            else:
+                self._complete(inst, rec, t)
+        self._kick(inst, t)
+
+    def _drop_unservable(self, inst: Instance, t: float) -> None:
+        """An idle instance whose next waiting request cannot fit even alone fails that request."""
+        s = inst.sched
+        while s.waiting and not s.running and not s.loading:
+            seq = s.waiting[0]
+            if inst.bm.blocks_for(seq.num_tokens) <= inst.bm.num_free_blocks:
+                return
+            s.waiting.popleft()
+            rec = self.records.pop(seq.request_id)
+            rec.error = f"needs {inst.bm.blocks_for(seq.num_tokens)} KV blocks, {inst.name} has {inst.bm.num_blocks}"
+            self.inflight[inst.name] -= 1
+            if rec.decode_instance and rec.decode_instance != inst.name:
+                self.inflight[rec.decode_instance] -= 1
+            self._finish(rec, t)
+
+    # ---- the hand-off -----------------------------------------------------------------------
+    def _prefilled(self, p: Instance, seq: Sequence, rec: RequestRecord, t: float) -> None:
+        """P made the first token and holds the KV: send the request on to its decode instance."""
+        self.inflight[p.name] -= 1
+        if rec.output_toks == 1 or seq.finish_reason != FinishReason.REMOTE_DECODE:
+            p.sched.release(seq.request_id)   # nothing left to decode
+            self.inflight[rec.decode_instance] -= 1
+            return self._finish(rec, t)
+        d = self.by_name[rec.decode_instance]
+        dseq = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, arrival_time=rec.arrival,
+                        remote_first_token=seq.token_ids[-1])
+        d.sched.add(dseq)
+        if not d.busy:
+            self._kick(d, t)
+
+    def _start_kv(self, d: Instance, seq: Sequence, t: float) -> None:
+        rec = self.records[seq.request_id]
+        rec.kv_bytes = (seq.num_prompt_tokens - seq.num_cached_tokens) * d.kv_bytes_per_token
+        start = max(t, d.link_free)
+        busy = rec.kv_bytes / self.cluster.link_bw
+        d.link_free = start + busy
+        rec.kv_start = start
+        self._push(start + busy + self.cluster.link_latency, KV_DONE, d, seq.request_id)
+
+    def _kv_done(self, d: Instance, rid: str, t: float) -> None:
+        rec = self.records[rid]
+        rec.kv_done = t
+        d.sched.finish_kv_load(rid, True)
+        self.by_name[rec.prefill_instance].sched.release(rid)   # P frees the held blocks
+        if not d.busy:
+            self._kick(d, t)
+
+    # ---- completion ---------------------------------------------------------------------------
+    def _complete(self, inst: Instance, rec: RequestRecord, t: float) -> None:
+        self.inflight[inst.name] -= 1
+        del self.records[rec.request_id]
+        self._finish(rec, t)
+
+    def _finish(self, rec: RequestRecord, t: float) -> None:
+        self.records.pop(rec.request_id, None)
+        rec.end = t
+        self.on_finish(rec)
+        if self.progress:
+            self.progress(1)
+        s, k = rec.session, rec.index + 1
+        if k < len(s.requests):
+            self._push(t + s.requests[rec.index].tool_duration, ARRIVAL, s, k)
+
+    # ---- periodic log (seed 003's lines) --------------------------------------------------
+    def _log_until(self, t: float, next_log: float, interval: float) -> float:
+        while next_log <= t:
+            self._log_line(next_log, interval)
+            next_log += interval
+            if not any(i.busy for i in self.instances) and next_log <= t:
+                next_log += (t - next_log) // interval * interval   # skip idle stretches
+        return next_log
+
+    def _log_line(self, at: float, interval: float) -> None:
+        insts = self.instances
+        step, prev_p, prev_g = self._log_state
+        p_tok = sum(i.prompt_tokens for i in insts)
+        g_tok = sum(i.gen_tokens for i in insts)
+        step += 1
+        mem = [i.mem_used for i in insts]
+        self.mem_history.append((at, mem))
+        n_p = sum(i.last_p for i in insts if i.busy)
+        n_d = sum(i.last_d for i in insts if i.busy)
+        self._log_state = (step, p_tok, g_tok)
+        self.on_log(f"[INFO] t={at:.1f}s step={step} P={n_p} D={n_d} "
+                    f"prompt_t={_k((p_tok - prev_p) / interval)} tok/s decode_t={_k((g_tok - prev_g) / interval)} tok/s "
+                    f"npu_mem=[{', '.join(f'{m / 1e9:.1f} GB' for m in mem)}]")
+
+
+def _k(x: float) -> str:
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
