@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "generate": ("pdserve.cli_generate", "generate text for prompts with the local engine"),
     "chat": ("pdserve.cli_generate", "chat with the model in the terminal"),
+    "sim": ("pdserve.sim.cli_sim", "simulate a P/D cluster on a request trace (LLMServingSim configs)"),
     "router": ("pdserve.router.cli", "OpenAI endpoint in front of prefill and decode workers"),
     "bench": ("pdserve.bench.cli", "benchmark a serving endpoint (TTFT, ITL, goodput); compare deployments"),
 }
