@@ -42,6 +42,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     t0: float = field(default_factory=time.monotonic)
     tried_decode: set = field(default_factory=set)
+    decode_answered: bool = False   # a decode worker answered: it has the KV, P need not be told
 
 
 @dataclass
@@ -176,7 +177,6 @@ class Router:
         job = Job(kind, body, rid, key, est, ("chatcmpl-" if kind == CHAT else "cmpl-") + rid)
         self.metrics.running.inc()
         pre: Prefilled | None = None
-        done = False
         try:
             pick = self._pick("decode", key)
             if pick is None:
@@ -193,7 +193,6 @@ class Router:
                 resp = await self._stream(request, job, dec, pre)
             else:
                 resp = await self._json(job, dec, pre)
-            done = True
             return resp
         except ClientError as e:
             self.metrics.errors.labels(str(e.status)).inc()
@@ -204,7 +203,7 @@ class Router:
         finally:
             self.metrics.running.dec()
             self.metrics.e2e.observe(time.monotonic() - job.t0)
-            if pre is not None and not done:
+            if pre is not None and not job.decode_answered:
                 # a task of its own: the handler itself may be what is being cancelled
                 t = asyncio.ensure_future(self.release(pre, rid))
                 self._bg.add(t)
@@ -228,6 +227,7 @@ class Router:
         while True:
             try:
                 out = await post_json(self.session, dec, PATHS[job.kind], body, self.headers(job.rid), self.timeout)
+                job.decode_answered = True
                 break
             except UpstreamError as e:
                 dec = self._next_decode(job, dec, e)
@@ -251,6 +251,7 @@ class Router:
                 async with aclosing(stream_sse(self.session, dec, PATHS[job.kind], body, self.headers(job.rid),
                                                self.timeout)) as events:
                     async for ev in events:
+                        job.decode_answered = True
                         if ev is None:
                             await out.send(SSE_DONE)
                             return await out.finish()

@@ -1,0 +1,315 @@
+"""Router logic against fake workers (tests/router_fakes.py): the P->D flow, conditional
+disaggregation, retries and fallbacks, health, /status, /instances, api keys, aborts."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+
+from pdserve.config import RouterConfig
+from pdserve.router.app import make_app
+from router_fakes import FakeWorker, serve, tokens
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@asynccontextmanager
+async def cluster(n_prefill=1, n_decode=1, health_interval=0.2, **cfg):
+    ps = [await FakeWorker("prefill").start() for _ in range(n_prefill)]
+    ds = [await FakeWorker("decode").start() for _ in range(n_decode)]
+    app = make_app(RouterConfig(prefill=[p.url for p in ps], decode=[d.url for d in ds], **cfg),
+                   health_interval=health_interval, request_timeout=10)
+    runner, url = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as s:
+            yield s, url, ps, ds
+    finally:
+        await runner.cleanup()
+        for w in ps + ds:
+            try:
+                await w.stop()
+            except RuntimeError:
+                pass
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def sse_events(resp) -> list:
+    out = []
+    async for line in resp.content:
+        if line.startswith(b"data:"):
+            d = line[5:].strip()
+            out.append(None if d == b"[DONE]" else json.loads(d))
+    return out
+
+
+CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+COMP_BODY = {"model": "m", "prompt": "once upon a time", "max_tokens": 5}
+
+
+def test_remote_completion_not_streamed():
+    async def go():
+        async with cluster() as (s, url, (p,), (d,)):
+            r = await s.post(url + "/v1/completions", json=COMP_BODY, headers={"X-Request-Id": "abc"})
+            body = await r.json()
+            assert r.status == 200, body
+            assert r.headers["X-Request-Id"] == "abc"
+            assert body["choices"][0]["text"] == "".join(tokens("completions", COMP_BODY, 5))
+            assert body["id"] == "cmpl-abc" and "kv_transfer_params" not in body
+            (pc,), (dc,) = p.calls, d.calls
+            assert pc["body"]["max_tokens"] == 1 and pc["body"]["stream"] is False
+            assert pc["body"]["kv_transfer_params"]["do_remote_decode"] is True
+            assert dc["body"]["kv_transfer_params"]["prefilled_by"] == p.url   # P's params handed on
+            assert dc["body"]["max_tokens"] == 5
+            assert pc["headers"]["X-Request-Id"] == dc["headers"]["X-Request-Id"] == "abc"
+            st = await (await s.get(url + "/status")).json()
+            assert st["requests"]["remote_prefill"] == 1 and st["requests"]["local_prefill"] == 0
+    run(go())
+
+
+def test_streamed_chat_first_token_early_and_once():
+    async def go():
+        async with cluster() as (s, url, (p,), (d,)):
+            d.first_delay = 0.6   # the decode worker is slow to start: the client must not wait for it
+            t0 = time.monotonic()
+            body = {**CHAT_BODY, "stream": True, "stream_options": {"include_usage": True}}
+            r = await s.post(url + "/v1/chat/completions", json=body)
+            assert r.status == 200
+            first = None
+            events = []
+            async for line in r.content:
+                if line.startswith(b"data:"):
+                    first = first or time.monotonic() - t0
+                    d_ = line[5:].strip()
+                    events.append(None if d_ == b"[DONE]" else json.loads(d_))
+            assert first < 0.4, f"first token took {first:.2f}s: it waited for the decode worker"
+            assert events[-1] is None
+            chunks = events[:-1]
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+            assert text == "".join(tokens("chat", CHAT_BODY, 5))      # the first token exactly once
+            assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+            roles = [c["choices"][0]["delta"].get("role") for c in chunks if c["choices"]]
+            assert roles.count("assistant") == 1
+            assert chunks[-1]["usage"]["completion_tokens"] == 5
+            assert p.calls[0]["body"]["stream"] is False and "stream_options" not in p.calls[0]["body"]
+    run(go())
+
+
+def test_streamed_completion_text_exact():
+    async def go():
+        async with cluster() as (s, url, _, _):
+            r = await s.post(url + "/v1/completions", json={**COMP_BODY, "stream": True})
+            ev = await sse_events(r)
+            assert "".join(c["choices"][0]["text"] for c in ev[:-1]) == "".join(tokens("completions", COMP_BODY, 5))
+    run(go())
+
+
+def test_local_prefill_threshold():
+    async def go():
+        async with cluster(local_prefill_max_tokens=20) as (s, url, (p,), (d,)):
+            short = {**COMP_BODY, "prompt": "short"}                 # ~2 tokens
+            long = {**COMP_BODY, "prompt": "long prompt " * 20}      # ~60 tokens
+            for b in (short, long, short):
+                r = await s.post(url + "/v1/completions", json=b)
+                assert r.status == 200
+            assert len(p.calls) == 1
+            assert [("kv_transfer_params" in c["body"]) for c in d.calls] == [False, True, False]
+            st = await (await s.get(url + "/status")).json()
+            assert st["requests"] == {"remote_prefill": 1, "local_prefill": 2,
+                                      "local_prefill_reasons": {"short_prompt": 2}}
+    run(go())
+
+
+def test_prefix_aware_counts_cached_prefix():
+    """Once a decode worker has a long prompt, the same prompt again is short 'less what it caches'."""
+    async def go():
+        async with cluster(n_decode=2, policy="prefix_aware", local_prefill_max_tokens=8) as (s, url, (p,), ds):
+            long = {**COMP_BODY, "prompt": "a shared system prompt that is long. " * 6}
+            for _ in range(3):
+                assert (await s.post(url + "/v1/completions", json=long)).status == 200
+            assert len(p.calls) == 1                           # only the first went remote
+            assert sorted(len(d.calls) for d in ds) == [0, 3]  # and all went where the prefix is
+    run(go())
+
+
+def test_no_prefill_worker_all_local():
+    async def go():
+        async with cluster(n_prefill=0) as (s, url, _, (d,)):
+            for _ in range(3):
+                r = await s.post(url + "/v1/chat/completions", json=CHAT_BODY)
+                assert r.status == 200
+            assert all("kv_transfer_params" not in c["body"] for c in d.calls)
+            st = await (await s.get(url + "/status")).json()
+            assert st["requests"]["local_prefill_reasons"] == {"no_prefill_worker": 3}
+    run(go())
+
+
+def test_prefill_failure_retried_then_local():
+    async def go():
+        async with cluster(n_prefill=2) as (s, url, ps, (d,)):
+            ps[0].fail_status = 500
+            await ps[1].stop()                               # one errors, one is gone
+            for _ in range(2):
+                r = await s.post(url + "/v1/completions", json=COMP_BODY)
+                assert r.status == 200
+                assert (await r.json())["choices"][0]["text"] == "".join(tokens("completions", COMP_BODY, 5))
+            assert all("kv_transfer_params" not in c["body"] for c in d.calls)
+            st = await (await s.get(url + "/status")).json()
+            by_url = {i["url"]: i for i in st["prefill_instances"]}
+            assert by_url[ps[1].url]["healthy"] is False and by_url[ps[1].url]["last_error"]
+            assert "500" in by_url[ps[0].url]["last_error"]
+            assert st["requests"]["local_prefill"] == 2
+    run(go())
+
+
+def test_decode_failure_retried_on_other_decode():
+    async def go():
+        async with cluster(n_decode=2) as (s, url, (p,), ds):
+            await ds[0].stop()
+            for stream in (False, True, False, True):
+                r = await s.post(url + "/v1/completions", json={**COMP_BODY, "stream": stream})
+                assert r.status == 200
+                text = ((await r.json())["choices"][0]["text"] if not stream else
+                        "".join(c["choices"][0]["text"] for c in (await sse_events(r))[:-1]))
+                assert text == "".join(tokens("completions", COMP_BODY, 5))
+            assert len(ds[1].calls) == 4
+            st = await (await s.get(url + "/status")).json()
+            assert [i["healthy"] for i in st["decode_instances"]] == [False, True]
+    run(go())
+
+
+def test_all_decode_down_is_a_clear_error_and_releases_prefill():
+    async def go():
+        async with cluster() as (s, url, (p,), (d,)):
+            d.fail_status = 500
+            r = await s.post(url + "/v1/completions", json=COMP_BODY)
+            assert r.status == 503
+            assert "decode" in (await r.json())["error"]["message"]
+            await asyncio.sleep(0.2)
+            assert p.released and p.released[0]["kv_token"] == "t"   # P's held blocks given back
+            await d.stop()
+            await asyncio.sleep(0.5)                                 # health check marks it down
+            r = await s.post(url + "/v1/completions", json=COMP_BODY)
+            assert r.status == 503 and (await s.get(url + "/health")).status == 503
+    run(go())
+
+
+def test_health_marks_down_and_up():
+    async def go():
+        async with cluster(n_decode=2) as (s, url, _, ds):
+            ds[0].unhealthy = True
+            await asyncio.sleep(0.5)
+            st = await (await s.get(url + "/status")).json()
+            assert [i["healthy"] for i in st["decode_instances"]] == [False, True]
+            for _ in range(4):
+                assert (await s.post(url + "/v1/completions", json=COMP_BODY)).status == 200
+            assert len(ds[0].calls) == 0 and len(ds[1].calls) == 4
+            ds[0].unhealthy = False
+            await asyncio.sleep(0.5)
+            for _ in range(4):
+                assert (await s.post(url + "/v1/completions", json=COMP_BODY)).status == 200
+            assert len(ds[0].calls) == 2
+    run(go())
+
+
+def test_instances_added_and_removed_at_run_time():
+    async def go():
+        async with cluster(n_prefill=0, n_decode=1) as (s, url, _, (d,)):
+            p = await FakeWorker("prefill").start()
+            r = await s.post(url + "/instances", json={"role": "prefill", "url": p.url.removeprefix("http://")})
+            assert r.status == 200
+            assert (await s.post(url + "/v1/completions", json=COMP_BODY)).status == 200
+            assert len(p.calls) == 1
+            r = await s.delete(url + "/instances", json={"url": p.url})
+            assert r.status == 200
+            assert (await s.post(url + "/v1/completions", json=COMP_BODY)).status == 200
+            assert len(p.calls) == 1
+            assert (await s.delete(url + "/instances", json={"url": p.url})).status == 404
+            assert (await s.post(url + "/instances", json={"role": "judge", "url": "x:1"})).status == 400
+            await p.stop()
+    run(go())
+
+
+def test_api_key_checked_and_passed_on():
+    async def go():
+        async with cluster(api_key="sekret") as (s, url, (p,), (d,)):
+            r = await s.post(url + "/v1/completions", json=COMP_BODY)
+            assert r.status == 401 and "error" in await r.json()
+            r = await s.post(url + "/v1/completions", json=COMP_BODY, headers={"Authorization": "Bearer sekret"})
+            assert r.status == 200
+            assert p.calls[0]["headers"]["Authorization"] == d.calls[0]["headers"]["Authorization"] == "Bearer sekret"
+            assert (await s.post(url + "/instances", json={"role": "decode", "url": "x:1"})).status == 401
+            assert (await s.get(url + "/health")).status == 200
+    run(go())
+
+
+def test_client_disconnect_aborts_decode_and_releases_prefill():
+    async def go():
+        async with cluster() as (s, url, (p,), (d,)):
+            d.token_delay = 0.2
+            body = {**COMP_BODY, "max_tokens": 50, "stream": True}
+            async with s.post(url + "/v1/completions", json=body) as r:
+                n = 0
+                async for line in r.content:
+                    n += line.startswith(b"data:")
+                    if n >= 3:
+                        break
+            # leaving the block dropped the connection mid-stream
+            for _ in range(40):
+                if d.aborted:
+                    break
+                await asyncio.sleep(0.05)
+            assert d.aborted == 1
+            assert not p.released          # the decode worker had answered: it holds the KV
+            # gone while waiting for the decode worker to start: P's blocks are released
+            d.first_delay, d.token_delay = 1.0, 0.0
+            task = asyncio.create_task(s.post(url + "/v1/completions", json={**body, "stream": False}))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            for _ in range(40):
+                if p.released:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(p.released) == 1
+            st = await (await s.get(url + "/status")).json()
+            assert [i["in_flight"] for i in st["prefill_instances"] + st["decode_instances"]] == [0, 0]
+    run(go())
+
+
+def test_bad_json_and_worker_4xx_pass_through():
+    async def go():
+        async with cluster() as (s, url, (p,), _):
+            r = await s.post(url + "/v1/completions", data=b"{nope", headers={"Content-Type": "application/json"})
+            assert r.status == 400 and (await r.json())["error"]["code"] == 400
+            p.fail_status = 400
+            r = await s.post(url + "/v1/completions", json=COMP_BODY)
+            assert r.status == 400 and (await r.json())["error"]["message"] == "boom"
+    run(go())
+
+
+def test_metrics_and_models():
+    async def go():
+        async with cluster() as (s, url, _, _):
+            await s.post(url + "/v1/completions", json={**COMP_BODY, "stream": True})
+            text = await (await s.get(url + "/metrics")).text()
+            assert 'pdserve:router_requests_total{prefill="remote"} 1.0' in text
+            assert "pdserve:time_to_first_token_seconds_count 1.0" in text
+            assert "pdserve:router_instance_healthy" in text
+            models = await (await s.get(url + "/v1/models")).json()
+            assert models["data"][0]["id"] == "fake"
+    run(go())
+
+
+def test_router_does_not_import_torch():
+    code = "import sys, pdserve.router.app, pdserve.router.cli, pdserve.launch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
