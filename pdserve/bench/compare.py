@@ -25,16 +25,18 @@ def rate_label(rate: float | None) -> str:
     return "inf" if rate is None or math.isinf(rate) else f"{rate:g}"
 
 
-def run_deployments(deployments: list[tuple[str, str]], requests: list, cfg_for: Callable[[str, float | None], RunConfig],
+def run_deployments(deployments: list[tuple], requests: list, cfg_for: Callable[[str, float | None], RunConfig],
                     rates: list[float | None], slo: dict, out_dir: str, ready_timeout: float = 300.0,
                     on_ready: Callable[[str, Deployment], None] | None = None,
                     launcher: list[str] | None = None) -> dict:
-    """results[label][rate_label] = {"summary": ..., "records": [...]}; one deployment up at a time."""
+    """results[label][rate_label] = {"summary": ..., "records": [...]}; one deployment up at a time.
+
+    `deployments`: (label, pdserve arguments[, extra environment]) each."""
     results: dict = {}
-    for label, spec in deployments:
+    for label, spec, *env in deployments:
         print(f"== {label}: pdserve {spec}", file=sys.stderr)
         log = os.path.join(out_dir, f"{_slug(label)}.log")
-        with Deployment(spec, log, ready_timeout, launcher=launcher) as dep:
+        with Deployment(spec, log, ready_timeout, launcher=launcher, env=env[0] if env else None) as dep:
             if on_ready:
                 on_ready(label, dep)
             for rate in rates:

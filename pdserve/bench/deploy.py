@@ -36,8 +36,9 @@ class Deployment:
     """`with Deployment("up --prefill 1 --decode 1", log_path) as d:` -> d.url answers completions."""
 
     def __init__(self, spec: str, log_path: str, ready_timeout: float = 300.0, port: int | None = None,
-                 launcher: list[str] | None = None):
+                 launcher: list[str] | None = None, env: dict[str, str] | None = None):
         self.spec, self.log_path, self.ready_timeout = spec, log_path, ready_timeout
+        self.env = {**os.environ, **(env or {})}
         self.launcher = launcher or [sys.executable, "-m", "pdserve.cli"]
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,7 +51,8 @@ class Deployment:
         self._log = open(self.log_path, "w")
         self._log.write("$ " + shlex.join(cmd) + "\n")
         self._log.flush()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=self.env)
         self.wait_ready()
         return self
 
