@@ -1,0 +1,166 @@
+"""What `pdserve up` deploys, from a YAML/JSON file and/or flags (flags win).
+
+    model: null                    # default model
+    port: 8000
+    policy: round_robin
+    local_prefill_max_tokens: 0
+    kv_transport: auto
+    engine: {kv_cache_memory: 512MiB}            # every worker
+    prefill:                                     # or just `prefill: 2`
+      count: 1
+      engine: {max_num_batched_tokens: 4096}     # seed 002's "prefill instance tuning"
+      cpus: ["0"]                                # one entry per worker: "0", "2-3" or [2, 3]
+    decode:
+      count: 1
+      engine: {max_num_seqs: 128}                # "decode instance tuning"
+      cpus: ["1"]
+    colocated: 0                                 # K `both` workers instead of the two pools
+    pin_cpus: false                              # split this machine's cores among the workers
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+
+from pdserve.config import EngineConfig
+
+log = logging.getLogger("pdserve.up")
+
+ENGINE_KEYS = {f.name for f in fields(EngineConfig)} - {"model", "role"}
+TOP_KEYS = {"model", "host", "port", "policy", "local_prefill_max_tokens", "kv_transport", "api_key", "engine",
+            "prefill", "decode", "colocated", "pin_cpus", "health_interval", "router_args"}
+
+
+@dataclass
+class WorkerSpec:
+    role: str                        # prefill | decode | both
+    engine: dict = field(default_factory=dict)
+    cpus: list[int] | None = None
+
+
+@dataclass
+class Deployment:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "round_robin"
+    local_prefill_max_tokens: int = 0
+    kv_transport: str = "auto"
+    api_key: str | None = None
+    health_interval: float = 2.0
+    router_args: list[str] = field(default_factory=list)
+    workers: list[WorkerSpec] = field(default_factory=list)
+
+
+def parse_cpus(v) -> list[int]:
+    """'0-2,5' or [0, 1] or 3 -> [0, 1, 2, 5]."""
+    if isinstance(v, int):
+        return [v]
+    if isinstance(v, list):
+        return [int(x) for x in v]
+    out = []
+    for part in str(v).split(","):
+        a, _, b = part.strip().partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _check_engine(opts: dict, where: str) -> dict:
+    unknown = sorted(set(opts) - ENGINE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown engine option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(ENGINE_KEYS))}")
+    return dict(opts)
+
+
+def read_file(path: str) -> dict:
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(TOP_KEYS))}")
+    return data
+
+
+def _pool(v, role: str) -> tuple[int, dict, list | None]:
+    if v is None:
+        return 0, {}, None
+    if isinstance(v, int):
+        return v, {}, None
+    extra = sorted(set(v) - {"count", "engine", "cpus"})
+    if extra:
+        raise ValueError(f"{role}: unknown key(s) {', '.join(extra)} (count, engine, cpus)")
+    cpus = v.get("cpus")
+    return int(v.get("count", 1)), _check_engine(v.get("engine") or {}, f"{role}.engine"), cpus
+
+
+def cli_engine_overrides(args: argparse.Namespace) -> dict:
+    """Engine flags the user actually gave on the command line (not argparse defaults)."""
+    from pdserve.cli_args import add_engine_args
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    defaults = vars(p.parse_args([]))
+    return {k: getattr(args, k) for k in ENGINE_KEYS if hasattr(args, k) and getattr(args, k) != defaults.get(k)}
+
+
+def load_deployment(args: argparse.Namespace) -> Deployment:
+    data = read_file(args.config) if getattr(args, "config", None) else {}
+    dep = Deployment()
+    for k in ("model", "host", "port", "policy", "local_prefill_max_tokens", "kv_transport", "api_key",
+              "health_interval", "router_args"):
+        if data.get(k) is not None:
+            setattr(dep, k, data[k])
+        if getattr(args, k, None) is not None:
+            setattr(dep, k, getattr(args, k))
+    common = _check_engine(data.get("engine") or {}, "engine")
+    common.update(cli_engine_overrides(args))
+    pools = {r: _pool(data.get(k), r) for r, k in (("prefill", "prefill"), ("decode", "decode"), ("both", "colocated"))}
+    for flag, role in (("prefill", "prefill"), ("decode", "decode"), ("colocated", "both")):
+        if getattr(args, flag, None) is not None:
+            pools[role] = (getattr(args, flag), pools[role][1], pools[role][2])
+    if pools["both"][0] > 0 and getattr(args, "colocated", None) is not None:
+        pools["prefill"] = pools["decode"] = (0, {}, None)   # --colocated K: instead of the pools
+    elif not data and getattr(args, "colocated", None) is None:
+        for r in ("prefill", "decode"):  # plain `pdserve up`: one of each unless told otherwise
+            if getattr(args, r, None) is None:
+                pools[r] = (1, {}, None)
+    for role in ("prefill", "decode", "both"):
+        n, eng, cpus = pools[role]
+        if n < 0:
+            raise ValueError(f"{role}: count must be >= 0")
+        if cpus is not None and len(cpus) not in (1, n):
+            raise ValueError(f"{role}.cpus: give one entry per worker ({n}) or one for all")
+        for i in range(n):
+            c = None if cpus is None else parse_cpus(cpus[i if len(cpus) == n else 0])
+            dep.workers.append(WorkerSpec(role, {**common, **eng}, c))
+    if not any(w.role in ("decode", "both") for w in dep.workers):
+        raise ValueError("nothing can decode: give --decode M (M >= 1) or --colocated K")
+    if getattr(args, "pin_cpus", False) or data.get("pin_cpus"):
+        pin_evenly(dep.workers)
+    return dep
+
+
+def pin_evenly(workers: list[WorkerSpec]) -> None:
+    """Give each worker without explicit cpus an equal, disjoint share of this process's cores."""
+    todo = [w for w in workers if w.cpus is None]
+    cores = sorted(os.sched_getaffinity(0))
+    if not todo:
+        return
+    if len(todo) > len(cores):
+        log.warning("%d workers on %d cores: some share a core", len(todo), len(cores))
+        for i, w in enumerate(todo):
+            w.cpus = [cores[i % len(cores)]]
+        return
+    per = len(cores) // len(todo)
+    for i, w in enumerate(todo):
+        w.cpus = cores[i * per:(i + 1) * per]
