@@ -1,0 +1,207 @@
+"""KVConnector: ties one engine to the KV hand-off, as producer, consumer or both.
+
+Producer (role prefill/both): after a remote-decode request's first token, `export()` turns
+its held blocks into kv_transfer_params with a one-time token; the KV server serves those
+blocks to whoever presents the token, and frees them on `done` (or the engine does after its
+abort timeout). Consumer (role decode/both): `expect()` registers a request's params; when
+the engine has allocated its blocks it calls `_on_kv_load`, and a pull thread fetches only
+the blocks beyond the local prefix-cache hit.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+from pdserve.config import KVTransferConfig
+from pdserve.engine.engine import RequestError
+from pdserve.kv.client import KVClient
+from pdserve.kv.cuda_ipc import export_pool
+from pdserve.kv.layout import BlockPool
+from pdserve.kv.params import PARAM, RemotePrefill
+from pdserve.kv.select import producer_offers
+from pdserve.kv.server import KVServer
+from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
+
+log = logging.getLogger("pdserve.kv")
+
+
+@dataclass
+class _Grant:
+    token: str
+    block_ids: frozenset
+    expires: float
+
+
+class KVConnector:
+    def __init__(self, async_engine, config: KVTransferConfig, host: str = "127.0.0.1",
+                 shm_allocator=None, advertise_host: str | None = None):
+        self.async_engine = engine_ = async_engine
+        engine = engine_.engine
+        self.config = config
+        self.role = engine.config.role
+        self.spec = KVSpec.from_engine(engine)
+        self.pool = BlockPool(engine.runner.kv_cache)
+        self.engine_id = uuid.uuid4().hex
+        self.abort_timeout = engine.config.kv_abort_timeout
+        # on_event(kind, **fields): the server's metrics listen here (kv knows no Prometheus)
+        self.on_event: Callable[..., None] = lambda kind, **kw: None
+        self._lock = threading.Lock()
+        self.grants: dict[str, _Grant] = {}
+        self.expected: dict[str, RemotePrefill] = {}
+        self.server = self.client = None
+        if self.role in ("prefill", "both"):
+            dev = self.pool.kv.device.type
+            shm_desc = shm_allocator.describe() if shm_allocator is not None else None
+            self.offers = producer_offers(config.kv_transport, dev, shm_desc is not None, dev == "cuda")
+            self.hello = {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id,
+                          "host_id": host_id(), "transports": self.offers, "shm": shm_desc,
+                          "cuda_ipc": export_pool(self.pool.kv) if "cuda_ipc" in self.offers else None}
+            self.server = KVServer(self, config.kv_host or host, config.kv_port).start()
+            self.advertise_host = advertise_host or self.server.host
+        if self.role in ("decode", "both"):
+            self.client = KVClient(self.spec, self.pool, config.kv_transport, config.kv_pull_timeout)
+            self._pulls = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pdserve-kv-pull")
+            engine.on_kv_load = self._on_kv_load
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.client is not None:
+            self._pulls.shutdown(wait=False, cancel_futures=True)
+
+    def _on_engine(self, fn, timeout: float = 30.0):
+        """Run fn(engine) on the engine loop thread and wait for its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run(engine):
+            try:
+                fut.set_result(fn(engine))
+            except BaseException as e:
+                fut.set_exception(e)
+        self.async_engine.call(run)
+        return fut.result(timeout)
+
+    # ---- producer ---------------------------------------------------------------------
+    def export(self, request_id: str, first_token_id: int, prompt_token_ids: list[int]) -> dict:
+        """kv_transfer_params for a finished remote-decode request whose blocks are held.
+        Blocking (waits for the engine thread): call it off the event loop."""
+        def held_blocks(engine):
+            entry = engine.scheduler.held.get(request_id)
+            return list(entry[0].block_table) if entry else None
+        blocks = self._on_engine(held_blocks)
+        if not blocks:
+            raise RuntimeError(f"request {request_id} holds no KV blocks to hand off")
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self.grants[request_id] = _Grant(token, frozenset(blocks), time.monotonic() + self.abort_timeout)
+        return RemotePrefill(self.engine_id, self.advertise_host, self.server.port, blocks, request_id,
+                             token, first_token_id, list(prompt_token_ids), list(self.offers)).to_params()
+
+    def hello_reply(self, remote_spec: dict) -> dict:
+        self.spec.check(remote_spec)
+        return self.hello
+
+    def _grant(self, request_id: str, token: str) -> _Grant | None:
+        with self._lock:
+            now = time.monotonic()
+            for rid in [r for r, g in self.grants.items() if g.expires < now]:
+                del self.grants[rid]   # the engine has freed (or will free) these blocks
+            g = self.grants.get(request_id)
+        if g is None or not hmac.compare_digest(g.token, token):
+            return None
+        return g
+
+    def authorize(self, request_id: str, token: str, block_ids) -> str | None:
+        """None if the caller may read these blocks now, else why not."""
+        g = self._grant(request_id, token)
+        if g is None:
+            return f"no KV is held for request {request_id!r} under this token (expired, released or wrong token)"
+        if not isinstance(block_ids, list) or not set(block_ids) <= g.block_ids:
+            return "the requested blocks are not the ones held for this request"
+
+        def still_held(engine):
+            entry = engine.scheduler.held.get(request_id)
+            if entry is None:
+                return False
+            # restart the abort clock: the blocks must not be freed while they are being read
+            engine.scheduler.held[request_id] = (entry[0], time.monotonic())
+            return True
+        if not self._on_engine(still_held):
+            return f"the KV of request {request_id!r} was already freed (abort timeout)"
+        return None
+
+    def done(self, request_id: str, token: str) -> bool:
+        """The consumer has the blocks (or gave up on them): free them. One-time: the token
+        is spent."""
+        if self._grant(request_id, token) is None:
+            return False
+        with self._lock:
+            self.grants.pop(request_id, None)
+        self.async_engine.release(request_id)
+        return True
+
+    def served(self, nbytes: int, seconds: float) -> None:
+        self.on_event("served", nbytes=nbytes, seconds=seconds)
+
+    # ---- consumer ---------------------------------------------------------------------
+    def expect(self, request_id: str, rp: RemotePrefill) -> None:
+        if self.client is None:
+            raise RequestError(f"this worker has role {self.role} and cannot continue a remote prefill", PARAM)
+        with self._lock:
+            self.expected[request_id] = rp
+
+    def forget(self, request_id: str) -> None:
+        """The request ended before its pull started (e.g. client gone): release the remote KV."""
+        with self._lock:
+            rp = self.expected.pop(request_id, None)
+        if rp is not None:
+            self._pulls.submit(self.client.release, rp)
+
+    def _on_kv_load(self, seq) -> None:
+        """Engine thread: seq's blocks are allocated; fetch the ones the prefix cache lacks."""
+        rid = seq.request_id
+        with self._lock:
+            rp = self.expected.pop(rid, None)
+        if rp is None:  # not ours (should not happen): let the engine prefill it
+            self.async_engine.call(lambda e: e.finish_kv_load(rid, False))
+            return
+        start = seq.num_cached_tokens // self.spec.block_size
+        dst = seq.block_table[start:len(rp.block_ids)]
+        src = rp.block_ids[start:]
+        # pin the destination blocks: if the request is aborted mid-pull they must not be
+        # handed to another request while the pull still writes into them
+        pin = SimpleNamespace(block_table=list(dst), num_computed_tokens=0)
+        for b in dst:
+            self.async_engine.engine.block_manager.ref_counts[b] += 1
+        self._pulls.submit(self._pull, rid, rp, src, dst, pin)
+
+    def _pull(self, rid: str, rp: RemotePrefill, src: list[int], dst: list[int], pin) -> None:
+        ok, error, t0 = True, None, time.perf_counter()
+        try:
+            nbytes, transport = self.client.pull(rp, src, dst)
+            self.on_event("pulled", nbytes=nbytes, seconds=time.perf_counter() - t0, blocks=len(src),
+                          transport=transport)
+        except Exception as e:
+            ok = False
+            where = f"{rp.host}:{rp.port}"
+            self.on_event("failed", reason=type(e).__name__)
+            if isinstance(e, KVHandshakeError):  # a misconfiguration, not a transient fault
+                error = str(e)
+            elif self.config.kv_load_failure_policy == "fail":
+                error = f"KV transfer from the prefill worker at {where} failed: {e} (kv_load_failure_policy=fail)"
+            log.warning("KV pull for %s from %s failed (%s): %s", rid, where,
+                        "failing the request" if error else "recomputing locally", e)
+            self.client.release(rp)
+
+        def finish(engine):
+            engine.finish_kv_load(rid, ok, error)
+            engine.block_manager.free(pin)
+        self.async_engine.call(finish)

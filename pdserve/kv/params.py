@@ -1,0 +1,67 @@
+"""`kv_transfer_params`: the object a prefill worker returns and a decode worker is sent.
+
+Field names follow vLLM's NixlConnector (do_remote_decode, do_remote_prefill,
+remote_engine_id, remote_host, remote_port, remote_block_ids); the rest is what pdserve
+needs besides: the one-time token that unlocks the blocks, the first token the prefill
+worker sampled, the prompt the KV belongs to, and the transports the producer offers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.engine import RequestError
+
+PARAM = "kv_transfer_params"
+
+
+def wants_remote_decode(params: dict | None) -> bool:
+    return bool(params) and bool(params.get("do_remote_decode"))
+
+
+def wants_remote_prefill(params: dict | None) -> bool:
+    return bool(params) and bool(params.get("do_remote_prefill"))
+
+
+@dataclass
+class RemotePrefill:
+    """A decode worker's view of where a request's KV lies and how to claim it."""
+    engine_id: str
+    host: str
+    port: int
+    block_ids: list[int]
+    request_id: str
+    token: str
+    first_token_id: int
+    prompt_token_ids: list[int]
+    transports: list[str]
+
+    def to_params(self) -> dict:
+        return {"do_remote_decode": False, "do_remote_prefill": True,
+                "remote_engine_id": self.engine_id, "remote_host": self.host, "remote_port": self.port,
+                "remote_block_ids": self.block_ids, "remote_request_id": self.request_id,
+                "kv_token": self.token, "first_token_id": self.first_token_id,
+                "prompt_token_ids": self.prompt_token_ids, "transports": self.transports, "tp_size": 1}
+
+    @classmethod
+    def from_params(cls, p: dict) -> "RemotePrefill":
+        """Validate what a client sent; a malformed object is the client's error (400)."""
+        def need(name, kind):
+            v = p.get(name)
+            ok = isinstance(v, kind) and not isinstance(v, bool)
+            if kind is list:
+                ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            if not ok:
+                raise RequestError(f"{PARAM}.{name} is missing or not a {kind.__name__}", PARAM)
+            return v
+        rp = cls(need("remote_engine_id", str), need("remote_host", str), need("remote_port", int),
+                 need("remote_block_ids", list), need("remote_request_id", str), need("kv_token", str),
+                 need("first_token_id", int), need("prompt_token_ids", list),
+                 [t for t in p.get("transports") or ["tcp"] if isinstance(t, str)])
+        if not rp.prompt_token_ids:
+            raise RequestError(f"{PARAM}.prompt_token_ids is empty", PARAM)
+        bs_blocks = len(rp.block_ids)
+        if bs_blocks == 0:
+            raise RequestError(f"{PARAM}.remote_block_ids is empty", PARAM)
+        if not 0 < rp.port < 65536:
+            raise RequestError(f"{PARAM}.remote_port is out of range", PARAM)
+        return rp

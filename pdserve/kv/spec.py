@@ -1,0 +1,70 @@
+"""What both ends of a KV hand-off must agree on, and the handshake check of it."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class KVHandshakeError(ValueError):
+    """The two workers' KV caches are not compatible; `field` names the first difference."""
+    def __init__(self, field: str, local=None, remote=None, message: str | None = None):
+        super().__init__(message or f"KV handshake refused: {field} differs (this worker: {local!r}, "
+                         f"remote worker: {remote!r}); both workers must use the same {field}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    model: str
+    dtype: str          # e.g. "float32", "bfloat16"
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+
+    @classmethod
+    def from_engine(cls, engine) -> "KVSpec":
+        mc, runner = engine.runner.model_config, engine.runner
+        return cls(engine.model_name, dtype_name(runner.dtype), runner.block_size,
+                   mc.num_kv_heads, mc.head_dim, mc.num_layers)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer's K (or V): the unit the transports move."""
+        return self.block_size * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.torch_dtype).element_size()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self, remote: dict) -> None:
+        """Raise KVHandshakeError naming the first field where `remote` differs from us."""
+        for name, value in asdict(self).items():
+            if remote.get(name) != value:
+                raise KVHandshakeError(name, value, remote.get(name))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def host_id() -> str:
+    """Identifies this machine (and boot): two workers with the same id can share memory."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def default_abort_timeout(fallback: float) -> float:
+    """PDSERVE_KV_ABORT_TIMEOUT (seconds), as vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT."""
+    value = os.environ.get("PDSERVE_KV_ABORT_TIMEOUT")
+    return float(value) if value else fallback

@@ -1,0 +1,95 @@
+"""The FastAPI app of one worker: routes only; the work is in serving.py and the Worker."""
+from __future__ import annotations
+
+import hmac
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pdserve.server import errors, serving
+from pdserve.server.errors import APIError, error_response
+from pdserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     KVReleaseRequest, TokenizeRequest)
+
+
+def build_app(worker) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.ready()
+        yield
+
+    app = FastAPI(title="pdserve worker", lifespan=lifespan)
+    errors.install(app)
+
+    @app.middleware("http")
+    async def request_id_and_auth(request: Request, call_next):
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        key = worker.server_config.api_key
+        if key and request.url.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return error_response(401, "Unauthorized: a valid API key is needed (Authorization: Bearer ...)",
+                                      headers={"X-Request-Id": rid})
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    @app.get("/health")
+    async def health():
+        if worker.async_engine.dead is not None:
+            return error_response(503, f"engine loop died: {worker.async_engine.dead!r}")
+        return Response(status_code=200)
+
+    @app.get("/info")
+    async def info():
+        return worker.info()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(worker.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": worker.model_name, "object": "model", "created": worker.created, "owned_by": "pdserve",
+            "root": worker.engine.model_dir, "parent": None, "max_model_len": worker.engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await serving.create(worker, request, req, serving.COMPLETION)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        return await serving.create(worker, request, req, serving.CHAT)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        serving._check_model(worker, req.model)
+        eng = worker.engine
+        if req.messages is not None:
+            ids = eng.chat_prompt_ids(req.messages)
+        elif req.prompt is not None:
+            ids = eng.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise APIError(400, "send a prompt or messages", "prompt")
+        return {"count": len(ids), "max_model_len": eng.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        serving._check_model(worker, req.model)
+        vocab = worker.engine.runner.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": worker.engine.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/kv/release")
+    async def kv_release(req: KVReleaseRequest):
+        """A router or decode worker gives up on a prefill's held blocks: free them now."""
+        if worker.connector.server is None:
+            raise APIError(400, f"this worker has role {worker.role} and holds no KV for others")
+        return JSONResponse({"released": worker.connector.done(req.request_id, req.kv_token)})
+
+    return app

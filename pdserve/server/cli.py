@@ -1,0 +1,56 @@
+"""`pdserve serve [MODEL] --role prefill|decode|both`: one worker, OpenAI API and KV hand-off."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pdserve.cli_args import add_engine_args, engine_config_from_args
+from pdserve.config import KVTransferConfig
+from pdserve.kv.select import TRANSPORTS
+from pdserve.kv.spec import default_abort_timeout
+
+log = logging.getLogger("pdserve.server")
+
+
+def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    add_engine_args(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--role", choices=("both", "prefill", "decode"), default="both")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    k = p.add_argument_group("KV transfer")
+    k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto")
+    k.add_argument("--kv-host", default=None, help="KV server bind address (default: --host)")
+    k.add_argument("--kv-port", type=int, default=0, help="KV server port (default: a free one)")
+    k.add_argument("--kv-advertise-host", default=None,
+                   help="host that decode workers should connect to (default: the KV bind address)")
+    k.add_argument("--kv-load-failure-policy", choices=("recompute", "fail"), default="recompute")
+    k.add_argument("--kv-pull-timeout", type=float, default=30.0)
+    k.add_argument("--kv-abort-timeout", type=float, default=None,
+                   help="seconds a prefill worker holds unclaimed KV (default: $PDSERVE_KV_ABORT_TIMEOUT or 480)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pdserve.server.app import build_app
+    from pdserve.server.worker import ServerConfig, Worker
+
+    timeout = args.kv_abort_timeout if args.kv_abort_timeout is not None else default_abort_timeout(480.0)
+    ec = engine_config_from_args(args, role=args.role, kv_abort_timeout=timeout)
+    kc = KVTransferConfig(kv_transport=args.kv_transport, kv_host=args.kv_host, kv_port=args.kv_port,
+                          kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout)
+    worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host)).start()
+    try:
+        info = worker.info()
+        log.warning("pdserve worker: role %s, model %s, http://%s:%d, KV server %s:%s (%s)", worker.role,
+                    worker.model_name, args.host, args.port, info["kv_host"], info["kv_port"], info["kv_transports"])
+        # uvicorn turns SIGTERM into a graceful shutdown, so `finally` unlinks the shared memory
+        uvicorn.run(build_app(worker), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.stop()
+    return 0

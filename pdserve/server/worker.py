@@ -1,0 +1,79 @@
+"""A worker: one engine, its step loop, its KV connector and its metrics, started and
+stopped together. The HTTP app (app.py) only talks to this object."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import LLMEngine
+from pdserve.kv.connector import KVConnector
+from pdserve.kv.shm import ShmPoolAllocator
+from pdserve.server.metrics import Metrics
+
+log = logging.getLogger("pdserve.server")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    advertise_host: str | None = None   # host put in kv_transfer_params (default: the KV bind host)
+
+
+@dataclass
+class Worker:
+    engine_config: EngineConfig
+    kv_config: KVTransferConfig
+    server_config: ServerConfig
+    # called with the worker once it serves (e.g. `--register ROUTER_URL`, issue 4)
+    on_ready: list[Callable[["Worker"], None]] = field(default_factory=list)
+
+    def start(self) -> "Worker":
+        ec, kc = self.engine_config, self.kv_config
+        self.created = int(time.time())
+        # a CPU pool that a prefill worker may hand out goes into shared memory, for `shm`
+        wants_shm = ec.role in ("prefill", "both") and kc.kv_transport in ("auto", "shm")
+        self.shm = ShmPoolAllocator() if wants_shm else None
+        self.engine = LLMEngine(ec, kv_allocator=self.shm)
+        self.model_name = self.engine.model_name
+        self.async_engine = AsyncEngine(self.engine).start()
+        try:
+            self.connector = KVConnector(self.async_engine, kc, self.server_config.host, self.shm,
+                                         self.server_config.advertise_host)
+        except BaseException:
+            self.stop()
+            raise
+        self.metrics = Metrics(self.engine, self.model_name)
+        self.connector.on_event = self.metrics.on_kv_event
+        return self
+
+    @property
+    def role(self) -> str:
+        return self.engine_config.role
+
+    def info(self) -> dict:
+        c = self.connector
+        return {"role": self.role, "model": self.model_name, "engine_id": c.engine_id,
+                "kv_host": c.server.host if c.server else None, "kv_port": c.server.port if c.server else None,
+                "kv_transports": c.offers if c.server else None, "block_size": c.spec.block_size,
+                "dtype": c.spec.dtype, "max_model_len": self.engine.max_model_len}
+
+    def ready(self) -> None:
+        for hook in self.on_ready:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("on_ready hook failed")
+
+    def stop(self) -> None:
+        if getattr(self, "connector", None) is not None:
+            self.connector.close()
+        if getattr(self, "async_engine", None) is not None:
+            self.async_engine.shutdown()
+        if self.shm is not None:
+            self.shm.close()
