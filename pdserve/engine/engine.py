@@ -7,6 +7,7 @@ of a disaggregated run (`remote_decode`: held after the first token), or as the 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -303,7 +304,10 @@ class LLMEngine:
 
     def _output(self, st: _State, finished: bool, error: str | None = None) -> RequestOutput:
         seq = st.seq
-        return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [st.out], finished,
+        # a snapshot: the output crosses to another thread, and the next step rewrites st.out's
+        # new_* fields before a slow consumer may have read them
+        out = dataclasses.replace(st.out, token_ids=list(st.out.token_ids))
+        return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [out], finished,
                              seq.num_cached_tokens, seq.arrival_time, seq.first_token_time, error)
 
     # ---- introspection ------------------------------------------------------------------
