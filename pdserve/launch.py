@@ -56,7 +56,8 @@ class Cluster:
 
     def router_cmd(self, port: int) -> list[str]:
         d = self.dep
-        cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", d.host, "--port", str(port),
+        # the router's own entry point: `pdserve router` would load every command's module
+        cmd = [sys.executable, "-m", "pdserve.router.cli", "--host", d.host, "--port", str(port),
                "--policy", d.policy, "--local-prefill-max-tokens", str(d.local_prefill_max_tokens),
                "--health-interval", str(d.health_interval)]
         for w in self.workers:

@@ -54,3 +54,21 @@ def run(args: argparse.Namespace) -> int:
     web.run_app(app, host=cfg.host, port=cfg.port, handler_cancellation=True, access_log=None,
                 print=None)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pdserve.router.cli`: the router alone, without loading the other commands'
+    modules (some of which import torch) as `pdserve router` does to build its help."""
+    p = argparse.ArgumentParser(prog="pdserve router", description=__doc__)
+    p.add_argument("--log-level", default="WARNING")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

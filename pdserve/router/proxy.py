@@ -50,6 +50,7 @@ class Prefilled:
     inst: Instance
     params: dict     # kv_transfer_params for the decode worker
     text: str        # the first token's text, already computed
+    model: str       # the served model's name, for the chunk the router writes itself
 
 
 class Router:
@@ -148,7 +149,8 @@ class Router:
             if not isinstance(params, dict) or not params.get("do_remote_prefill"):
                 self._failed(inst, UpstreamError(f"{inst.url} returned no kv_transfer_params", False), "prefill")
                 continue
-            return Prefilled(inst, params, first_text(job.kind, resp))
+            model = resp.get("model") or job.body.get("model") or ""
+            return Prefilled(inst, params, first_text(job.kind, resp), model)
         return None
 
     def _failed(self, inst: Instance, e: UpstreamError, stage: str) -> None:
@@ -240,7 +242,7 @@ class Router:
         sent = ""
         # a trailing U+FFFD is half of a multi-byte character: let the decode worker finish it
         if pre is not None and pre.text and not pre.text.endswith("\ufffd"):
-            await out.send(sse(first_chunk(job.kind, job.id, job.created, job.body.get("model") or "", pre.text)))
+            await out.send(sse(first_chunk(job.kind, job.id, job.created, pre.model, pre.text)))
             self.metrics.ttft.observe(time.monotonic() - job.t0)
             sent = pre.text
         skip = TextSkipper(job.kind, len(sent), role_sent=bool(sent))
