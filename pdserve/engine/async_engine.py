@@ -10,7 +10,6 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import replace
 from typing import AsyncIterator, Callable
 
 from pdserve.engine.engine import LLMEngine
@@ -22,14 +21,6 @@ log = logging.getLogger("pdserve.engine")
 
 class EngineDeadError(RuntimeError):
     pass
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """The engine keeps one CompletionOutput per request and updates it in place every step;
-    a consumer on the event loop may read an output after later steps ran, so it gets a copy."""
-    return replace(out, outputs=[replace(o, token_ids=list(o.token_ids),
-                                         logprobs=None if o.logprobs is None else list(o.logprobs))
-                                 for o in out.outputs])
 
 
 class AsyncEngine:
@@ -111,8 +102,6 @@ class AsyncEngine:
         entry = self._streams.get(rid)
         if entry is not None:
             loop, q = entry
-            if isinstance(item, RequestOutput):
-                item = _snapshot(item)
             try:
                 loop.call_soon_threadsafe(q.put_nowait, item)
             except RuntimeError:  # the consumer's loop is closed
