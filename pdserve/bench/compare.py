@@ -28,6 +28,7 @@ def rate_label(rate: float | None) -> str:
 def run_deployments(deployments: list[tuple], requests: list, cfg_for: Callable[[str, float | None], RunConfig],
                     rates: list[float | None], slo: dict, out_dir: str, ready_timeout: float = 300.0,
                     on_ready: Callable[[str, Deployment], None] | None = None,
+                    after_run: Callable[[str, str, Deployment], None] | None = None,
                     launcher: list[str] | None = None) -> dict:
     """results[label][rate_label] = {"summary": ..., "records": [...]}; one deployment up at a time.
 
@@ -44,6 +45,8 @@ def run_deployments(deployments: list[tuple], requests: list, cfg_for: Callable[
                 records, duration, _ = run_workload(requests, cfg_for(dep.url, rate))
                 summary = summarize(records, duration, slo)
                 results.setdefault(label, {})[rate_label(rate)] = {"summary": summary, "records": records}
+                if after_run:  # e.g. read the router's /status while the deployment is up
+                    after_run(label, rate_label(rate), dep)
     return results
 
 
