@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
                             local_prefill_max_tokens=args.local_prefill_max_tokens,
                             on_log=None if not args.quiet else (lambda line: None), progress=True)
     print(format_summary(summary))
-    print(f"simulated {summary['completed'] + summary['failed']} requests in {summary['wall_s']:.2f}s wall "
-          f"({summary['sim_speed_rps']:.0f} requests/s)")
+    print(f"simulated {summary['completed'] + summary['failed']} requests in {summary['cpu_s']:.2f}s CPU, "
+          f"{summary['wall_s']:.2f}s wall ({summary['sim_speed_rps']:.0f} requests per CPU second)")
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -57,6 +57,7 @@ class Instance:
         self.busy = False
         self.out = None
         self.producers: list = []
+        self.step_start = 0.0
         self.link_free = 0.0        # when this instance's incoming KV link is next idle
         # counters for the periodic log
         self.prompt_tokens = 0

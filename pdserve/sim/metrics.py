@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import math
-import operator
 from array import array
 
 import numpy as np
+
+_EMPTY = np.empty(0)
 
 CSV_COLUMNS = ["instance_id", "prefill_instance", "request_id", "session_id", "input", "output",
                "arrival", "end_time", "latency", "queuing_delay", "TTFT", "TPOT", "kv_bytes", "kv_time",
@@ -51,14 +52,14 @@ class Collector:
         e2e = times[-1] - rec.arrival
         n = len(times)
         tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else math.nan
-        gaps = list(map(operator.sub, times[1:], times[:-1]))
+        gaps = np.diff(times) if n > 1 else _EMPTY
         queue = (rec.first_scheduled - rec.arrival) if rec.first_scheduled >= 0 else 0.0
         self.ttft.append(ttft)
         self.e2e.append(e2e)
         self.queue.append(queue)
         if n > 1:
             self.tpot.append(tpot)
-        self.itl.extend(gaps)
+        self.itl.frombytes(gaps.tobytes())
         self.n_in += rec.input_toks
         self.n_out += n
         if self._meets(ttft, tpot, e2e):
@@ -68,7 +69,7 @@ class Collector:
             self._csv.writerow([rec.instance, rec.prefill_instance, rec.request_id, rec.session.session_id or "",
                                 rec.input_toks, n, _ns(rec.arrival), _ns(rec.end), _ns(e2e), _ns(queue),
                                 _ns(ttft), _ns(tpot) if n > 1 else "", rec.kv_bytes or "", kv_time, "",
-                                "[" + ",".join(str(int(g * 1e9 + 0.5)) for g in gaps) + "]"])
+                                "[" + ",".join(map(str, np.rint(gaps * 1e9).astype(np.int64).tolist())) + "]"])
 
     def _meets(self, ttft: float, tpot: float, e2e: float) -> bool:
         s = self.slo

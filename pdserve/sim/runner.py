@@ -36,7 +36,7 @@ def simulate(cluster: str | ClusterConfig, trace: str | list[Session], engine: E
             bar.close()
     summary = col.summary()
     n = summary["completed"] + summary["failed"]
-    summary.update(wall_s=wall, sim_speed_rps=n / wall if wall else 0.0,
+    summary.update(wall_s=wall, cpu_s=sim.cpu_s, sim_speed_rps=n / sim.cpu_s if sim.cpu_s else 0.0,
                    instances={i.name: {"role": i.role, "steps": i.num_steps, "busy_s": i.busy_time,
                                        "num_blocks": i.bm.num_blocks,
                                        "preemptions": i.sched.num_preemptions}

@@ -93,10 +93,11 @@ class ClusterSim:
 
     def run(self, sessions: list[Session], on_finish: Callable[[RequestRecord], None] | None = None,
             progress: Callable[[int], None] | None = None) -> float:
-        """Simulate until every request has finished. Returns the wall-clock seconds it took."""
+        """Simulate until every request has finished. Sets wall_s and cpu_s (this process's CPU
+        time, the fairer speed figure on a shared machine); returns wall_s."""
         self.on_finish = on_finish or (lambda rec: None)
         self.progress = progress
-        wall = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for s in sessions:
             self._push(s.arrival, ARRIVAL, s, 0)
         interval = self.opts.log_interval
@@ -115,7 +116,9 @@ class ClusterSim:
                 self._kv_done(a, b, t)
         if interval > 0:
             self._log_until(self.now + interval, next_log, interval)
-        return time.perf_counter() - wall
+        self.cpu_s = time.process_time() - cpu
+        self.wall_s = time.perf_counter() - wall
+        return self.wall_s
 
     # ---- arrivals and routing -----------------------------------------------------------
     def _prompt(self, s: Session, k: int) -> list[int]:
@@ -179,28 +182,25 @@ class ClusterSim:
             self._drop_unservable(inst, t)
             return
         pt = pairs = pkv = nd = dctx = np_ = 0
-        producers, starters = [], []
+        producers = []
+        records = self.records
         for seq, n in zip(out.seqs, out.num_new_tokens):
             c = seq.num_computed_tokens
             if n == 1:          # the model runner's decode path (one query token)
                 nd += 1
                 dctx += c + 1
-                if c < seq.num_prompt_tokens:
-                    starters.append(seq)
             else:
                 np_ += 1
                 pt += n
                 pairs += n * c + n * (n + 1) // 2
                 pkv += c + n
-                starters.append(seq)
-            if c + n >= seq.num_tokens:
+                rec = records[seq.request_id]
+                if rec.first_scheduled < 0:   # queuing ends when the first chunk is scheduled
+                    rec.first_scheduled = t
+            if c + n >= len(seq.token_ids):
                 producers.append(seq)
-        for seq in starters:   # queuing ends when the prompt's first chunk is scheduled
-            rec = self.records[seq.request_id]
-            if rec.first_scheduled < 0:
-                rec.first_scheduled = t
         dt = inst.step_time(pt, pairs, pkv, nd, dctx, len(producers))
-        inst.out, inst.producers, inst.busy = out, producers, True
+        inst.out, inst.producers, inst.busy, inst.step_start = out, producers, True, t
         inst.prompt_tokens += pt
         inst.gen_tokens += len(producers)
         inst.last_p, inst.last_d = np_, nd
@@ -213,7 +213,11 @@ class ClusterSim:
         finished = inst.sched.update(out, [TOKEN] * len(out.seqs), t)
         records = self.records
         for seq in inst.producers:
-            records[seq.request_id].token_times.append(t)
+            rec = records[seq.request_id]
+            times = rec.token_times
+            if not times and rec.first_scheduled < 0:
+                rec.first_scheduled = inst.step_start  # a one-token prefill (fully cached prompt)
+            times.append(t)
         for seq in finished:
             rec = records[seq.request_id]
             if seq.request_id in inst.sched.held:

@@ -1,0 +1,100 @@
+"""`pdserve profile`: measure the real engine's step time over a grid -> PROFILE.json.
+
+Prefill: one request of n prompt tokens, timed for the step that computes it.
+Decode: b requests that share one prompt of c tokens (the prefix cache computes it once), timed
+over several steps once all b are decoding. Each point is the median of `repeats` steps of
+`LLMEngine.step()`, scheduling and detokenizing included, as the server runs it. The simulator's
+ProfilePerf interpolates in these numbers (`pdserve sim --profile PROFILE.json`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+from pdserve.cli_args import add_engine_args, engine_config_from_args
+
+GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts)
+    "full": ([16, 32, 64, 128, 256, 512, 1024], [1, 2, 4, 8, 16, 32, 64], [64, 256, 1024, 2048]),
+    "quick": ([16, 64, 256], [1, 4], [64, 256]),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    add_engine_args(p)
+    p.add_argument("--output", default="PROFILE.json")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    p.add_argument("--prefill-tokens", type=int, nargs="*", default=None, help="override the grid")
+    p.add_argument("--decode-batches", type=int, nargs="*", default=None)
+    p.add_argument("--decode-contexts", type=int, nargs="*", default=None)
+    p.add_argument("--repeats", type=int, default=5)
+
+
+def _timed_step(engine) -> float:
+    t0 = time.perf_counter()
+    engine.step()
+    return time.perf_counter() - t0
+
+
+def measure_prefill(engine, n: int, repeats: int, rng: random.Random) -> float:
+    from pdserve.engine.request import SamplingParams
+    vocab = engine.runner.model_config.vocab_size
+    times = []
+    for _ in range(repeats):
+        rid = engine.add_request({"prompt_token_ids": [rng.randrange(vocab) for _ in range(n)]},
+                                 SamplingParams(max_tokens=1, ignore_eos=True))
+        times.append(_timed_step(engine))
+        while rid in engine.states:   # a prompt longer than the token budget takes more steps
+            times[-1] += _timed_step(engine)
+    return statistics.median(times)
+
+
+def measure_decode(engine, batch: int, context: int, repeats: int, rng: random.Random) -> float:
+    from pdserve.engine.request import SamplingParams
+    vocab = engine.runner.model_config.vocab_size
+    prompt = {"prompt_token_ids": [rng.randrange(vocab) for _ in range(context)]}
+    params = SamplingParams(max_tokens=repeats + 64, ignore_eos=True)
+    first = engine.add_request(prompt, params)
+    while engine.states[first].seq.num_output_tokens == 0:
+        engine.step()
+    rids = [first] + [engine.add_request(prompt, params) for _ in range(batch - 1)]
+    while any(engine.states[r].seq.num_output_tokens == 0 for r in rids):
+        engine.step()
+    times = [_timed_step(engine) for _ in range(repeats)]
+    for r in rids:
+        engine.abort(r)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from pdserve.engine.engine import LLMEngine
+    engine = LLMEngine(engine_config_from_args(args, enable_prefix_caching=True))
+    pre, batches, contexts = GRIDS[args.grid]
+    pre = [n for n in (args.prefill_tokens or pre) if n < engine.max_model_len]
+    batches = args.decode_batches or batches
+    limit = engine.max_model_len - args.repeats - 64
+    contexts = [c for c in (args.decode_contexts or contexts) if c <= limit]
+    batches = [b for b in batches if b <= engine.config.max_num_seqs]
+    rng = random.Random(0)
+    measure_prefill(engine, pre[0], 2, rng)   # warm-up: first calls allocate and compile
+    result = {"model": engine.model_name, "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
+              "tp_size": 1, "block_size": engine.config.block_size,
+              "max_num_batched_tokens": engine.config.max_num_batched_tokens, "prefill": [], "decode": []}
+    with tqdm(total=len(pre) + len(batches) * len(contexts), desc="profiling", unit="point") as bar:
+        for n in pre:
+            result["prefill"].append({"tokens": n, "time_s": measure_prefill(engine, n, args.repeats, rng)})
+            bar.update(1)
+        for c in contexts:
+            for b in batches:
+                t = measure_decode(engine, b, c, args.repeats, rng)
+                result["decode"].append({"batch": b, "context": c, "time_s": t})
+                bar.set_postfix(batch=b, context=c, ms=f"{t * 1e3:.1f}")
+                bar.update(1)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.output}: {len(result['prefill'])} prefill and {len(result['decode'])} decode points "
+          f"for {result['model']} on {result['device']}")
+    return 0
