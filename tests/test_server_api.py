@@ -86,7 +86,7 @@ def test_completion_usage_and_request_id(url, oai):
     prompt = "The capital of France is"
     n_prompt = http(url).post("/tokenize", json={"prompt": prompt}).json()["count"]
     raw = oai.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=7, temperature=0,
-                                                   ignore_eos=True, extra_headers={"X-Request-Id": "abc-123"})
+                                                   extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": "abc-123"})
     assert raw.headers["x-request-id"] == "abc-123"
     r = raw.parse()
     assert r.id == "cmpl-abc-123" and r.object == "text_completion"
@@ -224,7 +224,7 @@ def test_unstreamed_client_disconnect_aborts(url):
 
 
 def test_latency_metrics_observed(url, oai):
-    oai.completions.create(model=MODEL, prompt="Count: 1, 2,", max_tokens=5, temperature=0, ignore_eos=True)
+    oai.completions.create(model=MODEL, prompt="Count: 1, 2,", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     assert metric(url, "pdserve:time_to_first_token_seconds_count") >= 1
     assert metric(url, "pdserve:inter_token_latency_seconds_count") >= 4
     assert metric(url, "pdserve:e2e_request_latency_seconds_count") >= 1

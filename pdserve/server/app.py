@@ -14,6 +14,33 @@ from pdserve.server.protocol import (ChatCompletionRequest, CompletionRequest, D
                                      KVReleaseRequest, TokenizeRequest)
 
 
+class RequestIdAndAuth:
+    """Pure ASGI middleware (a BaseHTTPMiddleware would hide client disconnects from the
+    endpoints): X-Request-Id in and out, and the API key on /v1 paths."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        if self.key and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.key}".encode()):
+                resp = error_response(401, "Unauthorized: a valid API key is needed (Authorization: Bearer ...)",
+                                      headers={"X-Request-Id": rid})
+                return await resp(scope, receive, send)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+        await self.app(scope, receive, send_with_id)
+
+
 def build_app(worker) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -23,19 +50,7 @@ def build_app(worker) -> FastAPI:
     app = FastAPI(title="pdserve worker", lifespan=lifespan)
     errors.install(app)
 
-    @app.middleware("http")
-    async def request_id_and_auth(request: Request, call_next):
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        key = worker.server_config.api_key
-        if key and request.url.path.startswith("/v1"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return error_response(401, "Unauthorized: a valid API key is needed (Authorization: Bearer ...)",
-                                      headers={"X-Request-Id": rid})
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        return response
+    app.add_middleware(RequestIdAndAuth, api_key=worker.server_config.api_key)
 
     @app.get("/health")
     async def health():

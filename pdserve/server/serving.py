@@ -191,8 +191,7 @@ class _Run:
         except BaseException:
             self.stop()
             raise
-        return StreamingResponse(self._sse(first), media_type="text/event-stream",
-                                 headers={"X-Request-Id": self.request.state.request_id})
+        return StreamingResponse(self._sse(first), media_type="text/event-stream")
 
     async def _sse(self, first):
         opts = self.req.stream_options
