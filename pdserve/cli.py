@@ -13,6 +13,7 @@ COMMANDS = {
     "serve": ("pdserve.server.cli", "serve one worker (role prefill, decode or both) with the OpenAI API"),
     "sim": ("pdserve.sim.cli_sim", "simulate a P/D cluster on a request trace (LLMServingSim configs)"),
     "profile": ("pdserve.sim.profiler", "measure the engine's step time over a grid -> PROFILE.json"),
+    "plan": ("pdserve.sim.planner", "search prefill:decode counts and tp_size for the best goodput"),
     "router": ("pdserve.router.cli", "OpenAI endpoint in front of prefill and decode workers"),
     "up": ("pdserve.launch", "start prefill + decode workers and the router on this machine"),
     "bench": ("pdserve.bench.cli", "benchmark a serving endpoint (TTFT, ITL, goodput); compare deployments"),

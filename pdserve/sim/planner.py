@@ -1,0 +1,262 @@
+"""`pdserve plan`: which prefill:decode counts and tp_size serve a workload best (DistServe-style).
+
+For every candidate unit (P prefill + D decode instances of tp_size devices each, or K colocated
+instances) the simulator finds the highest arrival rate at which at least `attainment` of the
+requests meet every SLO, by scaling the trace's arrival times and bisecting. Candidates are
+ranked by that rate per device; the best unit is replicated to fill the devices, written as a
+cluster config and as a `pdserve up --config` file, and goodput is plotted against the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+
+from pdserve.sim.cluster_config import ClusterConfig, InstanceSpec, load_cluster_config
+from pdserve.sim.hardware import get_hardware
+from pdserve.sim.instance import EngineDefaults
+from pdserve.sim.models import get_model
+from pdserve.sim.trace import Session, read_trace, time_scaled
+
+log = logging.getLogger("pdserve.sim")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    n_prefill: int      # 0: colocated
+    n_decode: int       # decode instances, or colocated instances when n_prefill == 0
+    tp: int
+
+    @property
+    def devices(self) -> int:
+        return (self.n_prefill + self.n_decode) * self.tp
+
+    @property
+    def label(self) -> str:
+        if self.n_prefill == 0:
+            return f"colocated x{self.n_decode} tp{self.tp}"
+        return f"{self.n_prefill}P:{self.n_decode}D tp{self.tp}"
+
+
+@dataclass
+class PlanResult:
+    cand: Candidate
+    rate: float                 # highest arrival rate meeting the SLO attainment (req/s)
+    summary: dict | None        # the simulation at that rate
+
+    @property
+    def per_device(self) -> float:
+        return self.rate / self.cand.devices
+
+
+def candidates(max_devices: int, tp_sizes: list[int], colocated: bool = True) -> list[Candidate]:
+    out = []
+    for tp in tp_sizes:
+        n = max_devices // tp
+        out += [Candidate(p, d, tp) for p in range(1, n) for d in range(1, n - p + 1)]
+        if colocated and n >= 1:
+            out.append(Candidate(0, 1, tp))   # colocated scales linearly: one instance says it
+    return out
+
+
+def build_cluster(template: InstanceSpec, cand: Candidate, link_bw: float, link_latency: float,
+                  replicas: int = 1) -> ClusterConfig:
+    roles = (["prefill"] * cand.n_prefill + ["decode"] * cand.n_decode) if cand.n_prefill else ["both"] * cand.n_decode
+    insts = [replace(template, name=f"{role[0]}{i}", role=role, tp_size=cand.tp)
+             for i, role in enumerate(roles * replicas)]
+    return ClusterConfig(1, link_bw, link_latency, insts)
+
+
+def evaluate(cluster: ClusterConfig, sessions: list[Session], slo: dict, engine: EngineDefaults,
+             profile: dict | None, routing: str) -> tuple[float, dict]:
+    from pdserve.sim.runner import simulate
+    summary, _ = simulate(cluster, sessions, engine, routing=routing, profile=profile, slo=slo)
+    total = summary["completed"] + summary["failed"]
+    return (summary["slo_attainment"] * summary["completed"] / total if total else 0.0), summary
+
+
+def max_rate(cluster: ClusterConfig, sessions: list[Session], slo: dict, attainment: float,
+             engine: EngineDefaults, profile: dict | None, routing: str, steps: int = 6) -> tuple[float, dict | None]:
+    """Highest arrival rate (req/s) whose SLO attainment is at least `attainment`."""
+    span = max(sessions[-1].arrival - sessions[0].arrival, 1e-9)
+    base = len(sessions) / span
+    best: tuple[float, dict | None] = (0.0, None)
+
+    def ok(rate: float) -> bool:
+        nonlocal best
+        att, summary = evaluate(cluster, time_scaled(sessions, rate / base), slo, engine, profile, routing)
+        if att >= attainment and rate > best[0]:
+            best = (rate, summary)
+        return att >= attainment
+
+    lo, hi, r = 0.0, math.inf, base
+    for _ in range(12):   # bracket: double up or halve down
+        if ok(r):
+            lo, r = r, r * 2
+            if hi < math.inf:
+                break
+        else:
+            hi, r = r, r / 2
+            if lo > 0:
+                break
+        if lo > 0 and hi < math.inf:
+            break
+    if lo == 0 or hi == math.inf:
+        return best
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return best
+
+
+def plan(template: InstanceSpec, devices: int, sessions: list[Session], slo: dict, attainment: float = 0.9,
+         tp_sizes: list[int] | None = None, max_unit: int = 8, link_bw: float = 16e9, link_latency: float = 20e-6,
+         engine: EngineDefaults | None = None, profile: dict | None = None, routing: str = "round_robin",
+         progress: bool = True) -> list[PlanResult]:
+    engine = engine or EngineDefaults()
+    model = get_model(template.model_name)
+    hw = get_hardware(template.hardware)
+    tp_sizes = [t for t in (tp_sizes or [1, 2, 4, 8]) if t <= devices and model.num_heads % t == 0
+                and model.num_kv_heads % t == 0 or t == 1]
+    weights = model.weight_bytes(engine.dtype_bytes)
+    fits = [t for t in tp_sizes if template.mem_size * t * template.mem_util > weights * 1.05]
+    if not fits:
+        raise ValueError(f"{template.model_name} does not fit on up to {max(tp_sizes)} x {hw.name}")
+    cands = [c for c in candidates(min(devices, max_unit), fits) if c.devices <= devices]
+    from tqdm import tqdm
+    results = []
+    for cand in tqdm(cands, desc="planning", unit="config", disable=not progress):
+        rate, summary = max_rate(build_cluster(template, cand, link_bw, link_latency), sessions, slo,
+                                 attainment, engine, profile, routing)
+        results.append(PlanResult(cand, rate, summary))
+    results.sort(key=lambda r: (-r.per_device, r.cand.devices))
+    return results
+
+
+def format_table(results: list[PlanResult], slo: dict, attainment: float) -> str:
+    head = (f"{'rank':>4}  {'config':<22}{'devices':>8}{'max rate':>10}{'per device':>12}"
+            f"{'TTFT p90':>10}{'TPOT p90':>10}   (req/s meeting {' '.join(f'{k}={v:g}' for k, v in slo.items())}"
+            f" for {attainment:.0%} of requests)")
+    lines = [head]
+    for i, r in enumerate(results, 1):
+        s = r.summary
+        ttft = f"{s['ttft_ms']['p90']:.1f}" if s else "-"
+        tpot = f"{s['tpot_ms']['p90']:.1f}" if s else "-"
+        lines.append(f"{i:>4}  {r.cand.label:<22}{r.cand.devices:>8}{r.rate:>10.2f}{r.per_device:>12.3f}"
+                     f"{ttft:>10}{tpot:>10}")
+    return "\n".join(lines)
+
+
+def up_config(model_name: str, cand: Candidate, replicas: int, engine: EngineDefaults) -> str:
+    """A `pdserve up --config` YAML for the chosen deployment (pdserve workers have no TP)."""
+    eng = {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
+           "block_size": engine.block_size, "enable_prefix_caching": engine.enable_prefix_caching}
+    lines = ["# written by `pdserve plan`", f"# plan: {cand.label} x{replicas}"]
+    if cand.tp > 1:
+        lines.append(f"# the plan assumes tp_size={cand.tp} per instance; pdserve workers run one device each")
+    lines += [f"model: {json.dumps(model_name)}", "policy: round_robin", f"engine: {json.dumps(eng)}"]
+    if cand.n_prefill:
+        lines += [f"prefill: {cand.n_prefill * replicas}", f"decode: {cand.n_decode * replicas}"]
+    else:
+        lines += [f"colocated: {cand.n_decode * replicas}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[PlanResult], path: str, title: str) -> None:
+    from pdserve.sim.plots import _pyplot
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for tp in sorted({r.cand.tp for r in results}):
+        pts = sorted((r.cand.n_prefill / r.cand.n_decode, r.per_device) for r in results
+                     if r.cand.tp == tp and r.cand.n_prefill)
+        best = {}
+        for x, y in pts:   # several (P, D) share a ratio: keep the best of each
+            best[x] = max(y, best.get(x, 0.0))
+        if best:
+            ax.plot(list(best), list(best.values()), "o-", label=f"disaggregated, tp{tp}")
+        colo = [r.per_device for r in results if r.cand.tp == tp and not r.cand.n_prefill]
+        if colo:
+            ax.axhline(colo[0], linestyle="--", color=ax.lines[-1].get_color() if best else None,
+                       label=f"colocated, tp{tp}")
+    ax.set(xscale="log", xlabel="prefill : decode instances (ratio)", ylabel="goodput per device (req/s)",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command line -----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    from pdserve.sim.cli_sim import add_engine_sim_args
+    p.add_argument("--cluster-config", default=None, help="template: model, hardware, memory, link from its "
+                   "first instance; devices = the sum of its tp_size")
+    p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--hardware", default="H100")
+    p.add_argument("--model", default="meta-llama/Llama-3.1-8B")
+    p.add_argument("--link-bw", type=float, default=None, help="GB/s (default: the config's, else 50)")
+    p.add_argument("--link-latency", type=float, default=None, help="ns (default: the config's, else 10000)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--num-requests", type=int, default=1000, help="trace lines used per simulation")
+    p.add_argument("--slo", nargs="+", required=True, help="ttft_ms=... tpot_ms=... [e2e_ms=...]")
+    p.add_argument("--attainment", type=float, default=0.9)
+    p.add_argument("--tp-sizes", type=int, nargs="*", default=None)
+    p.add_argument("--max-unit", type=int, default=8, help="most devices in one searched unit")
+    p.add_argument("--output-dir", default="plan")
+    add_engine_sim_args(p)
+
+
+def _template(args) -> tuple[InstanceSpec, int, float, float]:
+    if args.cluster_config:
+        c = load_cluster_config(args.cluster_config)
+        devices = args.devices or sum(i.tp_size for i in c.instances)
+        return replace(c.instances[0], overrides={}), devices, c.link_bw, c.link_latency
+    if not args.devices:
+        raise ValueError("give --cluster-config or --devices N (with --hardware and --model)")
+    hw = get_hardware(args.hardware)
+    get_model(args.model)
+    spec = InstanceSpec("t", args.model, hw.name, "both", 1, hw.mem_size, hw.mem_bw)
+    return spec, args.devices, 50e9, 10e-6
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    from pdserve.sim.cli_sim import engine_defaults, parse_slo
+    from pdserve.sim.perf import load_profile
+    slo = parse_slo(args.slo)
+    template, devices, link_bw, link_latency = _template(args)
+    link_bw = args.link_bw * 1e9 if args.link_bw else link_bw
+    link_latency = args.link_latency * 1e-9 if args.link_latency is not None else link_latency
+    sessions = read_trace(args.dataset, args.num_requests)
+    engine = engine_defaults(args)
+    profile = load_profile(args.profile) if args.profile else None
+    results = plan(template, devices, sessions, slo, args.attainment, args.tp_sizes, args.max_unit, link_bw,
+                   link_latency, engine, profile, args.routing)
+    print(format_table(results, slo, args.attainment))
+    best = results[0]
+    if best.rate <= 0:
+        print("no configuration meets the SLOs at any rate searched")
+        return 1
+    os.makedirs(args.output_dir, exist_ok=True)
+    replicas = max(1, devices // best.cand.devices)
+    cluster = build_cluster(template, best.cand, link_bw, link_latency, replicas)
+    paths = {k: os.path.join(args.output_dir, k) for k in ("cluster.json", "up.yaml", "goodput_vs_ratio.png",
+                                                              "plan.json")}
+    with open(paths["cluster.json"], "w") as f:
+        json.dump(cluster.to_json(), f, indent=2)
+    with open(paths["up.yaml"], "w") as f:
+        f.write(up_config(template.model_name, best.cand, replicas, engine))
+    with open(paths["plan.json"], "w") as f:
+        json.dump([{"config": r.cand.label, "n_prefill": r.cand.n_prefill, "n_decode": r.cand.n_decode,
+                    "tp_size": r.cand.tp, "devices": r.cand.devices, "max_rate": r.rate,
+                    "per_device": r.per_device, "summary": r.summary} for r in results], f, indent=1)
+    plot(results, paths["goodput_vs_ratio.png"], f"{template.model_name} on {template.hardware}, "
+         f"{' '.join(f'{k}={v:g}' for k, v in slo.items())}")
+    print(f"\nbest: {best.cand.label} x{replicas} on {best.cand.devices * replicas} of {devices} devices, "
+          f"{best.rate * replicas:.2f} req/s in all")
+    for k, v in paths.items():
+        print(f"  {k:<22} {v}")
+    return 0
