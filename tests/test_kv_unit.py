@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ class FakeProducer:
 
     def hello_reply(self, remote):
         self.spec.check(remote)
+        self.hellos = getattr(self, "hellos", 0) + 1
         return {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id, "host_id": host_id(),
                 "transports": self.offers, "shm": self.shm}
 
@@ -58,6 +60,14 @@ class FakeProducer:
 
     def served(self, n, s):
         pass
+
+
+def wait_released(prod, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not prod.released:
+        assert time.monotonic() < deadline, "the producer never got `done`"
+        time.sleep(0.01)
+    return prod.released
 
 
 def remote(port, token="tok", engine_id="E1", ids=(7, 8, 2)) -> RemotePrefill:
@@ -125,7 +135,7 @@ def test_tcp_pull_lands_in_the_right_blocks(serve, dtype):
     assert torch.equal(dst[:, :, [0, 1, 5]], src[:, :, [7, 8, 2]])
     untouched = [i for i in range(SHAPE[2]) if i not in (0, 1, 5)]
     assert not dst[:, :, untouched].any()
-    assert prod.released == ["r1"]   # one-time: the grant is gone after `done`
+    assert wait_released(prod) == ["r1"]   # one-time: the grant is gone after `done`
     with pytest.raises(KVPullError, match="refused"):
         KVClient(spec(dtype), BlockPool(dst)).pull(remote(srv.port), [7], [0])
 
@@ -143,10 +153,25 @@ def test_shm_pull(serve):
         n, transport = client.pull(remote(srv.port), [2, 3, 7], [9, 10, 4])
         assert transport == "shm" and n == BlockPool(dst).stream_bytes(3)
         assert torch.equal(dst[:, :, [9, 10, 4]], src[:, :, [2, 3, 7]])
-        assert prod.released == ["r1"]
+        assert wait_released(prod) == ["r1"]
     finally:
         alloc.close()
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_connection_and_handshake_reused_across_pulls(serve):
+    src = random_pool()
+    prod = FakeProducer(src)
+    prod.grants["r2"] = ("tok2", {4, 5})
+    srv = serve(prod)
+    dst = torch.zeros(SHAPE)
+    client = KVClient(spec(), BlockPool(dst))
+    client.pull(remote(srv.port), [7, 8], [0, 1])
+    rp2 = RemotePrefill("E1", "127.0.0.1", srv.port, [4, 5], "r2", "tok2", 5, [1] * 8, ["tcp"])
+    client.pull(rp2, [4, 5], [2, 3])
+    assert torch.equal(dst[:, :, [0, 1, 2, 3]], src[:, :, [7, 8, 4, 5]])
+    assert prod.hellos == 1
+    client.close()
 
 
 def test_handshake_refusal_and_restart_are_errors(serve):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 from pdserve.kv.cuda_ipc import ImportedPools
 from pdserve.kv.layout import BlockPool
@@ -11,7 +12,7 @@ from pdserve.kv.params import RemotePrefill
 from pdserve.kv.select import choose
 from pdserve.kv.shm import ShmAttachment
 from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
-from pdserve.kv.wire import recv_into_views, recv_msg, send_msg
+from pdserve.kv.wire import KVWireError, recv_into_views, recv_msg, send_msg
 
 log = logging.getLogger("pdserve.kv")
 
@@ -21,14 +22,19 @@ class KVPullError(RuntimeError):
 
 
 class KVClient:
+    MAX_IDLE = 4   # idle connections kept per producer (one per concurrent pull thread)
+
     def __init__(self, spec: KVSpec, pool: BlockPool, wanted: str = "auto", timeout: float = 30.0):
         self.spec, self.pool, self.wanted, self.timeout = spec, pool, wanted, timeout
         self.local_device = pool.kv.device.type
         self.host_id = host_id()
         self.shm: dict[str, ShmAttachment] = {}   # producer engine id -> its mapped pool
         self.ipc = ImportedPools()
+        self._idle: dict[tuple[str, int], list[tuple[socket.socket, dict]]] = {}
+        self._lock = threading.Lock()
 
     def _connect(self, rp: RemotePrefill) -> tuple[socket.socket, dict]:
+        """A new connection to the producer's KV server, handshake done."""
         try:
             sock = socket.create_connection((rp.host, rp.port), timeout=self.timeout)
         except OSError as e:
@@ -40,35 +46,76 @@ class KVClient:
             if not offer.get("ok"):
                 raise KVHandshakeError(offer.get("field", "?"), message=offer.get("error"))
             self.spec.check(offer.get("spec") or {})
-            if offer.get("engine_id") != rp.engine_id:
-                raise KVPullError(f"the KV server at {rp.host}:{rp.port} is engine {offer.get('engine_id')}, "
-                                  f"not {rp.engine_id}: the prefill worker restarted and lost the blocks")
         except BaseException:
             sock.close()
             raise
         return sock, offer
 
+    def _checkout(self, rp: RemotePrefill) -> tuple[socket.socket, dict, bool]:
+        """An idle connection to this producer if there is one (no connect, no handshake:
+        two round trips saved per pull), else a new one. Returns (sock, offer, reused)."""
+        with self._lock:
+            idle = self._idle.get((rp.host, rp.port))
+            if idle:
+                return (*idle.pop(), True)
+        return (*self._connect(rp), False)
+
+    def _checkin(self, rp: RemotePrefill, sock: socket.socket, offer: dict) -> None:
+        with self._lock:
+            idle = self._idle.setdefault((rp.host, rp.port), [])
+            if len(idle) < self.MAX_IDLE:
+                idle.append((sock, offer))
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._idle = [c for idle in self._idle.values() for c in idle], {}
+        for sock, _ in conns:
+            sock.close()
+
     def pull(self, rp: RemotePrefill, src: list[int], dst: list[int]) -> tuple[int, str]:
         """Copy remote blocks src into local blocks dst; returns (bytes, transport)."""
-        sock, offer = self._connect(rp)
-        with sock:
-            same_host = offer.get("host_id") == self.host_id
+        sock, offer, reused = self._checkout(rp)
+        try:
+            if reused and offer.get("engine_id") != rp.engine_id:
+                sock.close()   # an idle connection to an earlier server on that port
+                sock, offer, reused = (*self._connect(rp), False)
             try:
-                transport = choose(self.wanted, offer.get("transports") or [], same_host, self.local_device)
-            except ValueError as e:
-                raise KVPullError(str(e)) from e
-            if len(src) != len(dst):
-                raise KVPullError(f"{len(src)} remote blocks for {len(dst)} local ones")
-            n = 0
-            if src:
-                send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token,
-                                "block_ids": src, "transport": transport})
-                reply = recv_msg(sock)
-                if not reply.get("ok"):
-                    raise KVPullError(f"the prefill worker refused the pull: {reply.get('error')}")
-                n = self._receive(sock, reply, transport, rp.engine_id, offer, src, dst)
-            send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token})
-            recv_msg(sock)
+                result = self._pull_on(sock, offer, rp, src, dst)
+            except (OSError, KVWireError):
+                if not reused:
+                    raise
+                sock.close()   # the producer dropped the idle connection: once more, afresh
+                sock, offer = self._connect(rp)
+                result = self._pull_on(sock, offer, rp, src, dst)
+        except BaseException:
+            sock.close()
+            raise
+        self._checkin(rp, sock, offer)
+        return result
+
+    def _pull_on(self, sock, offer, rp, src, dst) -> tuple[int, str]:
+        if offer.get("engine_id") != rp.engine_id:
+            raise KVPullError(f"the KV server at {rp.host}:{rp.port} is engine {offer.get('engine_id')}, "
+                              f"not {rp.engine_id}: the prefill worker restarted and lost the blocks")
+        if len(src) != len(dst):  # checked after the handshake, which names a block size mismatch
+            raise KVPullError(f"{len(src)} remote blocks for {len(dst)} local ones")
+        same_host = offer.get("host_id") == self.host_id
+        try:
+            transport = choose(self.wanted, offer.get("transports") or [], same_host, self.local_device)
+        except ValueError as e:
+            raise KVPullError(str(e)) from e
+        n = 0
+        if src:
+            send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token,
+                            "block_ids": src, "transport": transport})
+            reply = recv_msg(sock)
+            if not reply.get("ok"):
+                raise KVPullError(f"the prefill worker refused the pull: {reply.get('error')}")
+            n = self._receive(sock, reply, transport, rp.engine_id, offer, src, dst)
+        # no answer awaited: the producer frees the blocks, we have what we need
+        send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token})
         return n, transport
 
     def _receive(self, sock, reply, transport, engine_id, offer, src, dst) -> int:
@@ -103,6 +150,7 @@ class KVClient:
         try:  # no handshake: the token alone authorises a release (it may have failed)
             with socket.create_connection((rp.host, rp.port), timeout=min(self.timeout, 5.0)) as sock:
                 send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token})
-                recv_msg(sock)
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1)   # the producer closes after it handled the release
         except Exception as e:  # it frees them after its abort timeout anyway
             log.info("could not release %s on %s:%s: %s", rp.request_id, rp.host, rp.port, e)

@@ -76,6 +76,7 @@ class KVConnector:
             self.server.close()
         if self.client is not None:
             self._pulls.shutdown(wait=False, cancel_futures=True)
+            self.client.close()
 
     def _on_engine(self, fn, timeout: float = 30.0):
         """Run fn(engine) on the engine loop thread and wait for its result."""

@@ -4,7 +4,9 @@
     consumer -> {"op": "pull", "request_id", "token", "block_ids", "transport"}
         tcp:  producer -> {"ok": true, "nbytes": n} then n raw bytes (layer by layer, K then V)
         else: producer -> {"ok": true}; the consumer copies from the mapped pool itself
-    consumer -> {"op": "done", "request_id", "token"}    producer releases the held blocks
+    consumer -> {"op": "done", "request_id", "token"}    producer releases the held blocks (no answer)
+
+A consumer keeps the connection open for its next pull, so connect and hello happen once.
 """
 from __future__ import annotations
 
@@ -67,9 +69,8 @@ class KVServer:
                         log.warning("KV handshake from %s refused: %s", peer, e)
                         send_msg(sock, {"ok": False, "error": str(e), "field": e.field})
                         return
-                elif op == "done":  # token-gated, so allowed even after a failed handshake
-                    ok = self.producer.done(str(msg.get("request_id")), str(msg.get("token")))
-                    send_msg(sock, {"ok": ok})
+                elif op == "done":  # token-gated, so allowed even after a failed handshake; no answer
+                    self.producer.done(str(msg.get("request_id")), str(msg.get("token")))
                 elif not greeted:
                     send_msg(sock, {"ok": False, "error": "hello first"})
                     return

@@ -3,8 +3,10 @@ host maps it and copies the blocks it needs straight into its own pool."""
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import uuid
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import torch
 
@@ -47,16 +49,21 @@ class ShmPoolAllocator:
 
 class ShmAttachment:
     """A consumer's mapping of a producer's pool. The mapping stays valid even after the
-    producer unlinks the segment, so it is kept until the producer's engine id changes."""
+    producer unlinks the segment, so it is kept until the producer's engine id changes.
+
+    Mapped with mmap rather than SharedMemory(name): attaching through multiprocessing would
+    register the segment with this process's resource tracker, which then unlinks (or
+    complains about) a segment that is not ours."""
 
     def __init__(self, desc: dict, dtype: torch.dtype):
-        self.segment = shared_memory.SharedMemory(name=desc["name"], create=False)
-        # attaching registers the segment with *our* resource tracker too (Python < 3.13), which
-        # would unlink the producer's pool when this process exits: take it back off
-        try:
-            resource_tracker.unregister(self.segment._name, "shared_memory")
-        except Exception:  # pragma: no cover - tracker internals differ across versions
-            pass
         shape = tuple(desc["shape"])
-        self.tensor = torch.frombuffer(self.segment.buf, dtype=dtype,
-                                       count=torch.Size(shape).numel()).view(shape)
+        count = torch.Size(shape).numel()
+        nbytes = count * torch.empty(0, dtype=dtype).element_size()
+        fd = os.open(os.path.join("/dev/shm", os.path.basename(desc["name"])), os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size < nbytes:
+                raise ValueError(f"shared-memory segment {desc['name']} is smaller than its pool")
+            self.map = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        self.tensor = torch.frombuffer(self.map, dtype=dtype, count=count).view(shape)
