@@ -2,8 +2,10 @@
 
 Prefill: one request of n prompt tokens, timed for the step that computes it.
 Decode: b requests that share one prompt of c tokens (the prefix cache computes it once), timed
-over several steps once all b are decoding. Each point is the median of `repeats` steps of
-`LLMEngine.step()`, scheduling and detokenizing included, as the server runs it. The simulator's
+over several steps once all b are decoding. Each point is timed over `LLMEngine.step()`,
+scheduling and detokenizing included, as the server runs it: `repeats` steps per visit, and
+`passes` visits spread over the run (a burst of other load then spoils one visit, not a point);
+the point's time is the median of its visits. The simulator's
 ProfilePerf interpolates in these numbers (`pdserve sim --profile PROFILE.json`).
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--prefill-tokens", type=int, nargs="*", default=None, help="override the grid")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None)
     p.add_argument("--decode-contexts", type=int, nargs="*", default=None)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per visit of a point")
+    p.add_argument("--passes", type=int, default=3, help="visits of every point, in separate sweeps")
 
 
 def _timed_step(engine) -> float:
@@ -83,16 +86,23 @@ def run(args: argparse.Namespace) -> int:
     result = {"model": engine.model_name, "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
               "tp_size": 1, "block_size": engine.config.block_size,
               "max_num_batched_tokens": engine.config.max_num_batched_tokens, "prefill": [], "decode": []}
-    with tqdm(total=len(pre) + len(batches) * len(contexts), desc="profiling", unit="point") as bar:
-        for n in pre:
-            result["prefill"].append({"tokens": n, "time_s": measure_prefill(engine, n, args.repeats, rng)})
-            bar.update(1)
-        for c in contexts:
-            for b in batches:
-                t = measure_decode(engine, b, c, args.repeats, rng)
-                result["decode"].append({"batch": b, "context": c, "time_s": t})
-                bar.set_postfix(batch=b, context=c, ms=f"{t * 1e3:.1f}")
+    points = [("prefill", n, 0) for n in pre] + [("decode", b, c) for c in contexts for b in batches]
+    visits: dict[tuple, list[float]] = {pt: [] for pt in points}
+    with tqdm(total=len(points) * args.passes, desc="profiling", unit="point") as bar:
+        for _ in range(args.passes):
+            for pt in points:
+                kind, x, c = pt
+                if kind == "prefill":
+                    t = measure_prefill(engine, x, args.repeats, rng)
+                else:
+                    t = measure_decode(engine, x, c, args.repeats, rng)
+                visits[pt].append(t)
+                bar.set_postfix(point=f"{kind} {x}" + (f"x{c}" if c else ""), ms=f"{t * 1e3:.1f}")
                 bar.update(1)
+    for (kind, x, c), ts in visits.items():
+        t = statistics.median(ts)
+        result[kind].append({"tokens": x, "time_s": t} if kind == "prefill" else
+                            {"batch": x, "context": c, "time_s": t})
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.output}: {len(result['prefill'])} prefill and {len(result['decode'])} decode points "
