@@ -1,0 +1,108 @@
+"""Faults against a real deployment (1 prefill + 2 decode workers and the router, started by
+pdserve.launch.Cluster, the code behind `pdserve up`): a decode worker killed and restarted, the
+prefill worker killed under load. Every request must end with its answer or a clear error."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from pdserve.launch import Cluster
+from pdserve.launch_config import Deployment, WorkerSpec
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ENGINE = {"kv_cache_memory": "128MiB", "max_num_batched_tokens": 512}
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PROMPT = "Write two sentences about rivers and the sea, and why rivers end in the sea."
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    dep = Deployment(port=0, health_interval=0.5,
+                     workers=[WorkerSpec("prefill", ENGINE), WorkerSpec("decode", ENGINE), WorkerSpec("decode", ENGINE)])
+    c = Cluster(dep, str(tmp_path_factory.mktemp("faults"))).start(timeout=240)
+    yield c
+    c.stop()
+    assert not [w for w in c.workers if w.proc.alive()] and not c.router.alive()
+
+
+def status(c: Cluster) -> dict:
+    return httpx.get(c.router_url + "/status", timeout=10).json()
+
+
+def by_url(c: Cluster) -> dict:
+    st = status(c)
+    return {i["url"]: i for i in st["prefill_instances"] + st["decode_instances"]}
+
+
+def ask(c: Cluster, stream: bool = False, max_tokens: int = 6) -> str:
+    cl = openai.OpenAI(base_url=c.router_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    if not stream:
+        r = cl.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        return r.choices[0].text
+    chunks = list(cl.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                        stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    return "".join(ch.choices[0].text for ch in chunks)
+
+
+def wait_for(pred, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_decode_worker_killed_then_restarted(cluster):
+    c = cluster
+    d0, d1 = [w for w in c.workers if w.spec.role == "decode"]
+    want = ask(c)
+    c.kill(d0)                                          # SIGKILL: no goodbye
+    texts = [ask(c, stream=i % 2 == 1) for i in range(4)]
+    assert texts == [want] * 4                          # all went to (or were retried on) the other one
+    inst = by_url(c)[d0.url]
+    assert inst["healthy"] is False and inst["last_error"]
+    served = by_url(c)[d1.url]["requests"]
+    c.restart(d0)
+    assert wait_for(lambda: by_url(c)[d0.url]["healthy"]), "restarted decode worker not marked up"
+    before = by_url(c)[d0.url]["requests"]
+    assert [ask(c) for _ in range(4)] == [want] * 4
+    assert by_url(c)[d0.url]["requests"] > before, "no request reached the restarted worker"
+    assert by_url(c)[d1.url]["requests"] > served
+
+
+def test_prefill_worker_killed_under_load(cluster):
+    c = cluster
+    (p,) = [w for w in c.workers if w.spec.role == "prefill"]
+    want, want_short = ask(c, max_tokens=24), ask(c)
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(ask(c, stream=i % 2 == 0, max_tokens=24))
+        except Exception as e:    # a clear error would be acceptable; a hang is not (timeouts above)
+            errors.append(e)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i == 3:
+            time.sleep(0.3)
+            c.kill(p, signal.SIGKILL)                   # mid-load: some prefills in flight, some to come
+    for t in threads:
+        t.join(150)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert not errors, errors
+    assert results == [want] * 8                        # completed remotely, after a failed pull, or locally
+    assert wait_for(lambda: not by_url(c)[p.url]["healthy"], 10)
+    # no prefill worker left: everything is prefilled on the decode workers
+    local0 = status(c)["requests"]["local_prefill_reasons"].get("no_prefill_worker", 0)
+    assert [ask(c) for _ in range(3)] == [want_short] * 3
+    assert status(c)["requests"]["local_prefill_reasons"]["no_prefill_worker"] >= local0 + 3
