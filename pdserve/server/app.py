@@ -46,6 +46,9 @@ def build_app(worker) -> FastAPI:
     async def lifespan(app):
         worker.ready()
         yield
+        # here, not after uvicorn.run(): uvicorn re-raises SIGTERM once it has shut down, and the
+        # process dies before any code after it runs; the shared-memory pool must be unlinked
+        worker.stop()
 
     app = FastAPI(title="pdserve worker", lifespan=lifespan)
     errors.install(app)

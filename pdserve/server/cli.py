@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    s.add_argument("--register", default=None, metavar="ROUTER_URL",
+                   help="add this worker to a pdserve router's pools once it is up (and leave them on exit)")
     k = p.add_argument_group("KV transfer")
     k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto")
     k.add_argument("--kv-host", default=None, help="KV server bind address (default: --host)")
@@ -42,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     kc = KVTransferConfig(kv_transport=args.kv_transport, kv_host=args.kv_host, kv_port=args.kv_port,
                           kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout)
     worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host)).start()
+    reg = None
+    if args.register:
+        from pdserve.server.register import Registration
+        # a wildcard bind is not an address the router can call: advertise loopback or --kv-advertise-host
+        host = args.kv_advertise_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
+        reg = Registration(args.register, args.role, f"http://{host}:{args.port}", args.api_key).start()
     try:
         info = worker.info()
         log.warning("pdserve worker: role %s, model %s, http://%s:%d, KV server %s:%s (%s)", worker.role,
@@ -52,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if reg is not None:
+            reg.stop()
         worker.stop()
     return 0

@@ -60,7 +60,9 @@ class Worker:
         c = self.connector
         return {"role": self.role, "model": self.model_name, "engine_id": c.engine_id,
                 "kv_host": c.server.host if c.server else None, "kv_port": c.server.port if c.server else None,
-                "kv_transports": c.offers if c.server else None, "block_size": c.spec.block_size,
+                "kv_transports": c.offers if c.server else None,
+                "kv_shm_segment": (self.shm.describe() or {}).get("name") if self.shm else None,
+                "block_size": c.spec.block_size,
                 "dtype": c.spec.dtype, "max_model_len": self.engine.max_model_len}
 
     def ready(self) -> None:
@@ -71,9 +73,13 @@ class Worker:
                 log.exception("on_ready hook failed")
 
     def stop(self) -> None:
+        """Idempotent: the app's shutdown and the command's exit path both call it."""
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
         if getattr(self, "connector", None) is not None:
             self.connector.close()
         if getattr(self, "async_engine", None) is not None:
             self.async_engine.shutdown()
-        if self.shm is not None:
+        if getattr(self, "shm", None) is not None:
             self.shm.close()
