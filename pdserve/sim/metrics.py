@@ -31,7 +31,7 @@ class Collector:
         self.slo = slo or {}
         self.ttft, self.tpot, self.e2e, self.queue, self.itl = (array("d") for _ in range(5))
         self.n_in = self.n_out = self.failed = self.good = 0
-        self.first_arrival, self.last_end = math.inf, 0.0
+        self.first_arrival, self.last_end, self.first_end = math.inf, 0.0, math.inf
         self._file = open(csv_path, "w", newline="") if csv_path else None
         self._csv = csv.writer(self._file) if self._file else None
         if self._csv:
@@ -40,6 +40,7 @@ class Collector:
     def add(self, rec) -> None:
         self.first_arrival = min(self.first_arrival, rec.arrival)
         self.last_end = max(self.last_end, rec.end)
+        self.first_end = min(self.first_end, rec.end)
         if rec.error:
             self.failed += 1
             if self._csv:
@@ -89,7 +90,11 @@ class Collector:
                "request_throughput": done / dur if dur else 0.0,
                "input_throughput": self.n_in / dur if dur else 0.0,
                "output_throughput": self.n_out / dur if dur else 0.0,
-               "total_input_tokens": self.n_in, "total_output_tokens": self.n_out}
+               "total_input_tokens": self.n_in, "total_output_tokens": self.n_out,
+               # departures per second: equals the arrival rate while the cluster keeps up,
+               # and its capacity when it does not (the planner's test for "sustained")
+               "completion_rate": (done - 1) / (self.last_end - self.first_end)
+               if done > 1 and self.last_end > self.first_end else 0.0}
         for name in ("ttft", "tpot", "itl", "e2e", "queue"):
             a = np.frombuffer(getattr(self, name), dtype=np.float64) * 1e3
             out[f"{name}_ms"] = ({"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
