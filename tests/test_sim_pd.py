@@ -154,3 +154,37 @@ def test_colocated_cluster_serves_everything_locally():
     assert all(r.kv_bytes == 0 and r.decode_instance == "" for r in recs.values())
     assert {r.prefill_instance for r in recs.values()} == {"n0i0", "n0i1"}   # round robin
     assert all(len(r.token_times) == 10 for r in recs.values())
+
+
+def small_kv_config(prefill_blocks: int, link_bw=1):
+    """Prefill instance with room for only `prefill_blocks` KV blocks (block = 16 tokens)."""
+    from pdserve.sim.models import get_model
+    weights = get_model("meta-llama/Llama-3.1-8B").weight_bytes(2)
+    mem_gb = (weights + (prefill_blocks + 0.5) * 16 * LLAMA_8B_KV_BYTES_PER_TOKEN) / 0.9 / 1e9
+    c = pd_config(link_bw=link_bw)
+    c.instances[0].mem_size = mem_gb * 1e9
+    return c
+
+
+def test_prefill_waits_for_held_blocks_then_continues():
+    """Two prompts that cannot both sit in the prefill instance's KV: the second starts only once
+    the first's KV has crossed the link and P released it."""
+    sim = ClusterSim(small_kv_config(40))
+    assert sim.instances[0].bm.num_blocks == 40
+    recs = []
+    sim.run([Session(0.0, [TraceRequest(500, 3)]), Session(0.001, [TraceRequest(500, 3)])], recs.append)
+    a, b = sorted(recs, key=lambda r: r.arrival)
+    assert not a.error and not b.error
+    assert b.first_scheduled >= a.kv_done     # blocked until the hand-off freed P's blocks
+    assert len(b.token_times) == 3
+
+
+def test_request_larger_than_any_kv_cache_fails_cleanly():
+    sim = ClusterSim(small_kv_config(40))
+    recs = []
+    sim.run([Session(0.0, [TraceRequest(100, 3)]), Session(0.0, [TraceRequest(2000, 3)]),
+             Session(0.1, [TraceRequest(100, 3)])], recs.append)
+    assert len(recs) == 3
+    failed = [r for r in recs if r.error]
+    assert len(failed) == 1 and failed[0].input_toks == 2000 and "KV" in failed[0].error
+    assert all(len(r.token_times) == 3 for r in recs if not r.error)

@@ -147,6 +147,9 @@ class ClusterSim:
         if r.input_toks + r.output_toks > dinst.max_model_len:
             rec.error = f"input + output tokens exceed max_model_len={dinst.max_model_len}"
             return self._finish(rec, t)
+        if dinst.bm.blocks_for(r.input_toks + r.output_toks) > dinst.bm.num_blocks:
+            rec.error = f"input + output tokens exceed the KV cache of {d}"
+            return self._finish(rec, t)
         self.policy_d.record(d, key)
         self.records[rid] = rec
         self.inflight[d] += 1
@@ -227,15 +230,16 @@ class ClusterSim:
         self._kick(inst, t)
 
     def _drop_unservable(self, inst: Instance, t: float) -> None:
-        """An idle instance whose next waiting request cannot fit even alone fails that request."""
-        s = inst.sched
+        """An idle instance fails a waiting request that could not fit even in its whole KV cache
+        (a real worker would reject it); anything smaller waits for blocks to come free."""
+        s, bm = inst.sched, inst.bm
         while s.waiting and not s.running and not s.loading:
             seq = s.waiting[0]
-            if inst.bm.blocks_for(seq.num_tokens) <= inst.bm.num_free_blocks:
+            if bm.blocks_for(seq.num_tokens + 1) <= bm.num_blocks:
                 return
             s.waiting.popleft()
             rec = self.records.pop(seq.request_id)
-            rec.error = f"needs {inst.bm.blocks_for(seq.num_tokens)} KV blocks, {inst.name} has {inst.bm.num_blocks}"
+            rec.error = f"needs {bm.blocks_for(seq.num_tokens + 1)} KV blocks, {inst.name} has {bm.num_blocks}"
             self.inflight[inst.name] -= 1
             if rec.decode_instance and rec.decode_instance != inst.name:
                 self.inflight[rec.decode_instance] -= 1
@@ -269,9 +273,12 @@ class ClusterSim:
         rec = self.records[rid]
         rec.kv_done = t
         d.sched.finish_kv_load(rid, True)
-        self.by_name[rec.prefill_instance].sched.release(rid)   # P frees the held blocks
+        p = self.by_name[rec.prefill_instance]
+        p.sched.release(rid)   # P frees the held blocks: requests waiting for them may start
         if not d.busy:
             self._kick(d, t)
+        if not p.busy:
+            self._kick(p, t)
 
     # ---- completion ---------------------------------------------------------------------------
     def _complete(self, inst: Instance, rec: RequestRecord, t: float) -> None:
