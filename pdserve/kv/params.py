@@ -59,8 +59,7 @@ class RemotePrefill:
                  [t for t in p.get("transports") or ["tcp"] if isinstance(t, str)])
         if not rp.prompt_token_ids:
             raise RequestError(f"{PARAM}.prompt_token_ids is empty", PARAM)
-        bs_blocks = len(rp.block_ids)
-        if bs_blocks == 0:
+        if not rp.block_ids:
             raise RequestError(f"{PARAM}.remote_block_ids is empty", PARAM)
         if not 0 < rp.port < 65536:
             raise RequestError(f"{PARAM}.remote_port is out of range", PARAM)

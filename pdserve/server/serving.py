@@ -60,7 +60,8 @@ def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], RemotePrefill
     elif remote_decode:
         extra["remote_decode"] = True
     if (rp or remote_decode) and (params.n != 1 or len(prompts) != 1):
-        raise RequestError("kv_transfer_params needs a single prompt and n=1", PARAM)
+        raise RequestError("a KV hand-off (kv_transfer_params, or any request to a prefill worker) "
+                           "needs a single prompt and n=1", PARAM)
     if remote_decode and req.stream:
         raise RequestError("a prefill for remote decode (do_remote_decode) cannot be streamed", "stream")
     now, children = time.monotonic(), []

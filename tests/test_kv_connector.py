@@ -1,0 +1,81 @@
+"""KVConnector in one process: a prefill engine and a decode engine, each with its step loop
+and connector, talking over the real KV server on loopback. Covers what is awkward to
+provoke across processes: a decode request aborted while its pull is still writing."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from pdserve.config import KVTransferConfig
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.request import SamplingParams
+from pdserve.kv.connector import KVConnector
+from pdserve.kv.params import RemotePrefill
+
+pytestmark = pytest.mark.slow
+PROMPT = "Blocks being written by a pull must not be handed to anyone else. " * 3
+
+
+@pytest.fixture(scope="module")
+def pair(default_model_dir):
+    made = []
+
+    def make(role):
+        eng = LLMEngine(model=default_model_dir, kv_cache_memory="24MiB", max_model_len=256, role=role)
+        ae = AsyncEngine(eng).start()
+        conn = KVConnector(ae, KVTransferConfig(kv_transport="tcp"))
+        made.append((ae, conn))
+        return eng, ae, conn
+    try:
+        yield make("prefill"), make("decode")
+    finally:
+        for ae, conn in made:
+            conn.close()
+            ae.shutdown()
+
+
+async def _run(ae, prompt, params, rid, **kw):
+    outs = []
+    async for out in ae.generate(prompt, params, rid, **kw):
+        outs.append(out)
+    return outs
+
+
+def _wait(pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_abort_during_pull_keeps_blocks_pinned_until_the_pull_ends(pair):
+    (p_eng, p_ae, p_conn), (d_eng, d_ae, d_conn) = pair
+    outs = asyncio.run(_run(p_ae, PROMPT, SamplingParams(max_tokens=1, temperature=0), "p1", remote_decode=True))
+    kvp = p_conn.export("p1", outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
+    rp = RemotePrefill.from_params(kvp)
+
+    gate = threading.Event()
+    real_authorize = p_conn.authorize
+    p_conn.authorize = lambda *a: (gate.wait(20), real_authorize(*a))[1]   # hold the pull at the producer
+
+    async def decode_then_abort():
+        d_conn.expect("d1", rp)
+        task = asyncio.create_task(_run(d_ae, {"prompt_token_ids": rp.prompt_token_ids},
+                                        SamplingParams(max_tokens=5, temperature=0), "d1",
+                                        remote_first_token=rp.first_token_id))
+        await asyncio.to_thread(_wait, lambda: d_eng.block_manager.num_used_blocks > 0)
+        task.cancel()   # the client leaves while the pull is in flight
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(decode_then_abort())
+    _wait(lambda: "d1" not in d_eng.states and not d_eng.scheduler.loading)   # the abort went through
+    pinned = d_eng.block_manager.num_used_blocks
+    assert pinned == len(rp.block_ids)          # ... but the pull's destination blocks stay taken
+    gate.set()                                  # let the pull finish
+    _wait(lambda: d_eng.block_manager.num_used_blocks == 0)
+    _wait(lambda: p_eng.block_manager.num_used_blocks == 0)   # and the producer released its hold
+    p_conn.authorize = real_authorize
