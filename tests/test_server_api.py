@@ -137,6 +137,16 @@ def test_n_and_seed(oai):
     assert single.choices[0].text == a.choices[0].text   # the first of n uses the request's seed
 
 
+def test_n_streamed(url, oai):
+    kw = dict(model=MODEL, prompt="Pick a colour:", max_tokens=5, temperature=1.0, seed=3, n=2)
+    whole = oai.completions.create(**kw)
+    texts = {0: "", 1: ""}
+    for chunk in oai.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert [texts[0], texts[1]] == [c.text for c in whole.choices]
+
+
 def test_batch_prompts(oai):
     r = oai.completions.create(model=MODEL, prompt=["One,", "Two,"], max_tokens=3, temperature=0)
     solo = [oai.completions.create(model=MODEL, prompt=p, max_tokens=3, temperature=0).choices[0].text
