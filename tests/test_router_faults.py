@@ -106,3 +106,24 @@ def test_prefill_worker_killed_under_load(cluster):
     local0 = status(c)["requests"]["local_prefill_reasons"].get("no_prefill_worker", 0)
     assert [ask(c) for _ in range(3)] == [want_short] * 3
     assert status(c)["requests"]["local_prefill_reasons"]["no_prefill_worker"] >= local0 + 3
+
+
+def test_worker_registers_itself_and_leaves(cluster, tmp_path):
+    """After the prefill worker died: a new one started with --register brings remote prefill back."""
+    from pdserve.launch import engine_flags
+    from pdserve.procs import free_port, pdserve_command, start, stop
+    c = cluster
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    p = start(pdserve_command("serve", "--role", "prefill", "--port", port, "--register", c.router_url,
+                              *engine_flags(ENGINE)), tmp_path / "registered.log")
+    try:
+        assert wait_for(lambda: url in by_url(c) and by_url(c)[url]["healthy"], 120), "worker did not register"
+        assert by_url(c)[url]["role"] == "prefill"
+        remote0 = status(c)["requests"]["remote_prefill"]
+        ask(c)
+        assert status(c)["requests"]["remote_prefill"] == remote0 + 1
+        assert by_url(c)[url]["requests"] >= 1
+    finally:
+        stop(p)                                          # SIGTERM: it asks the router to drop it
+    assert wait_for(lambda: url not in by_url(c), 10), "worker did not leave the router's pools"

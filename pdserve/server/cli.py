@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from pdserve.cli_args import add_engine_args, engine_config_from_args
 from pdserve.config import KVTransferConfig
@@ -54,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
         info = worker.info()
         log.warning("pdserve worker: role %s, model %s, http://%s:%d, KV server %s:%s (%s)", worker.role,
                     worker.model_name, args.host, args.port, info["kv_host"], info["kv_port"], info["kv_transports"])
-        # uvicorn turns SIGTERM into a graceful shutdown, so `finally` unlinks the shared memory
+        # uvicorn turns SIGTERM into a graceful shutdown, then re-raises it to the handler that was
+        # there before: make that one raise KeyboardInterrupt (not kill the process) so that
+        # `finally` runs: it unlinks the shared memory and leaves the router's pools
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         uvicorn.run(build_app(worker), host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=2)
     except KeyboardInterrupt:
