@@ -151,9 +151,12 @@ def load_deployment(args: argparse.Namespace) -> Deployment:
 
 
 def pin_evenly(workers: list[WorkerSpec]) -> None:
-    """Give each worker without explicit cpus an equal, disjoint share of this process's cores."""
+    """Give each worker without explicit cpus an equal, disjoint share of this process's cores,
+    leaving alone the cores other workers were given explicitly (while any remain)."""
     todo = [w for w in workers if w.cpus is None]
-    cores = sorted(os.sched_getaffinity(0))
+    taken = {c for w in workers if w.cpus for c in w.cpus}
+    mine = sorted(os.sched_getaffinity(0))
+    cores = [c for c in mine if c not in taken] or mine
     if not todo:
         return
     if len(todo) > len(cores):

@@ -1,0 +1,122 @@
+"""`pdserve up` deployment descriptions: flags, YAML/JSON files, per-role engine options, CPU
+pinning, and the command lines they turn into. No processes are started here."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from pdserve import launch
+from pdserve.cli_args import add_engine_args
+from pdserve.launch_config import load_deployment, parse_cpus, pin_evenly
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    launch.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def roles(dep):
+    return [w.role for w in dep.workers]
+
+
+def test_defaults_and_counts():
+    assert roles(load_deployment(parse())) == ["prefill", "decode"]
+    dep = load_deployment(parse("--prefill", "2", "--decode", "3", "--kv-cache-memory", "128MiB"))
+    assert roles(dep) == ["prefill"] * 2 + ["decode"] * 3
+    assert all(w.engine == {"kv_cache_memory": "128MiB"} for w in dep.workers)   # only flags the user gave
+    assert roles(load_deployment(parse("--colocated", "2"))) == ["both", "both"]
+    with pytest.raises(ValueError, match="nothing can decode"):
+        load_deployment(parse("--decode", "0"))
+
+
+def test_yaml_per_role_tuning_and_flags_override(tmp_path):
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("""
+port: 9100
+policy: prefix_aware
+local_prefill_max_tokens: 64
+engine: {kv_cache_memory: 256MiB, max_num_seqs: 32}
+prefill: {count: 1, engine: {max_num_batched_tokens: 4096}, cpus: ["0"]}
+decode: {count: 2, engine: {max_num_seqs: 128, enable_prefix_caching: false}, cpus: ["1-2", [3]]}
+""")
+    dep = load_deployment(parse("--config", str(cfg), "--port", "9200", "--max-num-seqs", "8"))
+    assert (dep.port, dep.policy, dep.local_prefill_max_tokens) == (9200, "prefix_aware", 64)
+    p, d0, d1 = dep.workers
+    assert p.engine == {"kv_cache_memory": "256MiB", "max_num_seqs": 8, "max_num_batched_tokens": 4096}
+    # role options beat the file's common ones; a command-line flag beats the file's common ones
+    assert d0.engine == {"kv_cache_memory": "256MiB", "max_num_seqs": 128, "enable_prefix_caching": False}
+    assert (p.cpus, d0.cpus, d1.cpus) == ([0], [1, 2], [3])
+
+
+def test_json_config_and_errors(tmp_path):
+    good = tmp_path / "d.json"
+    good.write_text(json.dumps({"prefill": 0, "decode": {"count": 1}, "colocated": 0}))
+    assert roles(load_deployment(parse("--config", str(good)))) == ["decode"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"decode": {"count": 1, "engine": {"gpu_memory": 3}}}))
+    with pytest.raises(ValueError, match="gpu_memory"):
+        load_deployment(parse("--config", str(bad)))
+    bad.write_text(json.dumps({"decoders": 2}))
+    with pytest.raises(ValueError, match="decoders"):
+        load_deployment(parse("--config", str(bad)))
+    bad.write_text(json.dumps({"decode": {"count": 2, "cpus": ["0", "1", "2"]}}))
+    with pytest.raises(ValueError, match="cpus"):
+        load_deployment(parse("--config", str(bad)))
+
+
+def test_cpu_pinning(monkeypatch):
+    assert parse_cpus("0-2,5") == [0, 1, 2, 5] and parse_cpus(3) == [3] and parse_cpus([1, 2]) == [1, 2]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    dep = load_deployment(parse("--pin-cpus"))
+    assert [w.cpus for w in dep.workers] == [[0, 1], [2, 3]]          # disjoint, even shares
+    dep = load_deployment(parse("--pin-cpus", "--prefill", "3", "--decode", "3"))
+    assert [w.cpus for w in dep.workers] == [[0], [1], [2], [3], [0], [1]]   # more workers than cores
+
+
+def test_engine_flags_round_trip_through_the_engine_parser():
+    opts = {"max_num_seqs": 8, "kv_cache_memory": "128MiB", "enable_prefix_caching": False,
+            "enable_chunked_prefill": False, "enforce_eager": True, "block_size": 32}
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    got = vars(p.parse_args(launch.engine_flags(opts)))
+    assert {k: got[k] for k in opts} == opts
+
+
+def test_command_lines(tmp_path):
+    dep = load_deployment(parse("--prefill", "1", "--decode", "2", "--api-key", "k", "--kv-transport", "tcp",
+                                "--policy", "least_loaded", "--max-num-seqs", "4"))
+    c = launch.Cluster(dep, str(tmp_path))
+    c.workers = [launch.Worker(s, 9000 + i, "127.0.0.1") for i, s in enumerate(dep.workers)]
+    w = " ".join(c.worker_cmd(c.workers[1]))
+    assert "serve --role decode --host 127.0.0.1 --port 9001 --kv-transport tcp --api-key k --max-num-seqs 4" in w
+    r = c.router_cmd(8123)
+    assert r[1:3] == ["-m", "pdserve.router.cli"]   # the router's own entry: no torch in that process
+    s = " ".join(r)
+    assert "--prefill 127.0.0.1:9000 --decode 127.0.0.1:9001 --decode 127.0.0.1:9002" in s
+    assert "--policy least_loaded" in s and "--api-key k" in s and "--port 8123" in s
+
+
+def test_pinned_worker_gets_matching_thread_count(tmp_path, monkeypatch):
+    """A worker on one core must not start a BLAS thread per machine core."""
+    seen = {}
+
+    class FakeProc:
+        def __init__(self, cmd, log_path, name, cpus=None, env=None):
+            seen.update(cpus=cpus, env=env)
+    monkeypatch.setattr(launch, "Proc", FakeProc)
+    dep = load_deployment(parse("--prefill", "0", "--decode", "1"))
+    dep.workers[0].cpus = [1]
+    c = launch.Cluster(dep, str(tmp_path))
+    c._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1"), "decode0")
+    assert seen == {"cpus": [1], "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+
+
+def test_pin_evenly_keeps_explicit_cpus(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    from pdserve.launch_config import WorkerSpec
+    ws = [WorkerSpec("prefill", cpus=[1]), WorkerSpec("decode")]
+    pin_evenly(ws)
+    assert [w.cpus for w in ws] == [[1], [0]]
