@@ -141,11 +141,12 @@ def test_tcp_pull_lands_in_the_right_blocks(serve, dtype):
 
 
 def test_shm_pull(serve):
+    before = set(os.listdir("/dev/shm"))
     alloc = ShmPoolAllocator()
     src = alloc(SHAPE, torch.float32, torch.device("cpu"))
     src.copy_(random_pool())
-    name = alloc.describe()["name"]
     try:
+        assert set(os.listdir("/dev/shm")) == before   # an anonymous memfd: no name to leak
         prod = FakeProducer(src, offers=("shm", "tcp"), shm=alloc.describe())
         srv = serve(prod)
         dst = torch.zeros(SHAPE)
@@ -156,7 +157,17 @@ def test_shm_pull(serve):
         assert wait_released(prod) == ["r1"]
     finally:
         alloc.close()
-    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_shm_falls_back_to_tcp_when_the_pool_cannot_be_mapped(serve):
+    src = random_pool()
+    prod = FakeProducer(src, offers=("shm", "tcp"), shm={"socket": "pdserve-kv-nobody-listens", "shape": list(SHAPE)})
+    srv = serve(prod)
+    dst = torch.zeros(SHAPE)
+    n, transport = KVClient(spec(), BlockPool(dst), wanted="auto").pull(remote(srv.port), [7, 8], [0, 1])
+    assert transport == "tcp" and torch.equal(dst[:, :, [0, 1]], src[:, :, [7, 8]])
+    with pytest.raises(KVPullError, match="shared-memory"):
+        KVClient(spec(), BlockPool(dst), wanted="shm").pull(remote(srv.port), [7, 8], [0, 1])
 
 
 def test_connection_and_handshake_reused_across_pulls(serve):

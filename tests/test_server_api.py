@@ -240,21 +240,3 @@ def test_latency_metrics_observed(url, oai):
     assert metric(url, "pdserve:e2e_request_latency_seconds_count") >= 1
     assert metric(url, "pdserve:request_success_total") >= 1
 
-
-def test_sigterm_unlinks_the_shared_memory_pool(tmp_path):
-    import os
-    import signal
-    port = procs.free_port()
-    p = procs.start(procs.pdserve_command("serve", "--role", "prefill", "--port", port, "--kv-cache-memory", "32MiB",
-                                          "--max-model-len", "256"), tmp_path / "w.log", env={"OMP_NUM_THREADS": "1"})
-    try:
-        procs.wait_healthy(f"http://127.0.0.1:{port}", p, timeout=240)
-        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
-        assert info["role"] == "prefill" and info["kv_transports"] == ["shm", "tcp"]
-        seg = f"/dev/shm/{info['kv_shm_segment']}"
-        assert os.path.exists(seg)
-        os.kill(p.pid, signal.SIGTERM)   # the main process only: it must clean up itself
-        p.wait(30)
-        assert not os.path.exists(seg)
-    finally:
-        procs.stop(p)

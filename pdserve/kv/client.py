@@ -106,6 +106,10 @@ class KVClient:
             transport = choose(self.wanted, offer.get("transports") or [], same_host, self.local_device)
         except ValueError as e:
             raise KVPullError(str(e)) from e
+        if transport == "shm" and not self._attach(rp.engine_id, offer):
+            if self.wanted != "auto":
+                raise KVPullError("cannot map the prefill worker's shared-memory KV pool")
+            transport = "tcp"   # e.g. another network namespace: the socket is not reachable
         n = 0
         if src:
             send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token,
@@ -135,15 +139,21 @@ class KVClient:
                 pool.scatter_layer(layer, dst, staged)
             return n
         if transport == "shm":
-            att = self.shm.get(engine_id)
-            if att is None:
-                if not offer.get("shm"):
-                    raise KVPullError("the prefill worker offered shm but sent no segment")
-                att = self.shm[engine_id] = ShmAttachment(offer["shm"], pool.kv.dtype)
-            return pool.copy_from(att.tensor, src, dst)
+            return pool.copy_from(self.shm[engine_id].tensor, src, dst)
         if transport == "cuda_ipc":
             return pool.copy_from(self.ipc.get(engine_id, offer["cuda_ipc"]), src, dst)
         raise KVPullError(f"transport {transport} is not supported by this worker")
+
+    def _attach(self, engine_id: str, offer: dict) -> bool:
+        """Map a producer's pool once; False if it cannot be mapped from here."""
+        if engine_id in self.shm:
+            return True
+        try:
+            self.shm[engine_id] = ShmAttachment(offer["shm"], self.pool.kv.dtype)
+        except (OSError, KeyError, TypeError) as e:
+            log.warning("cannot map the shared-memory KV pool of %s: %s", engine_id, e)
+            return False
+        return True
 
     def release(self, rp: RemotePrefill) -> None:
         """Tell the producer it may free the blocks without a pull (best effort)."""

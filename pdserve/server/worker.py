@@ -61,7 +61,6 @@ class Worker:
         return {"role": self.role, "model": self.model_name, "engine_id": c.engine_id,
                 "kv_host": c.server.host if c.server else None, "kv_port": c.server.port if c.server else None,
                 "kv_transports": c.offers if c.server else None,
-                "kv_shm_segment": (self.shm.describe() or {}).get("name") if self.shm else None,
                 "block_size": c.spec.block_size,
                 "dtype": c.spec.dtype, "max_model_len": self.engine.max_model_len}
 
