@@ -102,14 +102,18 @@ def test_model_listed(workers):
 def test_two_calls_equal_colocated(workers, transport, mode):
     kw, dec = SAMPLING[mode], f"dec_{transport}"
     prompt = f"[{transport} {mode}] " + PROMPT
-    ref = client(workers, "ref").completions.create(model=MODEL, prompt=prompt, max_tokens=12, **kw)
+    ref = client(workers, "ref").completions.create(model=MODEL, prompt=prompt, max_tokens=12, **kw,
+                                                    extra_body={"return_token_ids": True})
     pulled_before = metric(workers["urls"][dec], "pdserve:kv_transfer_blocks_total")
     pre = prefill(workers, "prefill", prompt, **kw)
     kvp = pre.model_extra["kv_transfer_params"]
     assert kvp["do_remote_prefill"] and kvp["remote_block_ids"] and kvp["remote_host"] == "127.0.0.1"
     assert transport in kvp["transports"]
     assert pre.usage.completion_tokens == 1 and pre.choices[0].finish_reason == "length"
-    out = decode(workers, dec, kvp, 12, **kw)
+    out = client(workers, dec).completions.create(model=MODEL, prompt="ignored", max_tokens=12, **kw, extra_body={
+        "kv_transfer_params": kvp, "return_token_ids": True})
+    assert out.choices[0].model_extra["token_ids"] == ref.choices[0].model_extra["token_ids"]
+    assert out.choices[0].model_extra["prompt_token_ids"] == ref.choices[0].model_extra["prompt_token_ids"]
     assert out.choices[0].text == ref.choices[0].text
     assert pre.choices[0].text and ref.choices[0].text.startswith(pre.choices[0].text)
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (ref.usage.prompt_tokens, ref.usage.completion_tokens)

@@ -13,6 +13,7 @@ import concurrent.futures
 import hmac
 import logging
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -65,7 +66,9 @@ class KVConnector:
                           "host_id": host_id(), "transports": self.offers, "shm": shm_desc,
                           "cuda_ipc": export_pool(self.pool.kv) if "cuda_ipc" in self.offers else None}
             self.server = KVServer(self, config.kv_host or host, config.kv_port).start()
-            self.advertise_host = advertise_host or self.server.host
+            # a wildcard bind is not an address a decode worker can dial: name this host instead
+            bound = self.server.host
+            self.advertise_host = advertise_host or (socket.getfqdn() if bound in ("0.0.0.0", "::", "") else bound)
         if self.role in ("decode", "both"):
             self.client = KVClient(self.spec, self.pool, config.kv_transport, config.kv_pull_timeout)
             self._pulls = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pdserve-kv-pull")

@@ -33,6 +33,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    return_token_ids: bool = False   # vLLM: token ids of prompt and completion in each choice
     request_id: str | None = None
 
     def _params(self, max_tokens: int | None, logprobs: int | None, default_max: int | None) -> SamplingParams:

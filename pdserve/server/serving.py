@@ -163,20 +163,22 @@ class _Run:
     def _body(self, kvp: dict | None) -> dict:
         tok = self.w.engine.tokenizer
         choices = []
+        ids = self.req.return_token_ids
         for c in self.children:
             o = c.last.outputs[0]
             fr = finish_reason(o.finish_reason)
+            extra = {"token_ids": list(o.token_ids), "prompt_token_ids": list(c.seq.prompt_token_ids)} if ids else {}
             if self.kind == CHAT:
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": o.text},
                                 "logprobs": chat_logprobs(tok, o.logprobs) if o.logprobs is not None else None,
-                                "finish_reason": fr, "stop_reason": o.stop_reason})
+                                "finish_reason": fr, "stop_reason": o.stop_reason, **extra})
             else:
                 text = o.text
                 if self.req.echo:
                     text = self._prompt_text(c) + text
                 choices.append({"index": c.index, "text": text, "finish_reason": fr, "stop_reason": o.stop_reason,
                                 "logprobs": completion_logprobs(tok, o.logprobs) if o.logprobs is not None else None,
-                                "prompt_logprobs": None})
+                                "prompt_logprobs": None, **extra})
         return {"id": self.id, "object": "chat.completion" if self.kind == CHAT else "text_completion",
                 "created": self.created, "model": self.w.model_name, "choices": choices,
                 "usage": usage(self.children), "kv_transfer_params": kvp}
