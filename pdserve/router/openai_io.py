@@ -103,14 +103,20 @@ class TextSkipper:
 
     def __init__(self, kind: str, n: int, role_sent: bool):
         self.kind, self.left, self.role_sent = kind, n, role_sent
+        self.role_pending = role_sent and kind == CHAT   # the worker's own role chunk is still to come
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to edit: later chunks may pass through untouched."""
+        return self.left == 0 and not self.role_pending
 
     def apply(self, chunk: dict) -> bool:
         """Edit chunk in place; False if nothing is left worth sending."""
         keep = bool(chunk.get("usage")) or not chunk.get("choices")
         for c in chunk.get("choices") or []:
             holder, field = (c.get("delta") or {}, "content") if self.kind == CHAT else (c, "text")
-            if self.kind == CHAT and self.role_sent:
-                holder.pop("role", None)
+            if self.kind == CHAT and self.role_sent and holder.pop("role", None) is not None:
+                self.role_pending = False
             text = holder.get(field)
             if text and self.left:
                 cut = min(self.left, len(text))

@@ -69,9 +69,9 @@ async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str, b
 
 
 async def stream_sse(session: aiohttp.ClientSession, inst: Instance, path: str, body: dict,
-                     headers: dict, timeout: aiohttp.ClientTimeout) -> AsyncIterator[dict | None]:
-    """Yield each `data:` event as a dict, then None for [DONE]. Leaving early (client gone)
-    closes the connection, which the worker takes as an abort."""
+                     headers: dict, timeout: aiohttp.ClientTimeout) -> AsyncIterator[bytes | None]:
+    """Yield each `data:` event's JSON as bytes (the caller parses only what it must edit), then
+    None for [DONE]. Leaving early (client gone) closes the connection: the worker aborts."""
     inst.in_flight += 1
     inst.requests += 1
     try:
@@ -84,7 +84,7 @@ async def stream_sse(session: aiohttp.ClientSession, inst: Instance, path: str, 
                 if data == b"[DONE]":
                     yield None
                     return
-                yield json.loads(data)
+                yield data
         raise UpstreamError(f"{inst.url}: stream ended without [DONE]", down=False)
     except CONNECT_ERRORS as e:
         raise UpstreamError(f"{inst.url}: {e!r}"[:500], down=True) from e
