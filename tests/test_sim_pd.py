@@ -188,3 +188,26 @@ def test_request_larger_than_any_kv_cache_fails_cleanly():
     failed = [r for r in recs if r.error]
     assert len(failed) == 1 and failed[0].input_toks == 2000 and "KV" in failed[0].error
     assert all(len(r.token_times) == 3 for r in recs if not r.error)
+
+
+@pytest.mark.parametrize("routing", ["round_robin", "prefix_aware"])
+def test_routing_policy_objects_pick_the_decode_instance(routing):
+    """The router's own policies route the simulated requests: prefix-aware keeps a shared
+    prefix on one decode instance, where its prefix cache then saves most of the transfer."""
+    from pdserve.sim.instance import EngineDefaults
+    from pdserve.sim.simulator import SimOptions
+    prefix = list(range(10_000, 10_000 + 480))
+    sessions = [Session(i * 0.5, [TraceRequest(512, 2, prefix + list(range(i * 100, i * 100 + 32)))])
+                for i in range(6)]
+    sim = ClusterSim(pd_config(n_decode=2), EngineDefaults(enable_prefix_caching=True), SimOptions(routing=routing))
+    recs = []
+    sim.run(sessions, recs.append)
+    recs.sort(key=lambda r: r.arrival)
+    decoders = [r.decode_instance for r in recs]
+    if routing == "round_robin":
+        assert len(set(decoders)) == 2
+        assert decoders[0] != decoders[1]
+    else:
+        assert len(set(decoders)) == 1
+        full = 512 * LLAMA_8B_KV_BYTES_PER_TOKEN
+        assert recs[0].kv_bytes == full and all(r.kv_bytes == 32 * LLAMA_8B_KV_BYTES_PER_TOKEN for r in recs[1:])
