@@ -150,6 +150,29 @@ def test_local_prefill_for_short_prompts(up, tmp_path):
             print(log_tail(r))
 
 
+def gauge(worker_url: str, name: str) -> float:
+    with urllib.request.urlopen(worker_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(rf"^pdserve:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_client_disconnect_aborts_on_the_workers(up):
+    body = {"model": MODEL, "prompt": LONG, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", up["router"] + "/v1/completions", json=body, timeout=60) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 6:
+                break
+        assert gauge(up["decode"], "num_requests_running") == 1
+    # the client hung up after a few tokens: the decode worker stops at once and nothing stays
+    # held on the prefill worker (it would otherwise hold the blocks for its abort timeout)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and gauge(up["decode"], "num_requests_running"):
+        time.sleep(0.2)
+    assert gauge(up["decode"], "num_requests_running") == 0
+    assert gauge(up["prefill"], "num_requests_held") == 0
+    assert gauge(up["decode"], "generation_tokens_total") > 6
+
+
 def test_up_stops_every_child_on_sigterm(up):
     """Last: SIGTERM to `pdserve up` leaves no worker or router process behind."""
     import psutil
