@@ -214,6 +214,7 @@ def test_block_size_mismatch_refused_at_handshake(workers):
         decode(workers, "dec_bs32_fail", kvp, 8, temperature=0)
     msg = e.value.response.json()["error"]["message"]
     assert e.value.status_code == 503 and "handshake" in msg and "block_size" in msg
+    assert "prefill worker: 16" in msg and "decode worker: 32" in msg
     wait_zero_usage(workers, ["prefill", "dec_bs32_fail"])   # the refused decoder still released them
 
 

@@ -45,7 +45,7 @@ class KVClient:
             offer = recv_msg(sock)
             if not offer.get("ok"):
                 raise KVHandshakeError(offer.get("field", "?"), message=offer.get("error"))
-            self.spec.check(offer.get("spec") or {})
+            self.spec.check(offer.get("spec") or {}, ("decode worker", "prefill worker"))
         except BaseException:
             sock.close()
             raise

@@ -110,7 +110,7 @@ class KVConnector:
                              token, first_token_id, list(prompt_token_ids), list(self.offers)).to_params()
 
     def hello_reply(self, remote_spec: dict) -> dict:
-        self.spec.check(remote_spec)
+        self.spec.check(remote_spec, ("prefill worker", "decode worker"))
         return self.hello
 
     def _grant(self, request_id: str, token: str) -> _Grant | None:

@@ -10,9 +10,10 @@ import torch
 
 class KVHandshakeError(ValueError):
     """The two workers' KV caches are not compatible; `field` names the first difference."""
-    def __init__(self, field: str, local=None, remote=None, message: str | None = None):
-        super().__init__(message or f"KV handshake refused: {field} differs (this worker: {local!r}, "
-                         f"remote worker: {remote!r}); both workers must use the same {field}")
+    def __init__(self, field: str, local=None, remote=None, message: str | None = None,
+                 names: tuple[str, str] = ("this worker", "remote worker")):
+        super().__init__(message or f"KV handshake refused: {field} differs ({names[0]}: {local!r}, "
+                         f"{names[1]}: {remote!r}); both workers must use the same {field}")
         self.field = field
 
 
@@ -43,11 +44,12 @@ class KVSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def check(self, remote: dict) -> None:
-        """Raise KVHandshakeError naming the first field where `remote` differs from us."""
+    def check(self, remote: dict, names: tuple[str, str] = ("this worker", "remote worker")) -> None:
+        """Raise KVHandshakeError naming the first field where `remote` differs from us;
+        `names` say who is who in the message (it is read on both sides)."""
         for name, value in asdict(self).items():
             if remote.get(name) != value:
-                raise KVHandshakeError(name, value, remote.get(name))
+                raise KVHandshakeError(name, value, remote.get(name), names=names)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

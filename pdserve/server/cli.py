@@ -53,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
         reg = Registration(args.register, args.role, f"http://{host}:{args.port}", args.api_key).start()
     try:
         info = worker.info()
-        log.warning("pdserve worker: role %s, model %s, http://%s:%d, KV server %s:%s (%s)", worker.role,
-                    worker.model_name, args.host, args.port, info["kv_host"], info["kv_port"], info["kv_transports"])
+        kv = (f"KV server {info['kv_host']}:{info['kv_port']} offers {', '.join(info['kv_transports'])}"
+              if info["kv_port"] else f"pulls KV over {args.kv_transport}")
+        log.warning("pdserve worker: role %s, model %s, http://%s:%d, %s; policy on a failed pull: %s",
+                    worker.role, worker.model_name, args.host, args.port, kv, args.kv_load_failure_policy)
         # uvicorn turns SIGTERM into a graceful shutdown, then re-raises it to the handler that was
         # there before: make that one raise KeyboardInterrupt (not kill the process) so that
         # `finally` runs: it unlinks the shared memory and leaves the router's pools

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.engine.engine import RequestError
 from pdserve.kv.params import PARAM, RemotePrefill, wants_remote_decode, wants_remote_prefill
@@ -137,7 +137,7 @@ class _Run:
             await asyncio.sleep(0.25)
 
     # ---- not streamed -----------------------------------------------------------------
-    async def complete(self) -> JSONResponse:
+    async def complete(self) -> Response:
         self.start()
         watch = asyncio.create_task(self._disconnected())
         try:
@@ -145,9 +145,9 @@ class _Run:
             while pending:
                 get = asyncio.create_task(self._next())
                 done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:  # the client left: abort everything
+                if get not in done:  # the client left: abort everything (`finally`)
                     get.cancel()
-                    raise asyncio.CancelledError("client disconnected")
+                    return Response(status_code=499)   # nginx's "client closed request"; nobody reads it
                 _, out = get.result()
                 pending -= out.finished
             kvp = None
