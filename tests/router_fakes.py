@@ -24,6 +24,11 @@ def prompt_text(kind: str, body: dict) -> str:
     return body["prompt"]
 
 
+def prompt_tokens(kind: str, body: dict) -> int:
+    """What a real worker would count: a chat template adds a fixed 30 tokens."""
+    return len(prompt_text(kind, body)) // 4 + (30 if kind == "chat" else 1)
+
+
 def tokens(kind: str, body: dict, n: int) -> list[str]:
     L = len(prompt_text(kind, body))
     return [f" {L}.{i}" for i in range(n)]
@@ -78,7 +83,8 @@ class FakeWorker:
                 await asyncio.sleep(self.first_delay)
                 out = {"do_remote_prefill": True, "remote_engine_id": "fake", "remote_host": "127.0.0.1",
                        "remote_port": 1, "remote_block_ids": [0], "remote_request_id": rid, "kv_token": "t",
-                       "first_token_id": 0, "prompt_token_ids": [1, 2, 3], "prefilled_by": self.url}
+                       "first_token_id": 0, "prompt_token_ids": [1] * prompt_tokens(kind, body),
+                       "prefilled_by": self.url}
                 return web.json_response(self._full(kind, body, rid, tokens(kind, body, 1), out))
             if ktp:
                 assert self.role == "decode" and ktp.get("do_remote_prefill"), ktp
@@ -92,7 +98,8 @@ class FakeWorker:
 
     def _full(self, kind, body, rid, toks, ktp):
         text = "".join(toks)
-        usage = {"prompt_tokens": 3, "completion_tokens": len(toks), "total_tokens": 3 + len(toks)}
+        pt = prompt_tokens(kind, body)
+        usage = {"prompt_tokens": pt, "completion_tokens": len(toks), "total_tokens": pt + len(toks)}
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
             return {"id": f"chatcmpl-{rid}-{self.role}", "object": "chat.completion", "created": 1, "model": "fake",

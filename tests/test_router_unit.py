@@ -128,6 +128,22 @@ def test_local_prefill_threshold():
     run(go())
 
 
+def test_threshold_learns_what_the_estimate_misses():
+    """A chat template adds tokens the router cannot see; the workers' counts teach it."""
+    async def go():
+        async with cluster(local_prefill_max_tokens=20) as (s, url, (p,), (d,)):
+            hi = {**CHAT_BODY, "messages": [{"role": "user", "content": "hi"}]}
+            assert (await s.post(url + "/v1/chat/completions", json=hi)).status == 200
+            assert len(p.calls) == 0                        # ~2 tokens by characters: local
+            for _ in range(8):                              # local answers report 31 prompt tokens
+                assert (await s.post(url + "/v1/chat/completions", json=hi)).status == 200
+            assert len(p.calls) >= 1                        # now known to be over 20: remote
+            short = {**COMP_BODY, "prompt": "short"}
+            assert (await s.post(url + "/v1/completions", json=short)).status == 200
+            assert "kv_transfer_params" not in d.calls[-1]["body"]   # completions learned nothing of it
+    run(go())
+
+
 def test_prefix_aware_counts_cached_prefix():
     """Once a decode worker has a long prompt, the same prompt again is short 'less what it caches'."""
     async def go():

@@ -65,6 +65,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.counts = {"remote": 0, "local": 0}
         self.local_reasons: dict[str, int] = {}
+        self.token_offset = {"completions": 0.0, CHAT: 0.0}   # learned: real prompt tokens - estimate
         self.pools.on_change.append(self._on_change)
         for url in cfg.prefill:
             self.pools.add(url, "prefill")
@@ -119,9 +120,21 @@ class Router:
         n = self.cfg.local_prefill_max_tokens
         if n > 0:
             cached = matched if isinstance(job.key, list) else matched // CHARS_PER_TOKEN
-            if job.est_tokens - cached <= n:
+            if self._prompt_tokens(job) - cached <= n:
                 return "short_prompt"
         return None
+
+    def _prompt_tokens(self, job: Job) -> float:
+        """The prompt's size in tokens: exact for token ids, else the character estimate plus
+        what the workers' answers taught us the estimate misses (a chat template, a system
+        prompt: a fixed cost per request that no characters-per-token ratio captures)."""
+        if isinstance(job.key, list):
+            return job.est_tokens
+        return job.est_tokens + self.token_offset[job.kind]
+
+    def _learn(self, job: Job, prompt_tokens) -> None:
+        if isinstance(job.key, str) and isinstance(prompt_tokens, int) and prompt_tokens > 0:
+            self.token_offset[job.kind] += 0.2 * (prompt_tokens - job.est_tokens - self.token_offset[job.kind])
 
     def _count(self, where: str, reason: str | None = None) -> None:
         self.counts[where] += 1
@@ -150,6 +163,8 @@ class Router:
             if not isinstance(params, dict) or not params.get("do_remote_prefill"):
                 self._failed(inst, UpstreamError(f"{inst.url} returned no kv_transfer_params", False), "prefill")
                 continue
+            ids = params.get("prompt_token_ids")
+            self._learn(job, len(ids) if isinstance(ids, list) else (resp.get("usage") or {}).get("prompt_tokens"))
             model = resp.get("model") or job.body.get("model") or ""
             return Prefilled(inst, params, first_text(job.kind, resp), model)
         return None
@@ -236,6 +251,7 @@ class Router:
                 dec = self._next_decode(job, dec, e)
         out["id"] = job.id
         out.pop("kv_transfer_params", None)
+        self._learn(job, (out.get("usage") or {}).get("prompt_tokens"))
         return web.json_response(out, headers={"X-Request-Id": job.rid})
 
     async def _stream(self, request: web.Request, job: Job, dec: Instance, pre: Prefilled | None):
