@@ -87,6 +87,7 @@ async def status(request: web.Request) -> web.Response:
         "decode_instances": [i for i in insts if i["role"] == "decode"],
         "requests": {"remote_prefill": r.counts["remote"], "local_prefill": r.counts["local"],
                      "local_prefill_reasons": dict(r.local_reasons)},
+        "learned_prompt_token_offset": {k: round(v, 1) for k, v in r.token_offset.items()},
         "time": time.time()})
 
 
