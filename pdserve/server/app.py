@@ -46,8 +46,7 @@ def build_app(worker) -> FastAPI:
     async def lifespan(app):
         worker.ready()
         yield
-        # here, not after uvicorn.run(): uvicorn re-raises SIGTERM once it has shut down, and the
-        # process dies before any code after it runs; the shared-memory pool must be unlinked
+        # here as well as after uvicorn.run(): whoever embeds the app gets a clean stop too
         worker.stop()
 
     app = FastAPI(title="pdserve worker", lifespan=lifespan)

@@ -113,9 +113,10 @@ class _Run:
             o = c.last.outputs[0]
             self.w.metrics.request_done(c.last, None if c.last.error else finish_reason(o.finish_reason),
                                         c.arrival, time.monotonic(), c.token_times)
-        except BaseException as e:
-            await self.queue.put((c, e))
+        except asyncio.CancelledError:
             raise
+        except Exception as e:  # handed to the reader, which raises it (e.g. RequestError -> 400)
+            await self.queue.put((c, e))
 
     def stop(self) -> None:
         """Cancel what still runs: leaving a submit() stream early aborts its engine request."""
