@@ -156,6 +156,21 @@ def test_prefix_aware_counts_cached_prefix():
     run(go())
 
 
+def test_requests_a_hand_off_cannot_carry_stay_local():
+    async def go():
+        async with cluster() as (s, url, (p,), (d,)):
+            for extra in ({"n": 2}, {"echo": True}, {"logprobs": 2}, {"max_tokens": 1},
+                          {"prompt": ["one prompt", "and another"]}):
+                r = await s.post(url + "/v1/completions", json={**COMP_BODY, **extra})
+                assert r.status == 200
+            assert len(p.calls) == 0
+            r = await s.post(url + "/v1/completions", json={**COMP_BODY, "prompt": [[1, 2, 3]]})
+            assert r.status == 200 and len(p.calls) == 1    # one prompt of token ids: remote
+            st = await (await s.get(url + "/status")).json()
+            assert set(st["requests"]["local_prefill_reasons"]) == {"n>1", "echo/logprobs", "max_tokens=1", "batch"}
+    run(go())
+
+
 def test_no_prefill_worker_all_local():
     async def go():
         async with cluster(n_prefill=0) as (s, url, _, (d,)):

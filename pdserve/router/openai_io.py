@@ -50,6 +50,9 @@ def why_not_remote(kind: str, body: dict) -> str | None:
     """Requests that gain nothing from a remote prefill, or that the hand-off cannot express."""
     if (body.get("n") or 1) != 1 or body.get("best_of") not in (None, 1):
         return "n>1"
+    p = body.get("prompt")
+    if kind == COMPLETIONS and isinstance(p, list) and len(p) > 1 and not all(isinstance(t, int) for t in p):
+        return "batch"          # several prompts: one hand-off carries one prompt's KV
     if kind == COMPLETIONS and (body.get("echo") or body.get("logprobs") is not None):
         return "echo/logprobs"
     if kind == CHAT and (body.get("logprobs") or body.get("top_logprobs")):
