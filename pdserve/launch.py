@@ -70,11 +70,13 @@ class Cluster:
     def start(self, timeout: float = 600.0) -> "Cluster":
         d = self.dep
         try:
+            deadline = time.monotonic() + timeout
             for i, spec in enumerate(d.workers):
                 w = Worker(spec, free_port(d.host), d.host)
                 self.workers.append(w)
                 self._spawn(w, f"{spec.role}{i}")
-            deadline = time.monotonic() + timeout
+                if d.sequential_start:   # GPU sharers: each sizes its KV cache after the previous one
+                    wait_healthy(w.proc, w.url, deadline, api_key=d.api_key)
             for w in self.workers:
                 wait_healthy(w.proc, w.url, deadline, api_key=d.api_key)
             port = d.port or free_port(d.host)
@@ -91,6 +93,8 @@ class Cluster:
         if w.spec.cpus:
             # torch would otherwise start one thread per core of the machine on a single core
             env = {"OMP_NUM_THREADS": str(len(w.spec.cpus)), "MKL_NUM_THREADS": str(len(w.spec.cpus))}
+        if w.spec.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = w.spec.gpu
         w.proc = Proc(self.worker_cmd(w), os.path.join(self.log_dir, f"{name}.log"), name=name,
                       cpus=w.spec.cpus, env=env)
 
@@ -140,7 +144,8 @@ def ready_message(c: Cluster, model_id: str) -> str:
     auth = f" -H 'Authorization: Bearer {c.dep.api_key}'" if c.dep.api_key else ""
     lines = [f"pdserve is up: {c.router_url}/v1  ({counts}; model {model_id}; logs in {c.log_dir})"]
     for w in c.workers:
-        lines.append(f"  {w.spec.role:8s} {w.url}  pid {w.proc.pid}" + (f"  cpus {w.spec.cpus}" if w.spec.cpus else ""))
+        lines.append(f"  {w.spec.role:8s} {w.url}  pid {w.proc.pid}" + (f"  cpus {w.spec.cpus}" if w.spec.cpus else "")
+                     + (f"  gpu {w.spec.gpu}" if w.spec.gpu is not None else ""))
     lines.append(f"  router   {c.router_url}  pid {c.router.pid}   status: {c.router_url}/status")
     lines.append("try:")
     lines.append(f"  curl {c.router_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "

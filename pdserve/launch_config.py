@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 from dataclasses import dataclass, field, fields
 
 from pdserve.config import EngineConfig
@@ -39,6 +40,7 @@ class WorkerSpec:
     role: str                        # prefill | decode | both
     engine: dict = field(default_factory=dict)
     cpus: list[int] | None = None
+    gpu: str | None = None           # CUDA_VISIBLE_DEVICES for this worker (None: leave as is)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Deployment:
     health_interval: float = 2.0
     router_args: list[str] = field(default_factory=list)
     workers: list[WorkerSpec] = field(default_factory=list)
+    sequential_start: bool = False   # workers sharing a GPU must size their KV one after another
 
 
 def parse_cpus(v) -> list[int]:
@@ -147,7 +150,46 @@ def load_deployment(args: argparse.Namespace) -> Deployment:
         raise ValueError("nothing can decode: give --decode M (M >= 1) or --colocated K")
     if getattr(args, "pin_cpus", False) or data.get("pin_cpus"):
         pin_evenly(dep.workers)
+    dep.sequential_start = place_on_gpus(dep.workers, gpu_ids())
     return dep
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES, else nvidia-smi."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+def place_on_gpus(workers: list[WorkerSpec], gpus: list[str]) -> bool:
+    """One GPU per worker while there are enough; workers that must share a GPU split its memory.
+
+    A worker sizes its KV cache as `utilization x total - memory in use on the device`, which
+    counts the other workers' memory too. So sharers get cumulative utilizations (0.45, 0.9
+    for two) and start one after another: each then takes an equal share. Returns whether the
+    workers must start one after another. Workers the user sized (kv_cache_memory,
+    gpu_memory_utilization) or put on a device (cpu, cuda:N) are left alone.
+    """
+    if not gpus:
+        return False
+    placed = [w for w in workers if w.engine.get("device", "auto") in ("auto", "cuda")]
+    for i, w in enumerate(placed):
+        w.gpu = gpus[i % len(gpus)]
+    sequential = False
+    for g in gpus:
+        group = [w for w in placed if w.gpu == g]
+        if len(group) < 2 or any("kv_cache_memory" in w.engine or "gpu_memory_utilization" in w.engine
+                                 for w in group):
+            continue
+        sequential = True
+        for k, w in enumerate(group):
+            w.engine["gpu_memory_utilization"] = round(0.9 * (k + 1) / len(group), 3)
+    return sequential
 
 
 def pin_evenly(workers: list[WorkerSpec]) -> None:

@@ -9,7 +9,13 @@ import pytest
 
 from pdserve import launch
 from pdserve.cli_args import add_engine_args
-from pdserve.launch_config import load_deployment, parse_cpus, pin_evenly
+from pdserve.launch_config import WorkerSpec, load_deployment, parse_cpus, pin_evenly, place_on_gpus
+
+
+@pytest.fixture(autouse=True)
+def no_gpus(monkeypatch):
+    """The same answers on any machine; GPU placement is tested with explicit GPU lists."""
+    monkeypatch.setattr("pdserve.launch_config.gpu_ids", lambda: [])
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -116,7 +122,30 @@ def test_pinned_worker_gets_matching_thread_count(tmp_path, monkeypatch):
 
 def test_pin_evenly_keeps_explicit_cpus(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    from pdserve.launch_config import WorkerSpec
     ws = [WorkerSpec("prefill", cpus=[1]), WorkerSpec("decode")]
     pin_evenly(ws)
     assert [w.cpus for w in ws] == [[1], [0]]
+
+
+def test_gpu_placement():
+    ws = [WorkerSpec("prefill"), WorkerSpec("decode")]
+    assert place_on_gpus(ws, ["0", "1"]) is False                    # one GPU each: nothing shared
+    assert [w.gpu for w in ws] == ["0", "1"] and all("gpu_memory_utilization" not in w.engine for w in ws)
+    ws = [WorkerSpec("prefill"), WorkerSpec("decode"), WorkerSpec("decode")]
+    assert place_on_gpus(ws, ["3"]) is True                           # sharers start one by one
+    # each sizes its KV as util x total - what is in use: cumulative shares give equal thirds
+    assert [w.engine["gpu_memory_utilization"] for w in ws] == [0.3, 0.6, 0.9]
+    ws = [WorkerSpec("prefill", {"kv_cache_memory": "2GiB"}), WorkerSpec("decode", {"kv_cache_memory": "8GiB"}),
+          WorkerSpec("decode", {"device": "cpu"})]
+    assert place_on_gpus(ws, ["0"]) is False                          # sized by the user; cpu stays cpu
+    assert [w.gpu for w in ws] == ["0", "0", None]
+    assert place_on_gpus([WorkerSpec("decode")], []) is False
+
+
+def test_gpu_worker_env(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(launch, "Proc", lambda cmd, log_path, name, cpus=None, env=None: seen.update(env=env))
+    dep = load_deployment(parse("--prefill", "0", "--decode", "1"))
+    dep.workers[0].gpu = "2"
+    launch.Cluster(dep, str(tmp_path))._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1"), "decode0")
+    assert seen["env"] == {"CUDA_VISIBLE_DEVICES": "2"}
