@@ -98,15 +98,17 @@ def raw_sender_main(conn, nbytes: int) -> None:
                 s.sendall(buf)
 
 
-def timed(fn, repeat: int) -> float:
-    """Best-of-repeat seconds (after one warm-up) -- the least disturbed by the shared machine."""
-    fn()
-    times = []
+def timed_pair(a, b, repeat: int) -> tuple[float, float]:
+    """Best-of-repeat seconds of a and of b, alternated (after one warm-up each) so that both
+    see the same moments of a shared, noisy machine."""
+    a(), b()
+    ta, tb = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for fn, times in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return min(ta), min(tb)
 
 
 def bench_transport(case, transport, tokens, repeat, threads) -> dict:
@@ -118,6 +120,7 @@ def bench_transport(case, transport, tokens, repeat, threads) -> dict:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=producer_main, args=(child, case, transport, n + 16, threads), daemon=True)
     p.start()
+    helpers = []
     try:
         port = parent.recv()
         device = "cuda" if transport == "cuda_ipc" else "cpu"
@@ -125,39 +128,44 @@ def bench_transport(case, transport, tokens, repeat, threads) -> dict:
         client = KVClient(spec, BlockPool(dst), wanted=transport)
         rp = RemotePrefill("bench", "127.0.0.1", port, src_ids, "r", "t", 0, [0] * tokens, [transport])
         nbytes = BlockPool(dst).stream_bytes(n)
-        secs = timed(lambda: client.pull(rp, src_ids, dst_ids), repeat)
-        medium = raw_medium(transport, nbytes, repeat, ctx, client, dst)
+        pull = lambda: client.pull(rp, src_ids, dst_ids)   # noqa: E731
+        pull()   # maps the producer's pool (shm, cuda_ipc): the medium copies from the same memory
+        secs, medium = timed_pair(pull, raw_medium(transport, nbytes, ctx, client, dst, helpers), repeat)
     finally:
         parent.send("stop")
         p.join(10)
+        for h in helpers:   # the raw sender process and our socket to it
+            if isinstance(h, socket.socket):
+                h.close()
+            else:
+                h.kill()
+                h.join(5)
     return {"case": case, "transport": transport, "tokens": tokens, "blocks": n, "bytes": nbytes,
             "seconds": secs, "bytes_per_s": nbytes / secs, "medium_bytes_per_s": nbytes / medium,
             "ratio": medium / secs}
 
 
-def raw_medium(transport, nbytes, repeat, ctx, client, dst) -> float:
+def raw_medium(transport, nbytes, ctx, client, dst, helpers):
+    """A function doing one raw-medium copy of nbytes."""
     if transport == "tcp":
         parent, child = ctx.Pipe()
         p = ctx.Process(target=raw_sender_main, args=(child, nbytes), daemon=True)
         p.start()
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
-        try:
-            with socket.create_connection(("127.0.0.1", parent.recv())) as s:
-                def once():
-                    s.sendall(b"g")
-                    got = 0
-                    while got < nbytes:
-                        got += s.recv_into(view[got:])
-                return timed(once, repeat)
-        finally:
-            p.kill()
-            p.join(5)
+        helpers.append(p)
+        view = memoryview(bytearray(nbytes))
+        s = socket.create_connection(("127.0.0.1", parent.recv()))
+        helpers.append(s)
+
+        def once():
+            s.sendall(b"g")
+            got = 0
+            while got < nbytes:
+                got += s.recv_into(view[got:])
+        return once
     if transport == "shm":
-        src = next(iter(client.shm.values())).tensor   # the segment the pulls read from
-        out = bytearray(nbytes)
-        dst_addr = ctypes.addressof(ctypes.c_char.from_buffer(out))
-        return timed(lambda: ctypes.memmove(dst_addr, src.data_ptr(), nbytes), repeat)
+        src = next(iter(client.shm.values())).tensor   # the memory the pulls read from
+        out = torch.empty(nbytes, dtype=torch.uint8)   # kept alive by the closure below
+        return lambda: ctypes.memmove(out.data_ptr(), src.data_ptr(), nbytes)
     if transport == "cuda_ipc":
         src = next(iter(client.ipc.pools.values())).view(-1).view(torch.uint8)[:nbytes]
         out = torch.empty(nbytes, dtype=torch.uint8, device=dst.device)
@@ -165,7 +173,7 @@ def raw_medium(transport, nbytes, repeat, ctx, client, dst) -> float:
         def once():
             out.copy_(src)
             torch.cuda.synchronize()
-        return timed(once, repeat)
+        return once
     raise ValueError(transport)
 
 
