@@ -344,3 +344,16 @@ def test_router_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_cli_flags_repeatable_and_comma_separated():
+    import argparse
+    from pdserve.router.cli import add_arguments, config_from_args
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--prefill", "a:1,b:2", "--prefill", "http://c:3/", "--decode", "d:4",
+                                         "--policy", "prefix_aware", "--local-prefill-max-tokens", "32"]))
+    assert cfg.prefill == ["http://a:1", "http://b:2", "http://c:3"] and cfg.decode == ["http://d:4"]
+    assert (cfg.policy, cfg.local_prefill_max_tokens) == ("prefix_aware", 32)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--policy", "random"])
