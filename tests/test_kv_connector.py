@@ -79,3 +79,19 @@ def test_abort_during_pull_keeps_blocks_pinned_until_the_pull_ends(pair):
     _wait(lambda: d_eng.block_manager.num_used_blocks == 0)
     _wait(lambda: p_eng.block_manager.num_used_blocks == 0)   # and the producer released its hold
     p_conn.authorize = real_authorize
+
+
+def test_one_pull_per_grant_and_tokens_checked(pair):
+    (p_eng, p_ae, p_conn), _ = pair
+    outs = asyncio.run(_run(p_ae, "Only one decode worker may read these blocks.",
+                            SamplingParams(max_tokens=1, temperature=0), "p2", remote_decode=True))
+    kvp = p_conn.export("p2", outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
+    ids = kvp["remote_block_ids"]
+    assert "under this token" in p_conn.authorize("p2", "wrong-token", ids)
+    assert "not the ones held" in p_conn.authorize("p2", kvp["kv_token"], ids + [max(ids) + 1])
+    assert p_conn.authorize("p2", kvp["kv_token"], ids) is None
+    assert "already being pulled" in p_conn.authorize("p2", kvp["kv_token"], ids)
+    assert not p_conn.done("p2", "wrong-token")
+    assert p_conn.done("p2", kvp["kv_token"])
+    _wait(lambda: p_eng.block_manager.num_used_blocks == 0)
+    assert not p_conn.done("p2", kvp["kv_token"])   # spent

@@ -39,6 +39,7 @@ class _Grant:
     token: str
     block_ids: frozenset
     expires: float
+    claimed: bool = False   # a pull has started: a second one (a retried request) is refused
 
 
 class KVConnector:
@@ -130,6 +131,12 @@ class KVConnector:
             return f"no KV is held for request {request_id!r} under this token (expired, released or wrong token)"
         if not isinstance(block_ids, list) or not set(block_ids) <= g.block_ids:
             return "the requested blocks are not the ones held for this request"
+        with self._lock:
+            # one pull per grant: the first puller's `done` frees the blocks, which must not
+            # happen while a second one still reads them
+            if g.claimed:
+                return f"the KV of request {request_id!r} is already being pulled"
+            g.claimed = True
 
         def still_held(engine):
             entry = engine.scheduler.held.get(request_id)
