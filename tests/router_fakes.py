@@ -43,6 +43,7 @@ class FakeWorker:
         self.aborted = 0
         self.fail_status: int | None = None  # answer every generation call with this status
         self.unhealthy = False
+        self.die_after: int | None = None    # drop the connection after this many token chunks
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -125,6 +126,9 @@ class FakeWorker:
                 await resp.write(b"data: " + json.dumps(chunk("", role=True)).encode() + b"\n\n")
             for i, t in enumerate(toks):
                 await asyncio.sleep(self.token_delay)
+                if self.die_after is not None and i >= self.die_after:
+                    request.transport.close()   # as a crash would: no [DONE]
+                    return resp
                 fin = "length" if i == len(toks) - 1 else None
                 await resp.write(b"data: " + json.dumps(chunk(t, fin)).encode() + b"\n\n")
             if (body.get("stream_options") or {}).get("include_usage"):

@@ -217,6 +217,32 @@ def test_decode_failure_retried_on_other_decode():
     run(go())
 
 
+def test_decode_dying_after_only_the_repeated_first_token_is_retried_cleanly():
+    """The first decode worker sends just the (skipped) first token, then crashes: the retry on
+    the other one must not lose or repeat text."""
+    async def go():
+        async with cluster(n_decode=2) as (s, url, _, ds):
+            ds[0].die_after = 1
+            want = "".join(tokens("chat", CHAT_BODY, 5))
+            for _ in range(2):   # round robin: one of the two starts on the dying worker
+                r = await s.post(url + "/v1/chat/completions", json={**CHAT_BODY, "stream": True})
+                ev = await sse_events(r)
+                assert "".join(c["choices"][0]["delta"].get("content") or "" for c in ev[:-1] if c["choices"]) == want
+            assert len(ds[0].calls) >= 1 and len(ds[1].calls) == 2
+    run(go())
+
+
+def test_decode_dying_mid_stream_ends_with_an_error_event():
+    async def go():
+        async with cluster() as (s, url, _, (d,)):
+            d.die_after = 3
+            r = await s.post(url + "/v1/completions", json={**COMP_BODY, "stream": True})
+            ev = await sse_events(r)
+            assert ev[-1] is None and "error" in ev[-2] and "mid-stream" in ev[-2]["error"]["message"]
+            assert "".join(c["choices"][0]["text"] for c in ev[:-2]) == "".join(tokens("completions", COMP_BODY, 3))
+    run(go())
+
+
 def test_all_decode_down_is_a_clear_error_and_releases_prefill():
     async def go():
         async with cluster() as (s, url, (p,), (d,)):

@@ -262,35 +262,23 @@ class Router:
             await out.send(sse(first_chunk(job.kind, job.id, job.created, pre.model, pre.text)))
             self.metrics.ttft.observe(time.monotonic() - job.t0)
             sent = pre.text
-        skip = TextSkipper(job.kind, len(sent), role_sent=bool(sent))
         body = self._decode_body(job, pre)
         produced = False
         while True:
-            swap = None   # (worker's id, ours) as JSON bytes, once chunks need no other edit
+            relay = Relay(job.kind, job.id, len(sent), role_sent=bool(sent))
             try:
                 async with aclosing(stream_sse(self.session, dec, PATHS[job.kind], body, self.headers(job.rid),
-                                               self.timeout)) as events:
-                    async for data in events:
+                                               self.timeout)) as batches:
+                    async for batch in batches:
                         job.decode_answered = True
-                        if data is None:
-                            await out.send(SSE_DONE)
-                            return await out.finish()
-                        if data.startswith(b'{"error"'):  # the worker's own in-stream error: the answer
-                            await out.send(b"data: " + data + b"\n\n" + SSE_DONE)
-                            return await out.finish()
-                        if swap is not None and swap[0] in data:   # hot path: no JSON round trip
-                            chunk = b"data: " + data.replace(swap[0], swap[1], 1) + b"\n\n"
-                        else:
-                            ev = json.loads(data)
-                            worker_id, ev["id"] = ev.get("id"), job.id
-                            chunk = sse(ev) if skip.apply(ev) else None
-                            if skip.done and isinstance(worker_id, str):
-                                swap = (json.dumps(worker_id).encode(), json.dumps(job.id).encode())
-                        if chunk is not None:
+                        data, finished = relay.convert(batch)
+                        if data:
                             if not out.started:
                                 self.metrics.ttft.observe(time.monotonic() - job.t0)
                             produced = True
-                            await out.send(chunk)
+                            await out.send(data)
+                        if finished:
+                            return await out.finish()
                 return await out.finish()
             except UpstreamError as e:
                 if produced:  # the client already has part of this worker's answer
@@ -304,6 +292,37 @@ class Router:
                         raise
                     await out.send(sse(ce.body) + SSE_DONE)
                     return await out.finish()
+
+
+class Relay:
+    """A decode worker's events, made part of the client's one completion: our id, and without
+    the first token's text the client already got from the prefill worker."""
+
+    def __init__(self, kind: str, id_: str, skip_chars: int, role_sent: bool):
+        self.id = id_
+        self.skip = TextSkipper(kind, skip_chars, role_sent)
+        self.swap: tuple[bytes, bytes] | None = None   # (worker's id, ours) as JSON, once that is all to edit
+
+    def convert(self, batch: list[bytes | None]) -> tuple[bytes, bool]:
+        """(bytes for the client, whether the stream is over) for one batch of payloads."""
+        parts = []
+        for data in batch:
+            if data is None:
+                parts.append(SSE_DONE)
+                return b"".join(parts), True
+            if data.startswith(b'{"error"'):   # the worker's own in-stream error: the client's answer
+                parts.append(b"data: " + data + b"\n\n" + SSE_DONE)
+                return b"".join(parts), True
+            if self.swap is not None and self.swap[0] in data:   # hot path: no JSON round trip
+                parts.append(b"data: " + data.replace(self.swap[0], self.swap[1], 1) + b"\n\n")
+                continue
+            ev = json.loads(data)
+            worker_id, ev["id"] = ev.get("id"), self.id
+            if self.skip.apply(ev):
+                parts.append(sse(ev))
+            if self.skip.done and isinstance(worker_id, str):
+                self.swap = (json.dumps(worker_id).encode(), json.dumps(self.id).encode())
+        return b"".join(parts), False
 
 
 class SSEOut:

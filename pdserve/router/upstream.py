@@ -69,22 +69,30 @@ async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str, b
 
 
 async def stream_sse(session: aiohttp.ClientSession, inst: Instance, path: str, body: dict,
-                     headers: dict, timeout: aiohttp.ClientTimeout) -> AsyncIterator[bytes | None]:
-    """Yield each `data:` event's JSON as bytes (the caller parses only what it must edit), then
-    None for [DONE]. Leaving early (client gone) closes the connection: the worker aborts."""
+                     headers: dict, timeout: aiohttp.ClientTimeout) -> AsyncIterator[list[bytes | None]]:
+    """Yield, per read from the worker, the `data:` payloads it completed: JSON as bytes (the
+    caller parses only what it must edit), None for [DONE]. Batches, not single events, so a
+    busy router answers several tokens with one write. Leaving early (client gone) closes the
+    connection: the worker aborts the request."""
     inst.in_flight += 1
     inst.requests += 1
     try:
         async with session.post(inst.url + path, json=body, headers=headers, timeout=timeout) as r:
             await _raise_for_status(r, inst)
-            async for line in r.content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    yield None
-                    return
-                yield data
+            buf = b""
+            async for chunk in r.content.iter_any():
+                buf += chunk.replace(b"\r\n", b"\n") if b"\r" in chunk else chunk
+                *events, buf = buf.split(b"\n\n")
+                batch = []
+                for ev in events:
+                    for line in ev.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            data = line[5:].strip()
+                            batch.append(None if data == b"[DONE]" else data)
+                if batch:
+                    yield batch
+                    if batch[-1] is None:
+                        return
         raise UpstreamError(f"{inst.url}: stream ended without [DONE]", down=False)
     except CONNECT_ERRORS as e:
         raise UpstreamError(f"{inst.url}: {e!r}"[:500], down=True) from e
