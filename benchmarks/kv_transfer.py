@@ -69,7 +69,7 @@ class Producer:
     def done(self, rid, token):
         return True
 
-    def served(self, n, s):
+    def served(self, n, s, transport):
         pass
 
 

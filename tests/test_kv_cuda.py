@@ -36,7 +36,7 @@ class Producer:
     def done(self, rid, token):
         return True
 
-    def served(self, n, s):
+    def served(self, n, s, transport):
         pass
 
 

@@ -122,6 +122,8 @@ def test_two_calls_equal_colocated(workers, transport, mode):
     pulled = metric(workers["urls"][dec], "pdserve:kv_transfer_blocks_total") - pulled_before
     assert pulled == len(kvp["remote_block_ids"])
     assert metric(workers["urls"][dec], "pdserve:kv_transfer_bytes_total", f'transport="{transport}"') > 0
+    assert metric(workers["urls"]["prefill"], "pdserve:kv_transfer_bytes_total",
+                  f'direction="served",transport="{transport}"') > 0
     wait_zero_usage(workers, ["ref", "prefill", dec])
 
 

@@ -58,7 +58,7 @@ class FakeProducer:
             del self.grants[rid]
         return ok
 
-    def served(self, n, s):
+    def served(self, n, s, transport):
         pass
 
 

@@ -159,8 +159,8 @@ class KVConnector:
         self.async_engine.release(request_id)
         return True
 
-    def served(self, nbytes: int, seconds: float) -> None:
-        self.on_event("served", nbytes=nbytes, seconds=seconds)
+    def served(self, nbytes: int, seconds: float, transport: str) -> None:
+        self.on_event("served", nbytes=nbytes, seconds=seconds, transport=transport)
 
     # ---- consumer ---------------------------------------------------------------------
     def expect(self, request_id: str, rp: RemotePrefill) -> None:

@@ -90,10 +90,13 @@ class KVServer:
         if error:
             send_msg(sock, {"ok": False, "error": error})
             return
-        if msg.get("transport") != "tcp":
+        transport = str(msg.get("transport"))
+        pool = self.producer.pool
+        if transport != "tcp":  # the consumer copies from our pool itself
             send_msg(sock, {"ok": True})
+            self.producer.served(pool.stream_bytes(len(ids)), 0.0, transport)
             return
-        pool, t0 = self.producer.pool, time.perf_counter()
+        t0 = time.perf_counter()
         send_msg(sock, {"ok": True, "nbytes": pool.stream_bytes(len(ids))})
         if pool.on_cpu:  # one gather-send straight out of the pool
             views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, ids)]
@@ -103,4 +106,4 @@ class KVServer:
             for layer in range(pool.num_layers):
                 staged = pool.gather_layer(layer, ids)
                 n += send_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())])
-        self.producer.served(n, time.perf_counter() - t0)
+        self.producer.served(n, time.perf_counter() - t0, "tcp")

@@ -74,7 +74,7 @@ class Metrics:
             self.kv_blocks.inc(kw["blocks"])
             self.kv_seconds.labels(kw["transport"]).observe(kw["seconds"])
         elif kind == "served":
-            self.kv_bytes.labels("served", "tcp").inc(kw["nbytes"])
+            self.kv_bytes.labels("served", kw["transport"]).inc(kw["nbytes"])
         elif kind == "failed":
             self.kv_failures.labels(kw["reason"]).inc()
 
