@@ -16,7 +16,7 @@ from pdserve.kv import cuda_ipc
 from pdserve.kv.client import KVClient, KVPullError
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import RemotePrefill
-from pdserve.kv.select import choose, producer_offers
+from pdserve.kv.select import check_consumer, choose, producer_offers
 from pdserve.kv.server import KVServer
 from pdserve.kv.shm import ShmPoolAllocator
 from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
@@ -246,6 +246,9 @@ def test_transport_selection():
         producer_offers("cuda_ipc", "cpu", True, False)
     with pytest.raises(ValueError, match="NIXL"):
         producer_offers("nixl", "cpu", True, False)
+    with pytest.raises(ValueError, match="on a GPU"):
+        check_consumer("cuda_ipc", "cpu")
+    check_consumer("shm", "cuda")
     assert choose("auto", ["cuda_ipc", "shm", "tcp"], True, "cuda") == "cuda_ipc"
     assert choose("auto", ["cuda_ipc", "tcp"], True, "cpu") == "tcp"
     assert choose("auto", ["shm", "tcp"], True, "cuda") == "shm"

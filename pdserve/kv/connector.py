@@ -27,7 +27,7 @@ from pdserve.kv.client import KVClient
 from pdserve.kv.cuda_ipc import export_pool
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import PARAM, RemotePrefill
-from pdserve.kv.select import producer_offers
+from pdserve.kv.select import check_consumer, producer_offers
 from pdserve.kv.server import KVServer
 from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
 
@@ -71,6 +71,7 @@ class KVConnector:
             bound = self.server.host
             self.advertise_host = advertise_host or (socket.getfqdn() if bound in ("0.0.0.0", "::", "") else bound)
         if self.role in ("decode", "both"):
+            check_consumer(config.kv_transport, self.pool.kv.device.type)
             self.client = KVClient(self.spec, self.pool, config.kv_transport, config.kv_pull_timeout)
             self._pulls = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pdserve-kv-pull")
             engine.on_kv_load = self._on_kv_load

@@ -23,6 +23,14 @@ def producer_offers(wanted: str, pool_device: str, shm_ready: bool, ipc_ready: b
     return [wanted]
 
 
+def check_consumer(wanted: str, pool_device: str) -> None:
+    """Refuse at start what a consumer could never use, rather than failing every pull."""
+    if wanted == "nixl":
+        raise ValueError(NO_NIXL)
+    if wanted == "cuda_ipc" and pool_device != "cuda":
+        raise ValueError(f"--kv-transport cuda_ipc needs the KV cache on a GPU (it is on {pool_device})")
+
+
 def choose(wanted: str, offered: list[str], same_host: bool, local_device: str) -> str:
     """The consumer's pick among what the producer offered. Shared-memory transports need
     both workers on one host; cuda_ipc needs the consumer's pool on a GPU as well."""
