@@ -85,6 +85,10 @@ class ProfilePerf:
         # one row per batch size: time as a function of context
         self.rows = [[grid[(b, c)] for c in self.c_x] for b in self.b_x]
         self.meta = {k: profile.get(k) for k in ("model", "device", "dtype", "tp_size", "block_size")}
+        # measured by `pdserve profile --serve-calibration`: HTTP/SSE work per step and per sequence
+        serve = profile.get("serve_overhead") or {}
+        self.serve_step = serve.get("per_step_s", 0.0)
+        self.serve_seq = serve.get("per_seq_s", 0.0)
 
     def prefill_time(self, tokens: float) -> float:
         return max(self.p0, _interp(self.p_x, self.p_y, tokens))
@@ -95,11 +99,12 @@ class ProfilePerf:
 
     def step_time(self, pt: int, pairs: int, pkv: int, nd: int, dctx: int, ns: int) -> float:
         if nd == 0:
-            return self.prefill_time(pt)
-        t = self.decode_time(nd, dctx / nd)
-        if pt:
-            t += self.prefill_time(pt) - self.p0
-        return t
+            t = self.prefill_time(pt)
+        else:
+            t = self.decode_time(nd, dctx / nd)
+            if pt:
+                t += self.prefill_time(pt) - self.p0
+        return t + self.serve_step + self.serve_seq * ns
 
 
 def load_profile(path: str | Path) -> dict:

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--decode-contexts", type=int, nargs="*", default=None)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per visit of a point")
     p.add_argument("--passes", type=int, default=3, help="visits of every point, in separate sweeps")
+    p.add_argument("--serve-calibration", action="store_true",
+                   help="also measure what serving over HTTP adds per step (starts one worker on 127.0.0.1)")
 
 
 def _timed_step(engine) -> float:
@@ -71,6 +73,23 @@ def measure_decode(engine, batch: int, context: int, repeats: int, rng: random.R
     return statistics.median(times)
 
 
+def _calibrate(args, result: dict, engine) -> dict:
+    from pdserve.sim.perf import ProfilePerf
+    from pdserve.sim.serve_calibration import calibrate
+    perf = ProfilePerf(result)
+    flags = ["--device", args.device, "--dtype", args.dtype, "--block-size", str(args.block_size),
+             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.kv_cache_memory:
+        flags += ["--kv-cache-memory", str(args.kv_cache_memory)]
+    if args.model:
+        flags = [args.model] + flags
+    batches = [b for b in (1, 4, 8) if b <= engine.config.max_num_seqs]
+    context = min(128, engine.max_model_len // 4)
+    cal = calibrate(flags, batches, context, perf.decode_time, engine.runner.model_config.vocab_size)
+    print(f"serving adds {cal['per_step_s'] * 1e3:.1f} ms per step + {cal['per_seq_s'] * 1e3:.2f} ms per sequence")
+    return cal
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from pdserve.engine.engine import LLMEngine
@@ -103,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         t = statistics.median(ts)
         result[kind].append({"tokens": x, "time_s": t} if kind == "prefill" else
                             {"batch": x, "context": c, "time_s": t})
+    if args.serve_calibration:
+        result["serve_overhead"] = _calibrate(args, result, engine)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.output}: {len(result['prefill'])} prefill and {len(result['decode'])} decode points "
