@@ -3,6 +3,7 @@ pdserve.launch.Cluster, the code behind `pdserve up`): a decode worker killed an
 prefill worker killed under load. Every request must end with its answer or a clear error."""
 from __future__ import annotations
 
+import argparse
 import signal
 import threading
 import time
@@ -11,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from pdserve.launch import Cluster
-from pdserve.launch_config import Deployment, WorkerSpec
+from pdserve.launch import Cluster, add_arguments
+from pdserve.launch_config import load_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -21,11 +22,24 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "Write two sentences about rivers and the sea, and why rivers end in the sea."
 
 
+CONFIG = """
+port: 0
+health_interval: 0.5
+engine: {kv_cache_memory: 128MiB}
+prefill: {count: 1, engine: {max_num_batched_tokens: 512}}
+decode: {count: 2, engine: {max_model_len: 1024}}
+"""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    dep = Deployment(port=0, health_interval=0.5,
-                     workers=[WorkerSpec("prefill", ENGINE), WorkerSpec("decode", ENGINE), WorkerSpec("decode", ENGINE)])
-    c = Cluster(dep, str(tmp_path_factory.mktemp("faults"))).start(timeout=240)
+    """Described by a `pdserve up --config` file, per-role engine options included."""
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "deploy.yaml").write_text(CONFIG)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    dep = load_deployment(p.parse_args(["--config", str(tmp / "deploy.yaml")]))
+    c = Cluster(dep, str(tmp)).start(timeout=240)
     yield c
     c.stop()
     assert not [w for w in c.workers if w.proc.alive()] and not c.router.alive()
@@ -59,6 +73,12 @@ def wait_for(pred, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_per_role_engine_options_reach_the_workers(cluster):
+    info = {w.spec.role + str(i): httpx.get(w.url + "/info", timeout=10).json() for i, w in enumerate(cluster.workers)}
+    assert info["decode1"]["max_model_len"] == info["decode2"]["max_model_len"] == 1024
+    assert info["prefill0"]["max_model_len"] != 1024 and info["prefill0"]["role"] == "prefill"
 
 
 def test_decode_worker_killed_then_restarted(cluster):
