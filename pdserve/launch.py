@@ -19,9 +19,14 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.launch_config import Deployment, WorkerSpec, load_deployment
-from pdserve.launch_procs import Proc, free_port, wait_healthy
+from pdserve.launch_procs import Proc
+from pdserve.procs import free_port, wait_healthy as _wait_healthy
 
 log = logging.getLogger("pdserve.up")
+
+
+def wait_healthy(proc: Proc, url: str, deadline: float) -> None:
+    _wait_healthy(url, proc.popen, timeout=max(1.0, deadline - time.monotonic()))
 
 
 @dataclass
@@ -76,13 +81,13 @@ class Cluster:
                 self.workers.append(w)
                 self._spawn(w, f"{spec.role}{i}")
                 if d.sequential_start:   # GPU sharers: each sizes its KV cache after the previous one
-                    wait_healthy(w.proc, w.url, deadline, api_key=d.api_key)
+                    wait_healthy(w.proc, w.url, deadline)
             for w in self.workers:
-                wait_healthy(w.proc, w.url, deadline, api_key=d.api_key)
+                wait_healthy(w.proc, w.url, deadline)
             port = d.port or free_port(d.host)
             self.router_url = f"http://{d.host}:{port}"
             self.router = Proc(self.router_cmd(port), os.path.join(self.log_dir, "router.log"), name="router")
-            wait_healthy(self.router, self.router_url, deadline, api_key=d.api_key)
+            wait_healthy(self.router, self.router_url, deadline)
         except BaseException:
             self.stop()
             raise
@@ -106,7 +111,7 @@ class Cluster:
         if w.proc and w.proc.alive():
             w.proc.stop()
         self._spawn(w, f"{w.spec.role}-{w.port}-restart")
-        wait_healthy(w.proc, w.url, time.monotonic() + timeout, api_key=self.dep.api_key)
+        wait_healthy(w.proc, w.url, time.monotonic() + timeout)
 
     def stop(self) -> None:
         procs = ([self.router] if self.router else []) + [w.proc for w in self.workers if w.proc]

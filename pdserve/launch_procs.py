@@ -1,23 +1,14 @@
-"""Child processes for `pdserve up`: start with a log file and optional CPU pinning, wait for
-/health, stop the whole process group. Linux semantics (process groups, PR_SET_PDEATHSIG)."""
+"""Child processes for `pdserve up`: pdserve.procs' way (own process group, log file), plus
+what a long-lived deployment needs: CPU pinning and death with the parent (PR_SET_PDEATHSIG).
+Linux semantics."""
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 
 PR_SET_PDEATHSIG = 1
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _child_setup(cpus: list[int] | None) -> None:
@@ -41,6 +32,7 @@ class Proc:
             self.popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, env={**os.environ, **(env or {})},
                                           preexec_fn=lambda: _child_setup(cpus))
+        self.popen.log_path = log_path   # where pdserve.procs looks for a failed start's last lines
 
     @property
     def pid(self) -> int:
@@ -77,24 +69,3 @@ class Proc:
                 return b"".join(f.readlines()[-n:]).decode(errors="replace")
         except OSError:
             return ""
-
-
-def wait_healthy(proc: Proc, url: str, deadline: float, api_key: str | None = None) -> None:
-    """Poll url/health until 200; fail at once with the log's tail if the process exits."""
-    while True:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.returncode()} before it was healthy; "
-                               f"last lines of {proc.log_path}:\n{proc.tail()}")
-        try:
-            req = urllib.request.Request(url + "/health")
-            if api_key:
-                req.add_header("Authorization", f"Bearer {api_key}")
-            with urllib.request.urlopen(req, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{proc.name} at {url} not healthy in time; last lines of {proc.log_path}:\n"
-                               f"{proc.tail()}")
-        time.sleep(0.25)
