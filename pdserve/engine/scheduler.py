@@ -110,6 +110,14 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = seq.num_tokens - seq.num_computed_tokens
+            if n == 1 and seq.num_computed_tokens < len(seq.block_table) * self.bm.block_size:
+                # a decode token with room left in its last block: nothing to allocate, nobody to
+                # preempt (the common case; the simulator runs this loop millions of times)
+                out.seqs.append(seq)
+                out.num_new_tokens.append(1)
+                budget -= 1
+                i += 1
+                continue
             if n > budget and not chunked:
                 i += 1
                 continue
