@@ -173,6 +173,8 @@ def report(rows: dict, attempts: dict, args, prof: dict) -> str:
               "of other load; the simulator interpolates whatever was measured.",
               "- The KV hand-off link is an assumption (above), not a measurement; at these prompt lengths it is a "
               "few milliseconds either way.",
+              "- Below saturation, output throughput is set by the arrival rate and the output lengths, so its "
+              "agreement says little; the latencies are the real test.",
               "- Files: `results/sim_vs_real/` holds the profile, the trace, the bench JSON of every attempt, the "
               "simulator's CSVs and cluster configs, and `rows.json`.", ""]
     return "\n".join(lines)
