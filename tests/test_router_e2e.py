@@ -126,12 +126,16 @@ def test_request_id_passed_through_and_first_token_streamed(up):
     assert '"model":"HuggingFaceTB' in data[0]   # the router's own first chunk names the model too
 
 
-def test_local_prefill_for_short_prompts(up, tmp_path):
-    """A second router over the same workers, with a threshold: short prompts stay on the decoder."""
+def test_local_prefill_for_short_or_cached_prompts(up, tmp_path):
+    """A second router over the same workers, with a threshold: short prompts, and prompts the
+    decode worker already holds in its prefix cache, are prefilled there (conditional
+    disaggregation); a long new prompt goes to the prefill worker."""
     port = free_port()
     r = start([sys.executable, "-m", "pdserve.router.cli", "--port", str(port), "--prefill", up["prefill"],
-               "--decode", up["decode"], "--local-prefill-max-tokens", "16"], tmp_path / "router2.log")
+               "--decode", up["decode"], "--local-prefill-max-tokens", "16", "--policy", "prefix_aware"],
+              tmp_path / "router2.log")
     url = f"http://127.0.0.1:{port}"
+    long2 = "A different long prompt, sent by no other test: " + LONG
     try:
         wait_healthy(url, r, timeout=60)
         c = client(url)
@@ -139,11 +143,16 @@ def test_local_prefill_for_short_prompts(up, tmp_path):
         got = ask(c, "completions", SHORT, stream=True, temperature=0)
         assert kv_bytes(up["decode"]) == before, "a short prompt was prefilled remotely"
         assert got == ask(client(up["ref"]), "completions", SHORT, stream=False, temperature=0)
-        ask(c, "completions", LONG, stream=False, temperature=0)
-        assert kv_bytes(up["decode"]) > before, "a long prompt was not prefilled remotely"
+        want = ask(c, "completions", long2, stream=False, temperature=0)
+        pulled = kv_bytes(up["decode"])
+        assert pulled > before, "a long prompt was not prefilled remotely"
+        hits = gauge(up["decode"], "prefix_cache_hits_total")
+        assert ask(c, "completions", long2, stream=True, temperature=0) == want
+        assert kv_bytes(up["decode"]) == pulled, "a prompt the decode worker holds was prefilled remotely"
+        assert gauge(up["decode"], "prefix_cache_hits_total") > hits   # it used the pulled KV
         st = status(url)["requests"]
-        assert (st["local_prefill"], st["remote_prefill"]) == (1, 1)
-        assert st["local_prefill_reasons"] == {"short_prompt": 1}
+        assert (st["local_prefill"], st["remote_prefill"]) == (2, 1)
+        assert st["local_prefill_reasons"] == {"short_prompt": 2}
     finally:
         stop(r)
         if r.returncode not in (0, -15, 143):
