@@ -19,15 +19,16 @@ def simulate(cluster: str | ClusterConfig, trace: str | list[Session], engine: E
     sessions = read_trace(trace, limit) if isinstance(trace, str) else trace
     if isinstance(profile, str):
         profile = load_profile(profile)
-    sim = ClusterSim(cluster, engine, SimOptions(routing, local_prefill_max_tokens, log_interval), profile,
-                     on_log=on_log)
-    col = Collector(csv_path, slo)
-    sim.collector = col   # the plots read its per-request arrays
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(s.requests) for s in sessions), unit="req", desc="simulating",
                    mininterval=0.5)
+        on_log = on_log or tqdm.write   # log lines above the bar, not through it
+    sim = ClusterSim(cluster, engine, SimOptions(routing, local_prefill_max_tokens, log_interval), profile,
+                     on_log=on_log)
+    col = Collector(csv_path, slo)
+    sim.collector = col   # the plots read its per-request arrays
     try:
         wall = sim.run(sessions, col.add, bar.update if bar else None)
     finally:

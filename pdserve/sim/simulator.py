@@ -316,9 +316,9 @@ class ClusterSim:
         n_p = sum(i.last_p for i in insts if i.busy)
         n_d = sum(i.last_d for i in insts if i.busy)
         self._log_state = (step, p_tok, g_tok)
-        self.on_log(f"[INFO] t={at:.1f}s step={step} P={n_p} D={n_d} "
+        self.on_log(f"[INFO] step={step} P={n_p} D={n_d} "
                     f"prompt_t={_k((p_tok - prev_p) / interval)} tok/s decode_t={_k((g_tok - prev_g) / interval)} tok/s "
-                    f"npu_mem=[{', '.join(f'{m / 1e9:.1f} GB' for m in mem)}]")
+                    f"npu_mem=[{', '.join(f'{m / 1e9:.1f} GB' for m in mem)}] t={at:.1f}s")
 
 
 def _k(x: float) -> str:
