@@ -36,3 +36,19 @@ def test_profile_the_default_model_then_simulate_with_it(tmp_path):
     assert s["completed"] == 5
     # a lone request's TTFT cannot be shorter than the measured prefill of its 40 tokens
     assert s["ttft_ms"]["p50"] / 1e3 >= min(p["time_s"] for p in data["prefill"])
+
+
+@pytest.mark.slow
+def test_serve_calibration_streams_from_a_real_worker():
+    """--serve-calibration starts one worker on 127.0.0.1, streams from it and fits a line
+    through (batch, served step - engine step)."""
+    from pdserve.sim.serve_calibration import calibrate
+    cal = calibrate(["--device", "cpu", "--kv-cache-memory", "64MiB", "--max-model-len", "256"], [1, 3], 24,
+                    lambda b, c: 0.0, vocab=49152, max_tokens=12)
+    served = {p["batch"]: p["served_step_s"] for p in cal["points"]}
+    assert set(served) == {1, 3} and all(0 < t < 30 for t in served.values())
+    slope = (served[3] - served[1]) / 2
+    if slope >= 0 and served[1] - slope >= 0:   # nothing clamped: the line goes through both points
+        assert cal["per_seq_s"] == pytest.approx(slope)
+        assert cal["per_step_s"] + cal["per_seq_s"] == pytest.approx(served[1])
+    assert cal["per_step_s"] >= 0 and cal["per_seq_s"] >= 0
