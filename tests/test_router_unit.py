@@ -201,6 +201,38 @@ def test_prefill_failure_retried_then_local():
     run(go())
 
 
+def test_hung_prefill_worker_given_up_when_marked_down():
+    """A prefill worker that stops answering (not crashed): its health check fails within the
+    check's timeout, and its pending calls go local instead of waiting for the call's timeout."""
+    async def go():
+        async with cluster(health_interval=0.2) as (s, url, (p,), (d,)):
+            p.first_delay = 30.0                 # hangs on the prefill call...
+            t0 = time.monotonic()
+            task = asyncio.create_task(s.post(url + "/v1/completions", json=COMP_BODY))
+            await asyncio.sleep(0.3)
+            p.unhealthy = True                   # ...and its health check starts failing
+            r = await asyncio.wait_for(task, 10)
+            assert r.status == 200 and time.monotonic() - t0 < 5
+            assert (await r.json())["choices"][0]["text"] == "".join(tokens("completions", COMP_BODY, 5))
+            st = await (await s.get(url + "/status")).json()
+            assert st["requests"]["local_prefill_reasons"] == {"prefill_failed": 1}
+            assert st["prefill_instances"][0]["in_flight"] == 0
+    run(go())
+
+
+def test_hung_decode_worker_given_up_when_marked_down():
+    async def go():
+        async with cluster(n_decode=2, health_interval=0.2) as (s, url, _, ds):
+            ds[0].first_delay = 30.0
+            t0 = time.monotonic()
+            task = asyncio.create_task(s.post(url + "/v1/completions", json=COMP_BODY))   # round robin: ds[0]
+            await asyncio.sleep(0.3)
+            ds[0].unhealthy = True
+            r = await asyncio.wait_for(task, 10)
+            assert r.status == 200 and time.monotonic() - t0 < 5 and len(ds[1].calls) == 1
+    run(go())
+
+
 def test_decode_failure_retried_on_other_decode():
     async def go():
         async with cluster(n_decode=2) as (s, url, (p,), ds):

@@ -43,6 +43,8 @@ class Instance:
     down_since: float | None = None
     requests: int = 0
     failures: int = 0
+    # calls that would rather give up than wait on an instance that went down (see went_down)
+    _down_waiters: set = field(default_factory=set, repr=False)
 
     def mark_down(self, error: str) -> bool:
         """Record a failure; True if this took a healthy instance down."""
@@ -53,7 +55,20 @@ class Instance:
         if was:
             self.down_since = time.time()
             log.warning("%s %s is down: %s", self.role, self.url, error)
+            for f in self._down_waiters:
+                if not f.done():
+                    f.set_result(None)
         return was
+
+    def went_down(self) -> asyncio.Future:
+        """A future that completes when this instance is next marked down (a hung worker's
+        health check times out long before its calls do). Discard it with forget_waiter()."""
+        f = asyncio.get_running_loop().create_future()
+        self._down_waiters.add(f)
+        return f
+
+    def forget_waiter(self, f: asyncio.Future) -> None:
+        self._down_waiters.discard(f)
 
     def status(self) -> dict:
         return {"url": self.url, "role": self.role, "healthy": self.healthy, "in_flight": self.in_flight,

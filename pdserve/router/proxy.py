@@ -153,8 +153,8 @@ class Router:
             tried.add(inst.url)
             t = time.monotonic()
             try:
-                resp = await post_json(self.session, inst, PATHS[job.kind], body, self.headers(job.rid),
-                                       self.timeout)
+                resp = await self._unless_down(inst, post_json(self.session, inst, PATHS[job.kind], body,
+                                                               self.headers(job.rid), self.timeout))
             except UpstreamError as e:
                 self._failed(inst, e, "prefill")
                 continue
@@ -168,6 +168,25 @@ class Router:
             model = resp.get("model") or job.body.get("model") or ""
             return Prefilled(inst, params, first_text(job.kind, resp), model)
         return None
+
+    async def _unless_down(self, inst: Instance, coro):
+        """Await coro, but give up when the instance is marked down meanwhile. Only for calls
+        whose answer nobody has seen any of (a prefill, a decode not streamed): another
+        instance can take them over."""
+        call = asyncio.ensure_future(coro)
+        down = inst.went_down()
+        try:
+            await asyncio.wait({call, down}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            call.cancel()   # we are cancelled (client gone): so is the call, which the worker sees
+            raise
+        finally:
+            inst.forget_waiter(down)
+        if not call.done():
+            call.cancel()
+            await asyncio.wait({call})   # let it close its connection and its in-flight count
+            raise UpstreamError(f"{inst.url} went down during the call: {inst.last_error}", down=True)
+        return call.result()
 
     def _failed(self, inst: Instance, e: UpstreamError, stage: str) -> None:
         log.warning("%s call to %s failed: %s", stage, inst.url, e)
@@ -244,7 +263,9 @@ class Router:
         body = self._decode_body(job, pre)
         while True:
             try:
-                out = await post_json(self.session, dec, PATHS[job.kind], body, self.headers(job.rid), self.timeout)
+                # nothing reached the client yet: if this worker is marked down, another takes over
+                out = await self._unless_down(dec, post_json(self.session, dec, PATHS[job.kind], body,
+                                                             self.headers(job.rid), self.timeout))
                 job.decode_answered = True
                 break
             except UpstreamError as e:
