@@ -230,6 +230,17 @@ def test_hung_decode_worker_given_up_when_marked_down():
             ds[0].unhealthy = True
             r = await asyncio.wait_for(task, 10)
             assert r.status == 200 and time.monotonic() - t0 < 5 and len(ds[1].calls) == 1
+            ds[0].unhealthy = False
+            await asyncio.sleep(0.5)                                 # back up; streamed this time
+            t0 = time.monotonic()
+            task = asyncio.create_task(s.post(url + "/v1/completions", json={**COMP_BODY, "stream": True}))
+            await asyncio.sleep(0.3)
+            assert len(ds[0].calls) == 2                             # it is waiting on the hung one
+            ds[0].unhealthy = True
+            r = await asyncio.wait_for(task, 10)
+            ev = await sse_events(r)
+            assert time.monotonic() - t0 < 5 and len(ds[1].calls) == 2
+            assert "".join(c["choices"][0]["text"] for c in ev[:-1]) == "".join(tokens("completions", COMP_BODY, 5))
     run(go())
 
 

@@ -290,7 +290,12 @@ class Router:
             try:
                 async with aclosing(stream_sse(self.session, dec, PATHS[job.kind], body, self.headers(job.rid),
                                                self.timeout)) as batches:
-                    async for batch in batches:
+                    while True:
+                        nxt = batches.__anext__()
+                        try:   # until it produced something, a hung worker is as good as a failed one
+                            batch = await (nxt if produced else self._unless_down(dec, nxt))
+                        except StopAsyncIteration:
+                            break
                         job.decode_answered = True
                         data, finished = relay.convert(batch)
                         if data:
