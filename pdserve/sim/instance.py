@@ -2,14 +2,17 @@
 and the memory arithmetic that sizes its KV cache. No copy of the engine's logic lives here."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.sim.cluster_config import InstanceSpec
 from pdserve.sim.hardware import get_hardware
-from pdserve.sim.models import ModelShape, get_model
+from pdserve.sim.models import ModelShape, base_name, get_model
 from pdserve.sim.perf import AnalyticalPerf, ProfilePerf
+
+log = logging.getLogger("pdserve.sim")
 
 
 @dataclass
@@ -50,6 +53,11 @@ class Instance:
         self.max_model_len = max_len
         if profile is not None:
             self.perf = ProfilePerf(profile)
+            if profile.get("tp_size", 1) != spec.tp_size or (
+                    profile.get("model") and base_name(profile["model"]) != base_name(spec.model_name)):
+                log.warning("instance %s (%s, tp_size %d) uses a profile of %s with tp_size %s: its step times "
+                            "may not apply", spec.name, spec.model_name, spec.tp_size, profile.get("model"),
+                            profile.get("tp_size", 1))
         else:
             self.perf = AnalyticalPerf(self.model, get_hardware(spec.hardware), spec.tp_size, db, spec.mem_bw)
         self.step_time = self.perf.step_time

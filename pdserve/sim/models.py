@@ -75,7 +75,7 @@ MODELS = {m.name: m for m in (
 )}
 
 
-def _base(name: str) -> str:
+def base_name(name: str) -> str:
     """'org/Model-Instruct' -> 'model': instruct/chat variants share the base's shape."""
     n = name.rsplit("/", 1)[-1].lower()
     for suffix in ("-instruct", "-chat", "-it", "-base"):
@@ -90,7 +90,7 @@ def get_model(name: str) -> ModelShape:
     if cfg.is_file() and cfg.suffix == ".json":
         return ModelShape.from_hf(name, json.loads(cfg.read_text()))
     for m in MODELS.values():
-        if _base(m.name) == _base(name):
+        if base_name(m.name) == base_name(name):
             return m
     raise ValueError(f"unknown model {name!r}: name a local Hugging Face directory or one of "
                      f"{', '.join(MODELS)}")
