@@ -63,20 +63,21 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     c.add_argument("--ready-timeout", type=float, default=300.0)
 
 
-def build_workload(args) -> list:
+def build_workload(args, seed: int | None = None) -> list:
+    seed = args.seed if seed is None else seed
     tok = load_tokenizer(args.tokenizer, args.model)
-    text = PromptText(tok, args.seed)
+    text = PromptText(tok, seed)
     name, n = args.dataset_name, args.num_prompts
     if name == "random":
         return workloads.random_workload(n, args.random_input_len, args.random_output_len,
-                                         args.random_range_ratio, text, args.seed)
+                                         args.random_range_ratio, text, seed)
     if name == "prefix":
         return workloads.prefix_workload(n, args.prefix_len, args.prefix_num_prefixes, args.prefix_suffix_len,
-                                         args.prefix_turns, args.prefix_output_len, text, args.seed)
+                                         args.prefix_turns, args.prefix_output_len, text, seed)
     if not args.dataset_path:
         raise ValueError(f"--dataset-name {name} needs --dataset-path")
     if name == "sharegpt":
-        return workloads.sharegpt_workload(args.dataset_path, n, text, args.seed, args.sharegpt_output_len)
+        return workloads.sharegpt_workload(args.dataset_path, n, text, seed, args.sharegpt_output_len)
     return workloads.trace_workload(args.dataset_path, n, text, args.random_output_len, args.trace_time_scale)
 
 

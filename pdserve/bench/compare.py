@@ -25,14 +25,16 @@ def rate_label(rate: float | None) -> str:
     return "inf" if rate is None or math.isinf(rate) else f"{rate:g}"
 
 
-def run_deployments(deployments: list[tuple], requests: list, cfg_for: Callable[[str, float | None], RunConfig],
+def run_deployments(deployments: list[tuple], requests: list | Callable[[float | None], list], cfg_for: Callable[[str, float | None], RunConfig],
                     rates: list[float | None], slo: dict, out_dir: str, ready_timeout: float = 300.0,
                     on_ready: Callable[[str, Deployment], None] | None = None,
                     after_run: Callable[[str, str, Deployment], None] | None = None,
                     launcher: list[str] | None = None) -> dict:
     """results[label][rate_label] = {"summary": ..., "records": [...]}; one deployment up at a time.
 
-    `deployments`: (label, pdserve arguments[, extra environment]) each."""
+    `deployments`: (label, pdserve arguments[, extra environment]) each. `requests` may be a
+    function of the rate: a deployment keeps its prefix cache from one rate to the next, so
+    each rate needs prompts of its own (the same ones for every deployment)."""
     results: dict = {}
     for label, spec, *env in deployments:
         print(f"== {label}: pdserve {spec}", file=sys.stderr)
@@ -42,7 +44,8 @@ def run_deployments(deployments: list[tuple], requests: list, cfg_for: Callable[
                 on_ready(label, dep)
             for rate in rates:
                 print(f"   rate {rate_label(rate)} req/s", file=sys.stderr)
-                records, duration, _ = run_workload(requests, cfg_for(dep.url, rate))
+                reqs = requests(rate) if callable(requests) else requests
+                records, duration, _ = run_workload(reqs, cfg_for(dep.url, rate))
                 summary = summarize(records, duration, slo)
                 results.setdefault(label, {})[rate_label(rate)] = {"summary": summary, "records": records}
                 if after_run:  # e.g. read the router's /status while the deployment is up
@@ -111,9 +114,9 @@ def run_compare(args, slo: dict) -> int:
     from pdserve.bench.cli import build_workload, run_config
     rates = ([float(x) for x in args.sweep_rate.split(",")] if args.sweep_rate else [args.request_rate])
     deployments = [(args.label_a or args.deploy_a, args.deploy_a), (args.label_b or args.deploy_b, args.deploy_b)]
-    requests = build_workload(args)
+    workloads = {rate: build_workload(args, seed=args.seed + i) for i, rate in enumerate(rates)}
     os.makedirs(args.out_dir, exist_ok=True)
-    results = run_deployments(deployments, requests, lambda url, rate: run_config(args, url, rate),
+    results = run_deployments(deployments, workloads.__getitem__, lambda url, rate: run_config(args, url, rate),
                               rates, slo, args.out_dir, args.ready_timeout)
     print(write_report(results, args.out_dir, slo))
     _save_records(results, args.out_dir)

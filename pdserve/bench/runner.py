@@ -120,8 +120,11 @@ async def run_workload(requests: list[BenchRequest], cfg: RunConfig) -> tuple[li
 
 async def _warmup(session, url, model, requests, cfg, headers):
     """A few untimed requests first, so a lazy first call (allocation, compilation) is not measured."""
-    for req in requests[: cfg.num_warmups]:
-        body = build_body(cfg.endpoint, model, req.messages, min(req.output_len, 8), cfg.ignore_eos,
+    for i, req in enumerate(requests[: cfg.num_warmups]):
+        # a different first word: the measured request must not find its prompt already cached
+        messages = [{**m, "content": f"warm-up {i}: {m['content']}"} if j == 0 else m
+                    for j, m in enumerate(req.messages)]
+        body = build_body(cfg.endpoint, model, messages, min(req.output_len, 8), cfg.ignore_eos,
                           cfg.temperature, cfg.extra_body)
         rec = await send_request(session, url, body, RequestRecord(-1, 0, 0), time.perf_counter(), headers)
         if not rec.success:
