@@ -168,10 +168,13 @@ def gauge(worker_url: str, name: str) -> float:
 def test_client_disconnect_aborts_on_the_workers(up):
     body = {"model": MODEL, "prompt": LONG, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.stream("POST", up["router"] + "/v1/completions", json=body, timeout=60) as r:
-        for n, _ in enumerate(r.iter_lines()):
-            if n >= 6:
+        seen = []
+        for line in r.iter_lines():
+            seen.append(line)
+            if len(seen) >= 6:
                 break
-        assert gauge(up["decode"], "num_requests_running") == 1
+        running = gauge(up["decode"], "num_requests_running")
+        assert running == 1, (running, seen, status(up["router"]))
     # the client hung up after a few tokens: the decode worker stops at once and nothing stays
     # held on the prefill worker (it would otherwise hold the blocks for its abort timeout)
     deadline = time.monotonic() + 15
