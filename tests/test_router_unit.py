@@ -384,6 +384,24 @@ def test_client_disconnect_aborts_decode_and_releases_prefill():
     run(go())
 
 
+def test_client_gone_while_streamed_decode_has_not_started():
+    async def go():
+        async with cluster() as (s, url, (p,), (d,)):
+            d.first_delay = 1.0
+            async with s.post(url + "/v1/completions", json={**COMP_BODY, "stream": True}) as r:
+                async for line in r.content:
+                    if line.startswith(b"data:"):
+                        break          # the prefill worker's first token; then hang up
+            for _ in range(40):
+                if d.aborted:
+                    break
+                await asyncio.sleep(0.05)
+            assert d.aborted == 1
+            st = await (await s.get(url + "/status")).json()
+            assert [i["in_flight"] for i in st["prefill_instances"] + st["decode_instances"]] == [0, 0]
+    run(go())
+
+
 def test_bad_json_and_worker_4xx_pass_through():
     async def go():
         async with cluster() as (s, url, (p,), _):

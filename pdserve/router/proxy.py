@@ -179,6 +179,7 @@ class Router:
             await asyncio.wait({call, down}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             call.cancel()   # we are cancelled (client gone): so is the call, which the worker sees
+            await asyncio.wait({call})   # finished before anyone closes what it was reading
             raise
         finally:
             inst.forget_waiter(down)
