@@ -70,6 +70,13 @@ def deployments() -> dict[str, dict]:
                       "decode": {"count": 1, "cpus": ["1"], "engine": eng}}}
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _busy_seconds() -> float:
     """CPU seconds all processes on this machine have spent busy since boot."""
     with open("/proc/stat") as f:
@@ -85,9 +92,8 @@ def _ours() -> float:
 def run_real(name: str, spec: dict, trace: Path, n: int, attempt: int) -> dict:
     from pdserve.launch import Cluster
     from pdserve.launch_config import load_deployment
-    from pdserve.launch_procs import free_port
     cfg = OUT / f"up_{name}.json"
-    cfg.write_text(json.dumps({"port": free_port("127.0.0.1"), **spec}))
+    cfg.write_text(json.dumps({"port": free_port(), **spec}))
     dep = load_deployment(argparse.Namespace(config=str(cfg)))
     result = OUT / f"real_{name}_{attempt}.json"
     log_dir = OUT / f"logs_{name}"
