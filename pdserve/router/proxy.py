@@ -218,7 +218,9 @@ class Router:
         try:
             pick = self._pick("decode", key)
             if pick is None:
-                raise ClientError.of(503, "no healthy decode instance")
+                n = len(self.pools.of_role("decode"))
+                raise ClientError.of(503, f"no healthy decode instance ({n} known, all down; see /status)"
+                                     if n else "no decode instance: add one with POST /instances")
             dec, matched = pick
             reason = self._local_reason(job, matched)
             if reason is None:
