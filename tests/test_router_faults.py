@@ -22,18 +22,21 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "Write two sentences about rivers and the sea, and why rivers end in the sea."
 
 
-CONFIG = """
+KEY = "fault-test-key"
+CONFIG = f"""
 port: 0
+api_key: {KEY}
 health_interval: 0.5
-engine: {kv_cache_memory: 128MiB}
-prefill: {count: 1, engine: {max_num_batched_tokens: 512}}
-decode: {count: 2, engine: {max_model_len: 1024}}
+engine: {{kv_cache_memory: 128MiB}}
+prefill: {{count: 1, engine: {{max_num_batched_tokens: 512}}}}
+decode: {{count: 2, engine: {{max_model_len: 1024}}}}
 """
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Described by a `pdserve up --config` file, per-role engine options included."""
+    """Described by a `pdserve up --config` file, per-role engine options and an API key
+    included: the router checks it and hands it on to the workers, which check it too."""
     tmp = tmp_path_factory.mktemp("faults")
     (tmp / "deploy.yaml").write_text(CONFIG)
     p = argparse.ArgumentParser()
@@ -55,7 +58,7 @@ def by_url(c: Cluster) -> dict:
 
 
 def ask(c: Cluster, stream: bool = False, max_tokens: int = 6) -> str:
-    cl = openai.OpenAI(base_url=c.router_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    cl = openai.OpenAI(base_url=c.router_url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     if not stream:
         r = cl.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0)
         assert r.choices[0].finish_reason in ("stop", "length")
@@ -79,6 +82,14 @@ def test_per_role_engine_options_reach_the_workers(cluster):
     info = {w.spec.role + str(i): httpx.get(w.url + "/info", timeout=10).json() for i, w in enumerate(cluster.workers)}
     assert info["decode1"]["max_model_len"] == info["decode2"]["max_model_len"] == 1024
     assert info["prefill0"]["max_model_len"] != 1024 and info["prefill0"]["role"] == "prefill"
+
+
+def test_api_key_everywhere(cluster):
+    w = cluster.workers[1].url
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(cluster.router_url + "/v1/completions", json=body, timeout=30).status_code == 401
+    assert httpx.post(w + "/v1/completions", json=body, timeout=30).status_code == 401   # workers need it too
+    assert isinstance(ask(cluster, max_tokens=2), str)                                    # the router has it
 
 
 def test_decode_worker_killed_then_restarted(cluster):
@@ -135,7 +146,7 @@ def test_worker_registers_itself_and_leaves(cluster, tmp_path):
     c = cluster
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    p = start(pdserve_command("serve", "--role", "prefill", "--port", port, "--register", c.router_url,
+    p = start(pdserve_command("serve", "--role", "prefill", "--port", port, "--register", c.router_url, "--api-key", KEY,
                               *engine_flags(ENGINE)), tmp_path / "registered.log")
     try:
         assert wait_for(lambda: url in by_url(c) and by_url(c)[url]["healthy"], 120), "worker did not register"
