@@ -103,6 +103,13 @@ def test_command_lines(tmp_path):
     s = " ".join(r)
     assert "--prefill 127.0.0.1:9000 --decode 127.0.0.1:9001 --decode 127.0.0.1:9002" in s
     assert "--policy least_loaded" in s and "--api-key k" in s and "--port 8123" in s
+    # --colocated: `both` workers, all in the router's decode pool (each prefills locally)
+    dep = load_deployment(parse("--colocated", "2"))
+    c = launch.Cluster(dep, str(tmp_path))
+    c.workers = [launch.Worker(s, 9000 + i, "127.0.0.1") for i, s in enumerate(dep.workers)]
+    assert "serve --role both" in " ".join(c.worker_cmd(c.workers[0]))
+    s = " ".join(c.router_cmd(8123))
+    assert "--decode 127.0.0.1:9000 --decode 127.0.0.1:9001" in s and "--prefill" not in s
 
 
 def test_pinned_worker_gets_matching_thread_count(tmp_path, monkeypatch):
