@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     c.add_argument("--b", dest="deploy_b", default="up --colocated 1")
     c.add_argument("--label-a", default=None)
     c.add_argument("--label-b", default=None)
-    c.add_argument("--sweep-rate", default=None, help="comma-separated request rates, e.g. 1,2,4")
+    c.add_argument("--sweep-rate", default=None, help="comma-separated request rates, e.g. 1,2,4; random and prefix workloads get new prompts "
+                   "at each rate (seed+i) so no rate finds the last one's prompts cached")
     c.add_argument("--out-dir", default="bench-compare", help="compare: report, JSON and plots go here")
     c.add_argument("--ready-timeout", type=float, default=300.0)
 
