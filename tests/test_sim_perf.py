@@ -89,3 +89,19 @@ def test_incomplete_profile_grid_is_an_error():
     bad = {"prefill": PROFILE["prefill"], "decode": PROFILE["decode"][:-1]}
     with pytest.raises(ValueError, match="incomplete"):
         ProfilePerf(bad)
+
+
+def test_noisy_profile_is_made_monotone():
+    noisy = {"prefill": [{"tokens": 16, "time_s": 0.3}, {"tokens": 64, "time_s": 0.2}, {"tokens": 256, "time_s": 0.8}],
+             "decode": [{"batch": 1, "context": 64, "time_s": 0.10}, {"batch": 4, "context": 64, "time_s": 0.08},
+                        {"batch": 1, "context": 512, "time_s": 0.09}, {"batch": 4, "context": 512, "time_s": 0.2}]}
+    p = ProfilePerf(noisy)
+    xs = [8, 16, 40, 64, 128, 256, 400]
+    ts = [p.prefill_time(x) for x in xs]
+    assert ts == sorted(ts)
+    for b in (1, 2, 4):
+        assert p.decode_time(b, 512) >= p.decode_time(b, 64)
+    for c in (64, 300, 512):
+        assert p.decode_time(4, c) >= p.decode_time(1, c)
+    # a mixed step never costs less than its prefill alone
+    assert p.step_time(40, 0, 40, 1, 64, 2) >= p.prefill_time(40)

@@ -11,6 +11,7 @@ each), their total context, and rows sampled. Two models answer with seconds:
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -68,12 +69,15 @@ class ProfilePerf:
 
     A mixed step (chunked prefill beside decodes) costs the decode step plus the prefill's
     tokens beyond the fixed per-step cost, which the measured prefill curve's intercept gives.
+    Measurements are made non-decreasing in tokens, batch and context before use, so that one
+    noisy point cannot make more work look cheaper.
     """
 
     def __init__(self, profile: dict):
         pre = sorted((p["tokens"], p["time_s"]) for p in profile["prefill"])
         self.p_x = [float(x) for x, _ in pre]
-        self.p_y = [y for _, y in pre]
+        # more work never takes less time: a measurement below a smaller point's is noise
+        self.p_y = list(itertools.accumulate((y for _, y in pre), max))
         self.p0 = max(0.0, _interp(self.p_x, self.p_y, 0.0))
         dec = profile["decode"]
         self.b_x = sorted({float(d["batch"]) for d in dec})
@@ -82,8 +86,11 @@ class ProfilePerf:
         missing = [(b, c) for b in self.b_x for c in self.c_x if (b, c) not in grid]
         if missing:
             raise ValueError(f"profile decode grid is incomplete: no point for (batch, context) {missing[:3]}")
-        # one row per batch size: time as a function of context
-        self.rows = [[grid[(b, c)] for c in self.c_x] for b in self.b_x]
+        # one row per batch size: time as a function of context, made non-decreasing in both
+        rows = [list(itertools.accumulate((grid[(b, c)] for c in self.c_x), max)) for b in self.b_x]
+        for i in range(1, len(rows)):
+            rows[i] = [max(a, b) for a, b in zip(rows[i], rows[i - 1])]
+        self.rows = rows
         self.meta = {k: profile.get(k) for k in ("model", "device", "dtype", "tp_size", "block_size")}
         # measured by `pdserve profile --serve-calibration`: HTTP/SSE work per step and per sequence
         serve = profile.get("serve_overhead") or {}
@@ -102,8 +109,9 @@ class ProfilePerf:
             t = self.prefill_time(pt)
         else:
             t = self.decode_time(nd, dctx / nd)
-            if pt:
-                t += self.prefill_time(pt) - self.p0
+            if pt:   # a mixed step costs at least its prefill alone
+                pre = self.prefill_time(pt)
+                t = max(pre, t + pre - self.p0)
         return t + self.serve_step + self.serve_seq * ns
 
 
