@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# 1 prefill + 1 decode worker and the router on :$(PORT); Ctrl+C stops everything
+PORT ?= 8000
+UP_ARGS ?= --prefill 1 --decode 1
 up: setup
-	$(BIN)/pdserve generate --chat-template "Explain prefill/decode disaggregation in two sentences." \
-	    "What is the capital of France?" --max-tokens 96
+	$(BIN)/pdserve up $(UP_ARGS) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
