@@ -211,3 +211,21 @@ def test_routing_policy_objects_pick_the_decode_instance(routing):
         assert len(set(decoders)) == 1
         full = 512 * LLAMA_8B_KV_BYTES_PER_TOKEN
         assert recs[0].kv_bytes == full and all(r.kv_bytes == 32 * LLAMA_8B_KV_BYTES_PER_TOKEN for r in recs[1:])
+
+
+def test_local_prefill_threshold_as_the_router_decides():
+    """--local-prefill-max-tokens: a call whose prompt is mostly on the decode instance already is
+    prefilled there; a long new prompt goes to the prefill instance."""
+    from pdserve.sim.instance import EngineDefaults
+    from pdserve.sim.simulator import SimOptions
+    first = list(range(20_000, 20_000 + 800))
+    follow = first + list(range(30_000, 30_000 + 48))
+    sessions = [Session(0.0, [TraceRequest(800, 4, first, tool_duration=0.1), TraceRequest(848, 4, follow)], "s")]
+    sim = ClusterSim(pd_config(), EngineDefaults(enable_prefix_caching=True),
+                     SimOptions(routing="prefix_aware", local_prefill_max_tokens=100))
+    recs = []
+    sim.run(sessions, recs.append)
+    a, b = sorted(recs, key=lambda r: r.index)
+    assert a.prefill_instance == "n0i0" and a.kv_bytes == 800 * LLAMA_8B_KV_BYTES_PER_TOKEN
+    assert b.prefill_instance == b.decode_instance == "n0i1" and b.kv_bytes == 0
+    assert len(b.token_times) == 4

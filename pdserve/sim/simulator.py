@@ -150,11 +150,12 @@ class ClusterSim:
         if dinst.bm.blocks_for(r.input_toks + r.output_toks) > dinst.bm.num_blocks:
             rec.error = f"input + output tokens exceed the KV cache of {d}"
             return self._finish(rec, t)
+        remote = self.prefill_pool and not self._local_prefill(d, key, r.input_toks)  # before record()
         self.policy_d.record(d, key)
         self.records[rid] = rec
         self.inflight[d] += 1
         seq = Sequence(rid, ids, params, arrival_time=t)
-        if self.prefill_pool and not self._local_prefill(d, key, r.input_toks):
+        if remote:
             p = self.policy_p.select(self.prefill_pool, key, self.inflight).instance
             self.policy_p.record(p, key)
             self.inflight[p] += 1
