@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.engine.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.request import Sequence
 from pdserve.engine.sampler import SampleRow, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
@@ -64,9 +65,16 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         self.num_blocks = self._num_blocks()
         mc = self.model_config
-        self.kv_shape = (mc.num_layers, 2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        # one block more than the block manager gets: the scratch block that padded rows of a
+        # CUDA-graph decode batch write to, so they never touch a request's KV
+        self.scratch_block = self.num_blocks
+        self.kv_shape = (mc.num_layers, 2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
         alloc = kv_allocator or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
         self.kv_cache = alloc(self.kv_shape, self.dtype, self.device)
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size,
+                                                   config.max_num_seqs, max_positions, self.scratch_block)
 
     @property
     def block_bytes(self) -> int:
@@ -115,15 +123,11 @@ class ModelRunner:
             if c + n == seq.num_tokens:
                 sample_at.append((i, len(ids) - 1))
                 rows.append(SampleRow(seq.params, seq.num_tokens, banned(seq)))
-        dev = self.device
-        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
-        if dec_tables:
-            width = max(len(t) for t in dec_tables)
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=dev)
-            lens = torch.tensor(dec_lens, device=dev)
-            meta.decode_context_lens = lens
-            meta.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)
+        if (self.decode_graphs is not None and dec_tables and not meta.prefill_query_lens
+                and self.decode_graphs.fits(dec_tables, dec_lens)):
+            hidden = self.decode_graphs.forward(ids, pos, slots, dec_tables, dec_lens)
+        else:
+            hidden = self._forward_eager(ids, pos, slots, dec_tables, dec_lens, meta)
         tokens: list[int | None] = [None] * len(out.seqs)
         logprobs = [None] * len(out.seqs)
         if sample_at:
@@ -132,3 +136,14 @@ class ModelRunner:
             for (i, _), t, lp in zip(sample_at, sampled, lps):
                 tokens[i], logprobs[i] = t, lp
         return tokens, logprobs
+
+    def _forward_eager(self, ids, pos, slots, dec_tables, dec_lens, meta: AttentionMetadata):
+        dev, bs = self.device, self.block_size
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if dec_tables:
+            width = max(len(t) for t in dec_tables)
+            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=dev)
+            lens = torch.tensor(dec_lens, device=dev)
+            meta.decode_context_lens = lens
+            meta.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        return self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)
