@@ -138,3 +138,13 @@ def test_sharegpt_first_turns(tmp_path):
     assert all(r.messages[0]["content"].startswith("question") for r in reqs)
     assert all(r.output_len >= 20 for r in reqs)  # the reply's length sets max_tokens
     assert workloads.sharegpt_workload(str(path), 10, PromptText(None, 0), 0, output_len=7)[0].output_len == 7
+
+
+def test_warmup_is_untimed_and_cannot_prime_the_prefix_cache(server):
+    srv, url = server
+    n0 = len(srv.received)
+    records, _, _ = run(echo(2), RunConfig(url, progress=False, num_warmups=1))
+    sent = [b["prompt"] for b in srv.received[n0:]]
+    assert len(sent) == 3 and len(records) == 2
+    assert sent[0].startswith("warm-up 0:")  # a different first token: no cached blocks to share
+    assert not any(p.startswith("warm-up") for p in sent[1:])
