@@ -84,3 +84,15 @@ def test_can_allocate_counts_revived_cached_blocks():
     assert len(cached) == 2
     assert bm.can_allocate(b, cached, 4)        # 12 tokens: 2 revived + 1 new block = 3 free
     assert not bm.can_allocate(b, cached, 5)    # 13 tokens need a 4th block
+
+
+def test_pinned_blocks_outlive_their_request():
+    bm = BlockManager(4, 4)
+    a = seq("a", range(8))
+    compute_all(bm, a)
+    blocks = list(a.block_table)
+    bm.pin(blocks)          # a writer still fills them
+    bm.free(a)              # the request is aborted meanwhile
+    assert bm.num_free_blocks == 2
+    bm.unpin(blocks)
+    assert bm.num_free_blocks == 4

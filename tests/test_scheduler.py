@@ -148,3 +148,14 @@ def test_abort_frees_blocks_in_every_state():
         assert s.abort(rid) is not None
     assert s.bm.num_free_blocks == s.bm.num_blocks and not s.has_work()
     assert s.abort("nope") is None
+
+
+def test_touch_held_restarts_the_abort_clock():
+    s = make(role="prefill")
+    a = seq("a", 5, max_tokens=1)
+    a.remote_decode = True
+    s.add(a)
+    run(s, now=0.0)
+    assert s.touch_held("a", now=8.0) and not s.touch_held("zz", now=8.0)
+    assert s.expire_held(now=12.0, timeout=10.0) == []      # 4 s since the touch
+    assert [x.request_id for x in s.expire_held(now=18.0, timeout=10.0)] == ["a"]

@@ -137,15 +137,29 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop seq's refs. Tail blocks are freed first so a shared prefix outlives its suffixes."""
-        for b in reversed(seq.block_table):
+        self._release(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def _release(self, blocks) -> None:
+        for b in blocks:
             self.ref_counts[b] -= 1
             assert self.ref_counts[b] >= 0, f"block {b} freed twice"
             if self.ref_counts[b] == 0:
                 self.free_queue[b] = None
                 if self.block_hash[b] is None:  # worthless: reuse it first
                     self.free_queue.move_to_end(b, last=False)
-        seq.block_table = []
-        seq.num_computed_tokens = 0
+
+    def pin(self, blocks: list[int]) -> None:
+        """Take an extra reference on blocks (e.g. while a KV pull writes into them), so an
+        abort of their request cannot hand them to someone else before the writer is done."""
+        for b in blocks:
+            if self.ref_counts[b] == 0:
+                del self.free_queue[b]
+            self.ref_counts[b] += 1
+
+    def unpin(self, blocks: list[int]) -> None:
+        self._release(blocks)
 
     def reset_prefix_cache(self) -> None:
         for b in list(self.hash_to_block.values()):

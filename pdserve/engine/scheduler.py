@@ -95,6 +95,13 @@ class Scheduler:
             self.bm.free(seq)
         return seq
 
+    def touch_held(self, request_id: str, now: float) -> bool:
+        """Restart a held request's abort clock (its KV is being read now). False if not held."""
+        entry = self.held.get(request_id)
+        if entry is not None:
+            self.held[request_id] = (entry[0], now)
+        return entry is not None
+
     def expire_held(self, now: float, timeout: float) -> list[Sequence]:
         """Free held blocks that no decode worker claimed within `timeout` seconds."""
         expired = [rid for rid, (_, t) in self.held.items() if now - t >= timeout]

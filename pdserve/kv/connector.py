@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 from pdserve.config import KVTransferConfig
@@ -140,12 +139,8 @@ class KVConnector:
             g.claimed = True
 
         def still_held(engine):
-            entry = engine.scheduler.held.get(request_id)
-            if entry is None:
-                return False
             # restart the abort clock: the blocks must not be freed while they are being read
-            engine.scheduler.held[request_id] = (entry[0], time.monotonic())
-            return True
+            return engine.scheduler.touch_held(request_id, time.monotonic())
         if not self._on_engine(still_held):
             return f"the KV of request {request_id!r} was already freed (abort timeout)"
         return None
@@ -190,12 +185,10 @@ class KVConnector:
         src = rp.block_ids[start:]
         # pin the destination blocks: if the request is aborted mid-pull they must not be
         # handed to another request while the pull still writes into them
-        pin = SimpleNamespace(block_table=list(dst), num_computed_tokens=0)
-        for b in dst:
-            self.async_engine.engine.block_manager.ref_counts[b] += 1
-        self._pulls.submit(self._pull, rid, rp, src, dst, pin)
+        self.async_engine.engine.block_manager.pin(dst)
+        self._pulls.submit(self._pull, rid, rp, src, dst)
 
-    def _pull(self, rid: str, rp: RemotePrefill, src: list[int], dst: list[int], pin) -> None:
+    def _pull(self, rid: str, rp: RemotePrefill, src: list[int], dst: list[int]) -> None:
         ok, error, t0 = True, None, time.perf_counter()
         try:
             nbytes, transport = self.client.pull(rp, src, dst)
@@ -215,5 +208,5 @@ class KVConnector:
 
         def finish(engine):
             engine.finish_kv_load(rid, ok, error)
-            engine.block_manager.free(pin)
+            engine.block_manager.unpin(dst)
         self.async_engine.call(finish)
