@@ -1,7 +1,9 @@
 """Validate `pdserve sim` against the real system on this machine; writes benchmarks/sim_vs_real.md.
 
 1. `pdserve profile` the default model on one CPU core (OMP_NUM_THREADS=1) -> PROFILE.json
-   (SERVE_CALIBRATION adds what a served step costs beyond the engine, measured on its own).
+   (SERVE_CALIBRATION adds what a served step costs beyond the engine, measured on its own),
+   plus the measured P->D path costs (`pd_overhead`, `pdserve profile --pd-calibration`'s
+   measurement: one unloaded request at a time through a real 1P+1D on cores 0 and 1).
 2. One trace (`pdserve sim gen`), Poisson arrivals.
 3. For each deployment, colocated (one `both` worker on core 0) and 1P+1D (prefill on core 0,
    decode on core 1): start it with `pdserve up`'s Cluster, replay the trace with `pdserve bench`
@@ -54,6 +56,18 @@ def profile(path: Path) -> None:
         "--prefill-tokens", "16", "64", "128", "256", "512", "1024", "--decode-batches", "1", "2", "4", "8", "16",
         "--decode-contexts", "64", "256", "512", "--repeats", "3", "--output", str(path)]
        + (["--serve-calibration"] if SERVE_CALIBRATION else []), env=ONE_CORE, cpus="0")
+
+
+def add_pd_overhead(path: Path) -> None:
+    """What `--pd-calibration` measures, added to an existing profile (the grid is not re-run)."""
+    from pdserve.sim.models import get_model
+    from pdserve.sim.pd_calibration import calibrate
+    from pdserve.sim.perf import ProfilePerf
+    prof = json.loads(path.read_text())
+    m = get_model(MODEL)
+    prof["pd_overhead"] = calibrate(dict(ENGINE, dtype="float32", device="cpu"), [64, 192, 384], ProfilePerf(prof),
+                                    m.vocab_size, m.kv_bytes_per_token(4))
+    path.write_text(json.dumps(prof, indent=1))
 
 
 def make_trace(path: Path, n: int, rate: float, seed: int) -> None:
@@ -257,6 +271,8 @@ def main() -> int:
     prof = OUT / "PROFILE.json"
     if args.reprofile or not prof.exists():
         profile(prof)
+    if not json.loads(prof.read_text()).get("pd_overhead"):
+        add_pd_overhead(prof)
     trace = OUT / "trace.jsonl"
     if not args.report_only:
         make_trace(trace, args.requests, args.rate, args.seed)

@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--passes", type=int, default=3, help="visits of every point, in separate sweeps")
     p.add_argument("--serve-calibration", action="store_true",
                    help="also measure what serving over HTTP adds per step (starts one worker on 127.0.0.1)")
+    p.add_argument("--pd-calibration", action="store_true",
+                   help="also measure what the real prefill->decode path adds (starts 1P+1D and a router on "
+                        "127.0.0.1): prefill request overhead and KV hand-off")
+    p.add_argument("--pd-prompt-tokens", type=int, nargs="*", default=[64, 192, 384])
 
 
 def _timed_step(engine) -> float:
@@ -90,6 +94,23 @@ def _calibrate(args, result: dict, engine) -> dict:
     return cal
 
 
+def _pd_calibrate(args, result: dict, engine) -> dict:
+    from pdserve.sim.models import get_model
+    from pdserve.sim.pd_calibration import calibrate
+    from pdserve.sim.perf import ProfilePerf
+    eng = {"max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+           "block_size": engine.config.block_size, "dtype": args.dtype, "device": args.device}
+    if args.kv_cache_memory:
+        eng["kv_cache_memory"] = args.kv_cache_memory
+    kv_tok = get_model(engine.model_name).kv_bytes_per_token(engine.runner.dtype.itemsize)
+    lengths = [n for n in args.pd_prompt_tokens if n < engine.max_model_len // 2]
+    cal = calibrate(eng, lengths, ProfilePerf(result), engine.runner.model_config.vocab_size, kv_tok,
+                    model=args.model)
+    print(f"P->D path adds {cal['prefill_s'] * 1e3:.1f} ms before the first token and "
+          f"{cal['handoff_s'] * 1e3:.1f} ms to the hand-off")
+    return cal
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from pdserve.engine.engine import LLMEngine
@@ -124,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
                             {"batch": x, "context": c, "time_s": t})
     if args.serve_calibration:
         result["serve_overhead"] = _calibrate(args, result, engine)
+    if args.pd_calibration:
+        result["pd_overhead"] = _pd_calibrate(args, result, engine)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.output}: {len(result['prefill'])} prefill and {len(result['decode'])} decode points "

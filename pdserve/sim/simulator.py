@@ -10,6 +10,13 @@ P prefills with `remote_decode`, so the scheduler holds the blocks after the fir
 then is the request added to D with `remote_first_token`; D's scheduler allocates its blocks
 (reusing its own prefix cache) and the missing KV crosses the link in
 `link_latency + bytes / link_bw`, transfers into one D queued on its link. D then decodes.
+
+Two step-boundary waits of the real workers are modelled, since the KV connector runs its calls
+to the engine between steps: P exports a finished prefill (hands the router its first token and
+KV params) only at the end of the step P started meanwhile, and D's pull is authorised by P only
+at the end of P's step in flight. A profile with `pd_overhead` (`pdserve profile
+--pd-calibration`) adds the measured fixed costs of the path: `prefill_s` before the first token
+reaches the client (and the router can call D), `handoff_s` as the hand-off's floor latency.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from pdserve.sim.trace import Session
 log = logging.getLogger("pdserve.sim")
 
 TOKEN = -1            # what every simulated step "samples": never EOS, never a prompt id
-ARRIVAL, STEP_DONE, KV_DONE = 0, 1, 2
+ARRIVAL, STEP_DONE, KV_DONE, HANDOFF = 0, 1, 2, 3
 
 
 @dataclass(slots=True)
@@ -86,6 +93,10 @@ class ClusterSim:
         self.now = 0.0
         self.mem_history: list[tuple[float, list[float]]] = []   # (time, bytes used per instance)
         self._log_state = (0, 0, 0)
+        # measured P->D path costs (seconds) beyond the engine steps, when the profile has them
+        pd = (profile or {}).get("pd_overhead") or {}
+        self.prefill_extra = pd.get("prefill_s", 0.0)
+        self.handoff_latency = max(cluster.link_latency, pd.get("handoff_s", 0.0))
 
     # ---- events -------------------------------------------------------------------------
     def _push(self, t: float, kind: int, a, b=None) -> None:
@@ -112,6 +123,8 @@ class ClusterSim:
                 self._step_done(a, t)
             elif kind == ARRIVAL:
                 self._arrive(a, b, t)
+            elif kind == HANDOFF:
+                self._to_decode(a, b, t)
             else:
                 self._kv_done(a, b, t)
         if interval > 0:
@@ -204,7 +217,7 @@ class ClusterSim:
             if c + n >= len(seq.token_ids):
                 producers.append(seq)
         dt = inst.step_time(pt, pairs, pkv, nd, dctx, len(producers))
-        inst.out, inst.producers, inst.busy, inst.step_start = out, producers, True, t
+        inst.out, inst.producers, inst.busy, inst.step_start, inst.step_end = out, producers, True, t, t + dt
         inst.prompt_tokens += pt
         inst.gen_tokens += len(producers)
         inst.last_p, inst.last_d = np_, nd
@@ -213,6 +226,8 @@ class ClusterSim:
         self._push(t + dt, STEP_DONE, inst)
 
     def _step_done(self, inst: Instance, t: float) -> None:
+        if inst.exports:   # prefills that finished a step ago waited for this step to end
+            self._export(inst, t)
         out = inst.out
         finished = inst.sched.update(out, [TOKEN] * len(out.seqs), t)
         records = self.records
@@ -225,10 +240,12 @@ class ClusterSim:
         for seq in finished:
             rec = records[seq.request_id]
             if seq.request_id in inst.sched.held:
-                self._prefilled(inst, seq, rec, t)
+                inst.exports.append((seq, rec))
             else:
                 self._complete(inst, rec, t)
         self._kick(inst, t)
+        if inst.exports and not inst.busy:   # no step started: the export runs at once
+            self._export(inst, t)
 
     def _drop_unservable(self, inst: Instance, t: float) -> None:
         """An idle instance fails a waiting request that could not fit even in its whole KV cache
@@ -247,16 +264,29 @@ class ClusterSim:
             self._finish(rec, t)
 
     # ---- the hand-off -----------------------------------------------------------------------
+    def _export(self, p: Instance, t: float) -> None:
+        exports, p.exports = p.exports, []
+        for seq, rec in exports:
+            self._prefilled(p, seq, rec, t)
+
     def _prefilled(self, p: Instance, seq: Sequence, rec: RequestRecord, t: float) -> None:
-        """P made the first token and holds the KV: send the request on to its decode instance."""
+        """P exported the first token and the held KV: the router gets the first token after the
+        measured path cost, then sends the request on to its decode instance."""
         self.inflight[p.name] -= 1
+        t += self.prefill_extra
+        rec.token_times[0] = t   # the client sees the first token when the router relays it
         if rec.output_toks == 1 or seq.finish_reason != FinishReason.REMOTE_DECODE:
             p.sched.release(seq.request_id)   # nothing left to decode
             self.inflight[rec.decode_instance] -= 1
             return self._finish(rec, t)
-        d = self.by_name[rec.decode_instance]
         dseq = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, arrival_time=rec.arrival,
                         remote_first_token=seq.token_ids[-1])
+        if self.prefill_extra > 0:
+            self._push(t, HANDOFF, self.by_name[rec.decode_instance], dseq)
+        else:
+            self._to_decode(self.by_name[rec.decode_instance], dseq, t)
+
+    def _to_decode(self, d: Instance, dseq: Sequence, t: float) -> None:
         d.sched.add(dseq)
         if not d.busy:
             self._kick(d, t)
@@ -265,10 +295,13 @@ class ClusterSim:
         rec = self.records[seq.request_id]
         rec.kv_bytes = (seq.num_prompt_tokens - seq.num_cached_tokens) * d.kv_bytes_per_token
         start = max(t, d.link_free)
+        p = self.by_name[rec.prefill_instance]
+        if p.busy and p is not d:   # P authorises the pull between its steps
+            start = max(start, p.step_end)
         busy = rec.kv_bytes / self.cluster.link_bw
         d.link_free = start + busy
         rec.kv_start = start
-        self._push(start + busy + self.cluster.link_latency, KV_DONE, d, seq.request_id)
+        self._push(start + busy + self.handoff_latency, KV_DONE, d, seq.request_id)
 
     def _kv_done(self, d: Instance, rid: str, t: float) -> None:
         rec = self.records[rid]
