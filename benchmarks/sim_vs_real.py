@@ -61,11 +61,11 @@ def profile(path: Path) -> None:
 def add_pd_overhead(path: Path) -> None:
     """What `--pd-calibration` measures, added to an existing profile (the grid is not re-run)."""
     from pdserve.sim.models import get_model
-    from pdserve.sim.pd_calibration import calibrate
+    from pdserve.sim.pd_calibration import calibrate, pd_lengths
     from pdserve.sim.perf import ProfilePerf
     prof = json.loads(path.read_text())
     m = get_model(MODEL)
-    prof["pd_overhead"] = calibrate(dict(ENGINE, dtype="float32", device="cpu"), [64, 192, 384], ProfilePerf(prof),
+    prof["pd_overhead"] = calibrate(dict(ENGINE, dtype="float32", device="cpu"), pd_lengths(prof), ProfilePerf(prof),
                                     m.vocab_size, m.kv_bytes_per_token(4))
     path.write_text(json.dumps(prof, indent=1))
 
@@ -195,7 +195,7 @@ def report(rows: dict, attempts: dict, args, prof: dict) -> str:
              f"- Trace: {args.requests} requests, Poisson at {args.rate} req/s, prompts ~192 tokens (lognormal), "
              "~32 output tokens, `ignore_eos`; real load from `pdserve bench` (TTFT, TPOT as vLLM defines them).",
              f"- KV hand-off in the simulator: link_bw {LINK_BW_GBPS} GB/s, link_latency "
-             f"{LINK_LATENCY_NS / 1e6:g} ms (assumed: shm copy plus the router's second call).",
+             f"{LINK_LATENCY_NS / 1e6:g} ms (assumed)" + _pd_line(prof.get("pd_overhead")),
              f"- Each deployment ran {args.attempts} time(s); other jobs' CPU use during each run (cores' worth, "
              "of 2) is listed below; the table compares the simulator with the quietest run.", "",
              "| deployment | attempt | other jobs (cores) | mean TTFT ms | mean TPOT ms | out tok/s |",
@@ -238,6 +238,16 @@ def report(rows: dict, attempts: dict, args, prof: dict) -> str:
               "- Files: `results/sim_vs_real/` holds the profile, the trace, the bench JSON of every attempt, the "
               "simulator's CSVs and cluster configs, and `rows.json`.", ""]
     return "\n".join(lines)
+
+
+def _pd_line(pd: dict | None) -> str:
+    if not pd:
+        return "."
+    return (f"; measured on a real 1P+1D (`pd_overhead`, {len(pd['samples'])} unloaded requests): the prefill path "
+            f"adds {pd['prefill_s'] * 1e3:.1f} ms before the first token and the hand-off "
+            f"{pd['handoff_s'] * 1e3:.1f} ms, which replaces the assumed latency when larger. Per-sample extras: "
+            + ", ".join(f"{x['tokens']} tok {x['prefill_extra_s'] * 1e3:+.0f}/{x['handoff_extra_s'] * 1e3:+.0f} ms"
+                        for x in pd["samples"]) + ".")
 
 
 def plot(rows: dict, path: Path) -> None:

@@ -54,3 +54,10 @@ def test_prefill_export_waits_for_the_step_started_meanwhile():
     assert both["r0"].token_times[0] == pytest.approx(2 * step, rel=1e-9)
     assert both["r1"].token_times[0] == pytest.approx(2 * step, rel=1e-9)
     assert both["r0"].kv_start >= both["r0"].token_times[0]
+
+
+def test_pd_calibration_uses_the_profiles_own_prefill_points():
+    from pdserve.sim.pd_calibration import pd_lengths
+    prof = {"prefill": [{"tokens": n, "time_s": 0.1} for n in (16, 64, 256, 512, 1024)]}
+    assert pd_lengths(prof) == [64, 256, 512]
+    assert pd_lengths({"prefill": [{"tokens": 16, "time_s": 0.1}]}) == [16]

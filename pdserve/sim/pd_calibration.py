@@ -43,6 +43,13 @@ def _stream_times(url: str, prompt: list[int], max_tokens: int) -> list[float]:
     return times
 
 
+def pd_lengths(profile: dict, lo: int = 64, hi: int = 512) -> list[int]:
+    """Prompt lengths the profile measured itself: the prefill extra is then a difference of two
+    measurements, not of a measurement and an interpolation (which at 384 tokens between the
+    256 and 512 points was off by more than the cost being measured)."""
+    return [p["tokens"] for p in profile["prefill"] if lo <= p["tokens"] <= hi] or [profile["prefill"][0]["tokens"]]
+
+
 def _deployment(engine: dict, cores: list[int], model: str | None):
     from pdserve.launch_config import load_deployment
     pc, dc = str(cores[0]), str(cores[1 % len(cores)])

@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--pd-calibration", action="store_true",
                    help="also measure what the real prefill->decode path adds (starts 1P+1D and a router on "
                         "127.0.0.1): prefill request overhead and KV hand-off")
-    p.add_argument("--pd-prompt-tokens", type=int, nargs="*", default=[64, 192, 384])
+    p.add_argument("--pd-prompt-tokens", type=int, nargs="*", default=None,
+                   help="prompt lengths for --pd-calibration (default: the measured prefill points of 64-512)")
 
 
 def _timed_step(engine) -> float:
@@ -96,14 +97,14 @@ def _calibrate(args, result: dict, engine) -> dict:
 
 def _pd_calibrate(args, result: dict, engine) -> dict:
     from pdserve.sim.models import get_model
-    from pdserve.sim.pd_calibration import calibrate
+    from pdserve.sim.pd_calibration import calibrate, pd_lengths
     from pdserve.sim.perf import ProfilePerf
     eng = {"max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
            "block_size": engine.config.block_size, "dtype": args.dtype, "device": args.device}
     if args.kv_cache_memory:
         eng["kv_cache_memory"] = args.kv_cache_memory
     kv_tok = get_model(engine.model_name).kv_bytes_per_token(engine.runner.dtype.itemsize)
-    lengths = [n for n in args.pd_prompt_tokens if n < engine.max_model_len // 2]
+    lengths = [n for n in (args.pd_prompt_tokens or pd_lengths(result)) if n < engine.max_model_len // 2]
     cal = calibrate(eng, lengths, ProfilePerf(result), engine.runner.model_config.vocab_size, kv_tok,
                     model=args.model)
     print(f"P->D path adds {cal['prefill_s'] * 1e3:.1f} ms before the first token and "
