@@ -11,6 +11,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import SamplingParams, Sequence
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.models.loader import read_hf_config
+from engine_drive import drive_with_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,21 +52,7 @@ def run(model_dir, mode: str, device: str = "cpu"):
     seqs = [Sequence(str(i), torch.randint(0, 256, (n,), generator=g).tolist(),
                      SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
             for i, (n, steps) in enumerate([(3, 12), (9, 4), (14, 9), (6, 3), (2, 7)])]
-    for s in seqs:
-        sched.add(s)
-    captured = []
-    real_logits = runner.model.compute_logits
-    runner.model.compute_logits = lambda h: captured.append(real_logits(h)) or captured[-1]
-    logits = {s.request_id: [] for s in seqs}
-    while sched.has_work():
-        out = sched.schedule()
-        captured.clear()
-        tokens, _ = runner.execute(out, lambda s: ())
-        rows = iter(captured[0]) if captured else iter(())
-        for s, t in zip(out.seqs, tokens):
-            if t is not None:
-                logits[s.request_id].append(next(rows))
-        sched.update(out, tokens)
+    logits = drive_with_logits(runner, sched, seqs)
     logits = {rid: [row.cpu() for row in rows] for rid, rows in logits.items()}
     return runner, logits, {s.request_id: s.output_token_ids for s in seqs}, padded_batches
 

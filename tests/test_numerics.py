@@ -9,6 +9,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import SamplingParams, Sequence
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.models.loader import read_hf_config
+from engine_drive import drive_with_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,21 +51,7 @@ def run_pdserve(model_dir, prompts, decode_steps, block_size=4, budget=256):
                       BlockManager(runner.num_blocks, block_size))
     seqs = [Sequence(str(i), p, SamplingParams(temperature=0, max_tokens=decode_steps + 1, ignore_eos=True))
             for i, p in enumerate(prompts)]
-    for s in seqs:
-        sched.add(s)
-    captured = []
-    real = runner.model.compute_logits
-    runner.model.compute_logits = lambda h: captured.append(real(h)) or captured[-1]
-    logits = {s.request_id: [] for s in seqs}
-    while sched.has_work():
-        out = sched.schedule()
-        captured.clear()
-        tokens, _ = runner.execute(out, lambda s: ())
-        rows = iter(captured[0]) if captured else iter(())
-        for s, t in zip(out.seqs, tokens):
-            if t is not None:
-                logits[s.request_id].append(next(rows))
-        sched.update(out, tokens)
+    logits = drive_with_logits(runner, sched, seqs)
     return seqs, logits
 
 

@@ -1,0 +1,21 @@
+"""Drive a real Scheduler + ModelRunner to the end and keep the logits of every sampled token."""
+
+
+def drive_with_logits(runner, sched, seqs) -> dict:
+    """Run seqs to completion; returns request id -> list of logits rows, one per sampled token."""
+    for s in seqs:
+        sched.add(s)
+    captured = []
+    real = runner.model.compute_logits
+    runner.model.compute_logits = lambda h: captured.append(real(h)) or captured[-1]
+    logits = {s.request_id: [] for s in seqs}
+    while sched.has_work():
+        out = sched.schedule()
+        captured.clear()
+        tokens, _ = runner.execute(out, lambda s: ())
+        rows = iter(captured[0]) if captured else iter(())
+        for s, t in zip(out.seqs, tokens):
+            if t is not None:
+                logits[s.request_id].append(next(rows))
+        sched.update(out, tokens)
+    return logits
