@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 
 from pdserve.config import EngineConfig
@@ -25,6 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")
     g.add_argument("--served-model-name", default=None)
+    g.add_argument("--step-trace", default=os.environ.get("PDSERVE_STEP_TRACE"), metavar="PATH",
+                   help="append one JSON line per engine step (timings and batch shape) to PATH")
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:

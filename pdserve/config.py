@@ -36,6 +36,7 @@ class EngineConfig:
     enforce_eager: bool = False         # CUDA: no CUDA graphs
     kv_abort_timeout: float = 480.0     # prefill role: free held blocks nobody pulled after this
     served_model_name: str | None = None
+    step_trace: str | None = None       # JSONL file: one line per step (pdserve.engine.step_trace)
 
     def __post_init__(self):
         if self.role not in ROLES:

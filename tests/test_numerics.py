@@ -77,6 +77,24 @@ def test_prefill_and_decode_logits_match_transformers(tiny):
         assert s.output_token_ids == [int(ref[n_prompt - 1 + k].argmax()) for k in range(7)]
 
 
+def test_decode_groups_of_mixed_lengths_match(tiny, monkeypatch):
+    """Rows of very different contexts decode in several padded groups, reordered by length;
+    every row's logits must still be its own."""
+    import pdserve.engine.model_runner as mr
+    planned, real = [], mr.plan_decode_groups
+    monkeypatch.setattr(mr, "plan_decode_groups", lambda w, c: planned.append(real(w, c)) or planned[-1])
+    name, hf, d = tiny
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (90, 3, 60, 5, 4)]
+    seqs, logits = run_pdserve(d, prompts, decode_steps=4)
+    assert any(len(p) > 1 for p in planned), planned
+    for s in seqs:
+        ref = hf_logits(hf, s.token_ids[:-1])
+        for step, got in enumerate(logits[s.request_id]):
+            torch.testing.assert_close(got, ref[s.num_prompt_tokens - 1 + step], atol=2e-4, rtol=1e-3,
+                                       msg=lambda m: f"{name} seq {s.request_id} step {step}: {m}")
+
+
 def test_chunked_prefill_logits_match(tiny):
     name, hf, d = tiny
     prompt = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(2)).tolist()

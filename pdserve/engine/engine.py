@@ -22,6 +22,7 @@ from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.outputs import CompletionOutput, RequestOutput
 from pdserve.engine.request import FinishReason, SamplingParams, Sequence, Status
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.step_trace import StepTrace, batch_shape
 from pdserve.engine.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
 from pdserve.models.loader import read_hf_config, resolve_model
 
@@ -71,6 +72,7 @@ class LLMEngine:
         self._loaded: list[str] = []                               # KV arrived, first token to emit
         self._ids = itertools.count()
         self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.step_trace = StepTrace(config.step_trace, config.role) if config.step_trace else None
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.model_name, self.runner.device, self.runner.dtype, self.runner.num_blocks,
                  config.block_size, self.max_model_len)
@@ -201,7 +203,9 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        now = time.monotonic()
+        now = start = time.monotonic()
+        if self.step_trace:
+            self.step_trace.begin()
         self.scheduler.expire_held(now, self.config.kv_abort_timeout)
         out = self.scheduler.schedule()
         for seq in out.kv_loads:
@@ -212,8 +216,11 @@ class LLMEngine:
         before = {s.request_id: s.num_output_tokens for s in out.seqs}
         self.num_prompt_tokens += sum(min(n, max(0, s.num_prompt_tokens - s.num_computed_tokens))
                                       for s, n in zip(out.seqs, out.num_new_tokens))
+        shape = batch_shape(out.seqs, out.num_new_tokens) if self.step_trace else None
+        model_start = time.monotonic()
         tokens, logprobs = self.runner.execute(out, self._banned)
         now = time.monotonic()
+        model_s = now - model_start
         self.scheduler.update(out, tokens, now)
         results = []
         for seq, lp in zip(out.seqs, logprobs):
@@ -226,6 +233,8 @@ class LLMEngine:
             if lp is not None:
                 st.new_lp.append(lp)
             results.append(self._emit(st, seq.output_token_ids[len(st.out.token_ids):]))
+        if self.step_trace:
+            self.step_trace.record(start, model_s, shape)
         return early + results
 
     def _collect_loaded(self) -> list[RequestOutput]:

@@ -15,12 +15,16 @@ from pdserve.engine.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.request import Sequence
 from pdserve.engine.sampler import SampleRow, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.models.attention import AttentionMetadata
+from pdserve.models.attention import AttentionMetadata, plan_decode_groups
 from pdserve.models.decoder import CausalLM, ModelConfig
 from pdserve.models.loader import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
+# Decode attention runs in groups of rows padded to the group's widest; one more group costs about
+# as much as gathering this many more padded blocks (per row-block). Measured with
+# benchmarks/decode_groups.py; on CUDA (eager) a call's launch costs weigh more.
+DECODE_GROUP_COST = {"cpu": 8, "cuda": 64}
 
 # allocate(shape, dtype, device) -> tensor; the shm transport swaps in shared memory
 KVAllocator = Callable[[tuple, torch.dtype, torch.device], torch.Tensor]
@@ -100,8 +104,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, banned: Callable[[Sequence], tuple[int, ...]]):
         """Run one scheduled step. Returns (token or None per out.seqs entry, logprobs per entry)."""
-        order = sorted(range(len(out.seqs)), key=lambda i: out.num_new_tokens[i] == 1)  # prefills first
-        ids, pos, slots, sample_at, rows = [], [], [], [], []
+        # prefills first, then decodes from the shortest context up (attention groups them by width)
+        order = sorted(range(len(out.seqs)), key=lambda i: (out.num_new_tokens[i] == 1,
+                                                            out.num_new_tokens[i] == 1 and out.seqs[i].num_computed_tokens))
+        ids, pos, slots, sample_at = [], [], [], []
         meta = AttentionMetadata(slot_mapping=None, prefill_query_lens=[], prefill_context_lens=[],
                                  prefill_block_tables=[])
         dec_tables, dec_lens = [], []
@@ -121,8 +127,7 @@ class ModelRunner:
                 meta.prefill_context_lens.append(c + n)
                 meta.prefill_block_tables.append(torch.tensor(table[:-(-(c + n) // bs)], device=self.device))
             if c + n == seq.num_tokens:
-                sample_at.append((i, len(ids) - 1))
-                rows.append(SampleRow(seq.params, seq.num_tokens, banned(seq)))
+                sample_at.append((i, len(ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq))))
         if (self.decode_graphs is not None and dec_tables and not meta.prefill_query_lens
                 and self.decode_graphs.fits(dec_tables, dec_lens)):
             hidden = self.decode_graphs.forward(ids, pos, slots, dec_tables, dec_lens)
@@ -131,9 +136,10 @@ class ModelRunner:
         tokens: list[int | None] = [None] * len(out.seqs)
         logprobs = [None] * len(out.seqs)
         if sample_at:
-            logits = self.model.compute_logits(hidden[[j for _, j in sample_at]])
-            sampled, lps = self.sampler(logits, rows)
-            for (i, _), t, lp in zip(sample_at, sampled, lps):
+            sample_at.sort(key=lambda x: x[0])   # logits rows in out.seqs order, whatever the batch order
+            logits = self.model.compute_logits(hidden[[j for _, j, _ in sample_at]])
+            sampled, lps = self.sampler(logits, [r for _, _, r in sample_at])
+            for (i, _, _), t, lp in zip(sample_at, sampled, lps):
                 tokens[i], logprobs[i] = t, lp
         return tokens, logprobs
 
@@ -141,9 +147,15 @@ class ModelRunner:
         dev, bs = self.device, self.block_size
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         if dec_tables:
-            width = max(len(t) for t in dec_tables)
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=dev)
-            lens = torch.tensor(dec_lens, device=dev)
-            meta.decode_context_lens = lens
-            meta.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+            widths = [-(-n // bs) for n in dec_lens]   # blocks each row reads (ascending)
+            meta.decode_context_lens = torch.tensor(dec_lens, device=dev)
+            meta.decode_groups = []
+            start = 0
+            for rows in plan_decode_groups(widths, DECODE_GROUP_COST.get(dev.type, DECODE_GROUP_COST["cuda"])):
+                w = widths[start + rows - 1]
+                tables = torch.tensor([t[:w] + [0] * (w - len(t[:w])) for t in dec_tables[start:start + rows]], device=dev)
+                lens = meta.decode_context_lens[start:start + rows]
+                mask = (torch.arange(w * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+                meta.decode_groups.append((rows, tables, mask))
+                start += rows
         return self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)

@@ -1,8 +1,11 @@
 """Paged attention over the block KV cache: the torch backend, which runs on any device.
 
 A step's tokens are flattened into one [T, ...] batch. Prefill sequences (several query
-tokens) come first, each attended on its own; decode sequences (one query token) follow
-and are attended together as one padded batch.
+tokens) come first, each attended on its own; decode sequences (one query token) follow,
+sorted by context length, and are attended in padded groups: one group pads every row to
+the longest context, so one long sequence among short ones would multiply the work of the
+whole batch; `plan_decode_groups` splits the rows where a group's padding costs more than
+another gather and attention call.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ class AttentionMetadata:
     # decode part: tensors over the decode sequences
     decode_block_tables: torch.Tensor | None = None   # [B, max_blocks], padded with 0
     decode_context_lens: torch.Tensor | None = None   # [B]
-    decode_mask: torch.Tensor | None = None           # [B, 1, 1, max_blocks*block_size] additive
+    decode_mask: torch.Tensor | None = None           # [B, 1, 1, max_blocks*block_size], True = attend
+    # several groups instead: (rows, block tables [rows, width], mask) in row order
+    decode_groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -59,16 +64,46 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             scale=scale, enable_gqa=True)
         out[start:start + qlen] = o.squeeze(0).transpose(0, 1)
         start += qlen
-    if meta.decode_block_tables is not None:
-        b, nblk = meta.decode_block_tables.shape
-        bs, kvh, d = cache.shape[2:]
-        ks = cache[0][meta.decode_block_tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
-        vs = cache[1][meta.decode_block_tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
-        qd = q[start:].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=True)
-        out[start:] = o.squeeze(2)
+    groups = meta.decode_groups
+    if groups is None and meta.decode_block_tables is not None:
+        groups = [(meta.decode_block_tables.shape[0], meta.decode_block_tables, meta.decode_mask)]
+    for rows, tables, mask in groups or ():
+        out[start:start + rows] = _decode_attention(q[start:start + rows], cache, tables, mask, scale)
+        start += rows
     return out
+
+
+def _decode_attention(q, cache, tables, mask, scale):
+    """q: [B, H, D], one query token per row; tables: [B, W] blocks; mask: [B, 1, 1, W*bs]."""
+    b, nblk = tables.shape
+    bs, kvh, d = cache.shape[2:]
+    ks = cache[0][tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
+    vs = cache[1][tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
+def plan_decode_groups(widths: list[int], group_cost: float) -> list[int]:
+    """Split rows sorted by width (blocks) into consecutive groups; returns the group sizes.
+
+    A group of n rows costs n x its widest row in gathered blocks, plus `group_cost` blocks'
+    worth for its own gather and attention call. Minimises the total exactly (O(n^2)).
+    """
+    n = len(widths)
+    if any(a > b for a, b in zip(widths, widths[1:])):
+        raise ValueError("plan_decode_groups needs widths in ascending order")
+    best = [0.0] + [float("inf")] * n   # best[j]: cost of rows [0, j)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):   # last group is rows [i, j): padded to widths[j - 1]
+            c = best[i] + (j - i) * widths[j - 1] + group_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    sizes, j = [], n
+    while j:
+        sizes.append(j - cut[j])
+        j = cut[j]
+    return sizes[::-1]
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, ctx: int):
