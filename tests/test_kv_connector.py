@@ -95,3 +95,64 @@ def test_one_pull_per_grant_and_tokens_checked(pair):
     assert p_conn.done("p2", kvp["kv_token"])
     _wait(lambda: p_eng.block_manager.num_used_blocks == 0)
     assert not p_conn.done("p2", kvp["kv_token"])   # spent
+
+
+def test_export_and_authorize_do_not_wait_for_the_step_in_flight(pair):
+    """A prefill worker busy with a long step still hands out the first token's KV params and
+    lets the decode worker start pulling at once (no wait for the step boundary)."""
+    (p_eng, p_ae, p_conn), _ = pair
+    outs = asyncio.run(_run(p_ae, "Hand me the blocks while you compute something else.",
+                            SamplingParams(max_tokens=1, temperature=0), "p3", remote_decode=True))
+    in_step, release = threading.Event(), threading.Event()
+    p_ae.step_hooks.append(lambda: (in_step.set(), release.wait(20)))   # the next step lasts until released
+    try:
+        async def busy():   # another prompt keeps the loop stepping
+            return await _run(p_ae, "another prompt", SamplingParams(max_tokens=1, temperature=0), "busy",
+                              remote_decode=True)
+        t = threading.Thread(target=lambda: asyncio.run(busy()))
+        t.start()
+        assert in_step.wait(20)
+        t0 = time.monotonic()
+        kvp = p_conn.export("p3", outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
+        assert p_conn.authorize("p3", kvp["kv_token"], kvp["remote_block_ids"]) is None
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        release.set()
+        p_ae.step_hooks.clear()
+        t.join(20)
+    assert p_conn.done("p3", kvp["kv_token"])
+    p_ae.abort("busy")
+    _wait(lambda: p_eng.block_manager.num_used_blocks == 0)
+
+
+def test_abort_clock_spares_blocks_being_pulled_and_frees_the_rest(pair):
+    (p_eng, p_ae, p_conn), _ = pair
+    params = SamplingParams(max_tokens=1, temperature=0)
+    kvps = {}
+    for rid in ("p4", "p5"):
+        outs = asyncio.run(_run(p_ae, f"Request {rid} waits for a decode worker.", params, rid, remote_decode=True))
+        kvps[rid] = p_conn.export(rid, outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
+    assert p_conn.authorize("p4", kvps["p4"]["kv_token"], kvps["p4"]["remote_block_ids"]) is None   # p4 is being read
+    held4 = len(kvps["p4"]["remote_block_ids"])
+    p_eng.config.kv_abort_timeout = 0.0        # both clocks run out at the next step
+    try:
+        asyncio.run(_run(p_ae, "tick", params, "tick", remote_decode=True))
+    finally:
+        p_eng.config.kv_abort_timeout = 480.0
+    p_ae.abort("tick")
+    _wait(lambda: list(p_eng.scheduler.held) == ["p4"])
+    assert p_eng.block_manager.num_used_blocks == held4
+    # p5's grant went with its blocks: no pull can start on freed memory
+    assert "under this token" in p_conn.authorize("p5", kvps["p5"]["kv_token"], kvps["p5"]["remote_block_ids"])
+    assert p_conn.done("p4", kvps["p4"]["kv_token"])
+    _wait(lambda: p_eng.block_manager.num_used_blocks == 0)
+
+
+def test_aborting_a_held_request_spends_its_grant(pair):
+    (p_eng, p_ae, p_conn), _ = pair
+    outs = asyncio.run(_run(p_ae, "Nobody will pull this one.", SamplingParams(max_tokens=1, temperature=0), "p6",
+                            remote_decode=True))
+    kvp = p_conn.export("p6", outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
+    p_ae.abort("p6")
+    _wait(lambda: p_eng.block_manager.num_used_blocks == 0)
+    assert "under this token" in p_conn.authorize("p6", kvp["kv_token"], kvp["remote_block_ids"])

@@ -150,12 +150,15 @@ def test_abort_frees_blocks_in_every_state():
     assert s.abort("nope") is None
 
 
-def test_touch_held_restarts_the_abort_clock():
+def test_held_blocks_being_read_outlive_the_abort_clock():
     s = make(role="prefill")
     a = seq("a", 5, max_tokens=1)
     a.remote_decode = True
     s.add(a)
     run(s, now=0.0)
-    assert s.touch_held("a", now=8.0) and not s.touch_held("zz", now=8.0)
-    assert s.expire_held(now=12.0, timeout=10.0) == []      # 4 s since the touch
-    assert [x.request_id for x in s.expire_held(now=18.0, timeout=10.0)] == ["a"]
+    asked = []
+    reading = lambda rid: asked.append(rid) or True   # noqa: E731
+    assert s.expire_held(now=11.0, timeout=10.0, keep=reading) == [] and asked == ["a"]   # clock restarts
+    assert s.expire_held(now=20.0, timeout=10.0, keep=lambda rid: False) == []            # 9 s since then
+    assert [x.request_id for x in s.expire_held(now=21.0, timeout=10.0, keep=lambda rid: False)] == ["a"]
+    assert s.bm.num_free_blocks == s.bm.num_blocks

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
@@ -48,6 +48,13 @@ class _State:
     new_lp: list = field(default_factory=list)
 
 
+class HeldObserver(Protocol):
+    """What a KV connector learns about held prefills, on the engine thread, as it happens."""
+    def on_held(self, seq: Sequence) -> None: ...          # blocks now held for a decode worker
+    def on_held_freed(self, request_id: str) -> None: ...  # released, aborted or expired
+    def keep_held(self, request_id: str) -> bool: ...      # abort clock ran out: still being read?
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, kv_allocator: KVAllocator | None = None,
                  **kwargs):
@@ -68,6 +75,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids(hf)
         self.states: dict[str, _State] = {}
         self.on_kv_load: Callable[[Sequence], None] | None = None  # set by a KV connector
+        self.held_observer: HeldObserver | None = None             # set by a KV connector (producer)
         self.pending_kv_loads: list[Sequence] = []                 # when no connector is set
         self._loaded: list[str] = []                               # KV arrived, first token to emit
         self._ids = itertools.count()
@@ -179,12 +187,18 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         st = self.states.pop(request_id, None)
+        held = request_id in self.scheduler.held
         seq = self.scheduler.abort(request_id)
+        if held and self.held_observer:
+            self.held_observer.on_held_freed(request_id)
         return st is not None or seq is not None
 
     def release(self, request_id: str) -> bool:
         """Prefill side: the decode worker has the KV (or gave up); free the held blocks."""
-        return self.scheduler.release(request_id) is not None
+        freed = self.scheduler.release(request_id) is not None
+        if freed and self.held_observer:
+            self.held_observer.on_held_freed(request_id)
+        return freed
 
     def finish_kv_load(self, request_id: str, ok: bool, error: str | None = None) -> None:
         """Decode side: the connector finished pulling a request's KV into its blocks.
@@ -206,7 +220,10 @@ class LLMEngine:
         now = start = time.monotonic()
         if self.step_trace:
             self.step_trace.begin()
-        self.scheduler.expire_held(now, self.config.kv_abort_timeout)
+        obs = self.held_observer
+        for seq in self.scheduler.expire_held(now, self.config.kv_abort_timeout, obs and obs.keep_held):
+            if obs:
+                obs.on_held_freed(seq.request_id)
         out = self.scheduler.schedule()
         for seq in out.kv_loads:
             (self.on_kv_load or self.pending_kv_loads.append)(seq)
@@ -221,7 +238,11 @@ class LLMEngine:
         tokens, logprobs = self.runner.execute(out, self._banned)
         now = time.monotonic()
         model_s = now - model_start
-        self.scheduler.update(out, tokens, now)
+        finished = self.scheduler.update(out, tokens, now)
+        if self.held_observer:   # before the outputs leave: export needs no wait for the next step
+            for seq in finished:
+                if seq.request_id in self.scheduler.held:
+                    self.held_observer.on_held(seq)
         results = []
         for seq, lp in zip(out.seqs, logprobs):
             st = self.states.get(seq.request_id)

@@ -95,17 +95,16 @@ class Scheduler:
             self.bm.free(seq)
         return seq
 
-    def touch_held(self, request_id: str, now: float) -> bool:
-        """Restart a held request's abort clock (its KV is being read now). False if not held."""
-        entry = self.held.get(request_id)
-        if entry is not None:
-            self.held[request_id] = (entry[0], now)
-        return entry is not None
-
-    def expire_held(self, now: float, timeout: float) -> list[Sequence]:
-        """Free held blocks that no decode worker claimed within `timeout` seconds."""
-        expired = [rid for rid, (_, t) in self.held.items() if now - t >= timeout]
-        return [self.release(rid) for rid in expired]
+    def expire_held(self, now: float, timeout: float, keep=None) -> list[Sequence]:
+        """Free held blocks that no decode worker claimed within `timeout` seconds. `keep(rid)`
+        true: the blocks are being read right now; their clock restarts instead."""
+        freed = []
+        for rid in [rid for rid, (_, t) in self.held.items() if now - t >= timeout]:
+            if keep is not None and keep(rid):
+                self.held[rid] = (self.held[rid][0], now)
+            else:
+                freed.append(self.release(rid))
+        return freed
 
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -1,9 +1,11 @@
 """KVConnector: ties one engine to the KV hand-off, as producer, consumer or both.
 
-Producer (role prefill/both): after a remote-decode request's first token, `export()` turns
-its held blocks into kv_transfer_params with a one-time token; the KV server serves those
-blocks to whoever presents the token, and frees them on `done` (or the engine does after its
-abort timeout). Consumer (role decode/both): `expect()` registers a request's params; when
+Producer (role prefill/both): the engine tells the connector, on its own thread as it happens,
+which blocks a remote-decode request holds after its first token (`on_held`) and when they
+are freed (`on_held_freed`). `export()` turns them into kv_transfer_params with a one-time
+token and `authorize()` lets one puller read them, both without waiting for the engine's step
+in flight; the KV server serves the blocks to whoever presents the token, and frees them on
+`done` (or the engine does after its abort timeout, unless a pull is reading them). Consumer (role decode/both): `expect()` registers a request's params; when
 the engine has allocated its blocks it calls `_on_kv_load`, and a pull thread fetches only
 the blocks beyond the local prefix-cache hit.
 """
@@ -56,6 +58,7 @@ class KVConnector:
         self.on_event: Callable[..., None] = lambda kind, **kw: None
         self._lock = threading.Lock()
         self.grants: dict[str, _Grant] = {}
+        self.held_blocks: dict[str, list[int]] = {}   # request id -> blocks the engine holds for it
         self.expected: dict[str, RemotePrefill] = {}
         self.server = self.client = None
         if self.role in ("prefill", "both"):
@@ -65,6 +68,7 @@ class KVConnector:
             self.hello = {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id,
                           "host_id": host_id(), "transports": self.offers, "shm": shm_desc,
                           "cuda_ipc": export_pool(self.pool.kv) if "cuda_ipc" in self.offers else None}
+            engine.held_observer = self
             self.server = KVServer(self, config.kv_host or host, config.kv_port).start()
             # a wildcard bind is not an address a decode worker can dial: name this host instead
             bound = self.server.host
@@ -82,31 +86,38 @@ class KVConnector:
             self._pulls.shutdown(wait=False, cancel_futures=True)
             self.client.close()
 
-    def _on_engine(self, fn, timeout: float = 30.0):
-        """Run fn(engine) on the engine loop thread and wait for its result."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run(engine):
-            try:
-                fut.set_result(fn(engine))
-            except BaseException as e:
-                fut.set_exception(e)
-        self.async_engine.call(run)
-        return fut.result(timeout)
-
     # ---- producer ---------------------------------------------------------------------
+    def on_held(self, seq) -> None:
+        """Engine thread: seq's first token exists and its blocks are held for a decode worker."""
+        with self._lock:
+            self.held_blocks[seq.request_id] = list(seq.block_table)
+
+    def on_held_freed(self, request_id: str) -> None:
+        """Engine thread: the held blocks are gone (released, aborted, expired): no grant outlives them."""
+        with self._lock:
+            self.held_blocks.pop(request_id, None)
+            self.grants.pop(request_id, None)
+
+    def keep_held(self, request_id: str) -> bool:
+        """Engine thread, the abort clock ran out: keep the blocks only while a pull reads them.
+        Otherwise the grant goes in the same locked step, so no pull can start on freed blocks."""
+        with self._lock:
+            g = self.grants.get(request_id)
+            if g is not None and g.claimed:
+                return True
+            self.grants.pop(request_id, None)
+            self.held_blocks.pop(request_id, None)
+            return False
+
     def export(self, request_id: str, first_token_id: int, prompt_token_ids: list[int]) -> dict:
-        """kv_transfer_params for a finished remote-decode request whose blocks are held.
-        Blocking (waits for the engine thread): call it off the event loop."""
-        def held_blocks(engine):
-            entry = engine.scheduler.held.get(request_id)
-            return list(entry[0].block_table) if entry else None
-        blocks = self._on_engine(held_blocks)
-        if not blocks:
-            raise RuntimeError(f"request {request_id} holds no KV blocks to hand off")
+        """kv_transfer_params for a finished remote-decode request whose blocks are held."""
         token = secrets.token_urlsafe(24)
         with self._lock:
-            self.grants[request_id] = _Grant(token, frozenset(blocks), time.monotonic() + self.abort_timeout)
+            blocks = self.held_blocks.get(request_id)
+            if blocks:
+                self.grants[request_id] = _Grant(token, frozenset(blocks), time.monotonic() + self.abort_timeout)
+        if not blocks:
+            raise RuntimeError(f"request {request_id} holds no KV blocks to hand off")
         return RemotePrefill(self.engine_id, self.advertise_host, self.server.port, blocks, request_id,
                              token, first_token_id, list(prompt_token_ids), list(self.offers)).to_params()
 
@@ -117,7 +128,7 @@ class KVConnector:
     def _grant(self, request_id: str, token: str) -> _Grant | None:
         with self._lock:
             now = time.monotonic()
-            for rid in [r for r, g in self.grants.items() if g.expires < now]:
+            for rid in [r for r, g in self.grants.items() if g.expires < now and not g.claimed]:
                 del self.grants[rid]   # the engine has freed (or will free) these blocks
             g = self.grants.get(request_id)
         if g is None or not hmac.compare_digest(g.token, token):
@@ -132,17 +143,14 @@ class KVConnector:
         if not isinstance(block_ids, list) or not set(block_ids) <= g.block_ids:
             return "the requested blocks are not the ones held for this request"
         with self._lock:
+            if self.grants.get(request_id) is not g or request_id not in self.held_blocks:
+                return f"the KV of request {request_id!r} was already freed"
             # one pull per grant: the first puller's `done` frees the blocks, which must not
-            # happen while a second one still reads them
+            # happen while a second one still reads them; a claimed grant also keeps the
+            # engine's abort clock from freeing them mid-read (keep_held)
             if g.claimed:
                 return f"the KV of request {request_id!r} is already being pulled"
             g.claimed = True
-
-        def still_held(engine):
-            # restart the abort clock: the blocks must not be freed while they are being read
-            return engine.scheduler.touch_held(request_id, time.monotonic())
-        if not self._on_engine(still_held):
-            return f"the KV of request {request_id!r} was already freed (abort timeout)"
         return None
 
     def done(self, request_id: str, token: str) -> bool:

@@ -67,7 +67,6 @@ class Instance:
         self.producers: list = []
         self.step_start = 0.0
         self.step_end = 0.0
-        self.exports: list = []     # (seq, record) of held prefills waiting for a step boundary
         self.link_free = 0.0        # when this instance's incoming KV link is next idle
         # counters for the periodic log
         self.prompt_tokens = 0

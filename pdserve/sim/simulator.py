@@ -11,12 +11,12 @@ then is the request added to D with `remote_first_token`; D's scheduler allocate
 (reusing its own prefix cache) and the missing KV crosses the link in
 `link_latency + bytes / link_bw`, transfers into one D queued on its link. D then decodes.
 
-Two step-boundary waits of the real workers are modelled, since the KV connector runs its calls
-to the engine between steps: P exports a finished prefill (hands the router its first token and
-KV params) only at the end of the step P started meanwhile, and D's pull is authorised by P only
-at the end of P's step in flight. A profile with `pd_overhead` (`pdserve profile
---pd-calibration`) adds the measured fixed costs of the path: `prefill_s` before the first token
-reaches the client (and the router can call D), `handoff_s` as the hand-off's floor latency.
+As in the real workers, P exports a finished prefill (the router gets its first token and KV
+params) as soon as the step that computed it ends, and authorises D's pull at once, whatever
+step P runs meanwhile (the KV connector learns of held blocks on the engine thread and needs no
+step boundary). A profile with `pd_overhead` (`pdserve profile --pd-calibration`) adds the
+measured fixed costs of the path: `prefill_s` before the first token reaches the client (and the
+router can call D), `handoff_s` as the hand-off's floor latency.
 """
 from __future__ import annotations
 
@@ -226,8 +226,6 @@ class ClusterSim:
         self._push(t + dt, STEP_DONE, inst)
 
     def _step_done(self, inst: Instance, t: float) -> None:
-        if inst.exports:   # prefills that finished a step ago waited for this step to end
-            self._export(inst, t)
         out = inst.out
         finished = inst.sched.update(out, [TOKEN] * len(out.seqs), t)
         records = self.records
@@ -240,12 +238,10 @@ class ClusterSim:
         for seq in finished:
             rec = records[seq.request_id]
             if seq.request_id in inst.sched.held:
-                inst.exports.append((seq, rec))
+                self._prefilled(inst, seq, rec, t)
             else:
                 self._complete(inst, rec, t)
         self._kick(inst, t)
-        if inst.exports and not inst.busy:   # no step started: the export runs at once
-            self._export(inst, t)
 
     def _drop_unservable(self, inst: Instance, t: float) -> None:
         """An idle instance fails a waiting request that could not fit even in its whole KV cache
@@ -264,11 +260,6 @@ class ClusterSim:
             self._finish(rec, t)
 
     # ---- the hand-off -----------------------------------------------------------------------
-    def _export(self, p: Instance, t: float) -> None:
-        exports, p.exports = p.exports, []
-        for seq, rec in exports:
-            self._prefilled(p, seq, rec, t)
-
     def _prefilled(self, p: Instance, seq: Sequence, rec: RequestRecord, t: float) -> None:
         """P exported the first token and the held KV: the router gets the first token after the
         measured path cost, then sends the request on to its decode instance."""
@@ -295,9 +286,6 @@ class ClusterSim:
         rec = self.records[seq.request_id]
         rec.kv_bytes = (seq.num_prompt_tokens - seq.num_cached_tokens) * d.kv_bytes_per_token
         start = max(t, d.link_free)
-        p = self.by_name[rec.prefill_instance]
-        if p.busy and p is not d:   # P authorises the pull between its steps
-            start = max(start, p.step_end)
         busy = rec.kv_bytes / self.cluster.link_bw
         d.link_free = start + busy
         rec.kv_start = start
