@@ -85,6 +85,20 @@ def test_profile_interpolates_between_measurements():
     assert mixed == pytest.approx(decode(p, 4, 512) + 0.5 - intercept)
 
 
+def test_measured_mixed_steps_set_what_prefill_and_decode_share():
+    p = ProfilePerf(PROFILE)
+    shared = 0.03   # the mixed steps below cost prefill + decode - 30 ms, give or take noise
+    noise = [0.004, -0.002, 0.0, 0.05]
+    pts = [(64, 4, 256), (256, 4, 256), (256, 16, 512), (1024, 1, 64)]
+    mixed = [{"tokens": n, "batch": b, "context": c, "time_s": prefill(p, n) + decode(p, b, c) - shared + e}
+             for (n, b, c), e in zip(pts, noise)]
+    q = ProfilePerf({**PROFILE, "mixed": mixed})
+    assert q.overlap == pytest.approx(shared - 0.002)   # the median, not thrown by the outlier
+    assert q.step_time(128, 0, 128, 8, 8 * 300, 9) == pytest.approx(prefill(p, 128) + decode(p, 8, 300) - q.overlap)
+    # without mixed points the prefill curve's intercept stands in
+    assert p.overlap == pytest.approx(0.05 - (0.5 - 0.05) / (256 - 16) * 16)
+
+
 def test_incomplete_profile_grid_is_an_error():
     bad = {"prefill": PROFILE["prefill"], "decode": PROFILE["decode"][:-1]}
     with pytest.raises(ValueError, match="incomplete"):

@@ -14,12 +14,13 @@ def test_profile_the_default_model_then_simulate_with_it(tmp_path):
     prof = tmp_path / "PROFILE.json"
     assert cli_main(["profile", "--device", "cpu", "--kv-cache-memory", "64MiB", "--max-model-len", "512",
                      "--prefill-tokens", "8", "64", "--decode-batches", "1", "3", "--decode-contexts", "16", "48",
-                     "--repeats", "1", "--passes", "1", "--output", str(prof)]) == 0
+                     "--mixed-tokens", "24", "--mixed-batches", "2", "--repeats", "1", "--passes", "1", "--output", str(prof)]) == 0
     data = json.loads(prof.read_text())
     assert data["model"].endswith("SmolLM2-135M-Instruct") and data["device"] == "cpu"
     assert [p["tokens"] for p in data["prefill"]] == [8, 64]
     assert {(d["batch"], d["context"]) for d in data["decode"]} == {(1, 16), (3, 16), (1, 48), (3, 48)}
-    assert all(p["time_s"] > 0 for p in data["prefill"] + data["decode"])
+    assert [(m["tokens"], m["batch"]) for m in data["mixed"]] == [(24, 2)] and data["mixed"][0]["context"] > 0
+    assert all(p["time_s"] > 0 for p in data["prefill"] + data["decode"] + data["mixed"])
     perf = ProfilePerf(data)
     assert perf.step_time(8, 36, 8, 0, 0, 1) == pytest.approx(data["prefill"][0]["time_s"])
     cfg = tmp_path / "c.json"

@@ -14,6 +14,7 @@ import bisect
 import itertools
 import json
 import logging
+import statistics
 from pathlib import Path
 
 from pdserve.sim.hardware import Hardware
@@ -67,10 +68,12 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
 class ProfilePerf:
     """Step times from PROFILE.json: prefill time by tokens, decode time by (batch, context).
 
-    A mixed step (chunked prefill beside decodes) costs the decode step plus the prefill's
-    tokens beyond the fixed per-step cost, which the measured prefill curve's intercept gives.
-    Measurements are made non-decreasing in tokens, batch and context before use, so that one
-    noisy point cannot make more work look cheaper.
+    A mixed step (a prefill chunk beside decodes) costs the prefill plus the decode step less
+    what the two share (`overlap`): fitted to the profile's measured mixed steps when it has
+    them (the median of prefill + decode - mixed over its points), else the fixed per-step cost
+    that the measured prefill curve's intercept gives. Measurements are made non-decreasing in
+    tokens, batch and context before use, so that one noisy point cannot make more work look
+    cheaper.
     """
 
     def __init__(self, profile: dict):
@@ -91,6 +94,13 @@ class ProfilePerf:
         for i in range(1, len(rows)):
             rows[i] = [max(a, b) for a, b in zip(rows[i], rows[i - 1])]
         self.rows = rows
+        mixed = profile.get("mixed") or []
+        if mixed:
+            shared = sorted(self.prefill_time(m["tokens"]) + self.decode_time(m["batch"], m["context"]) - m["time_s"]
+                            for m in mixed)
+            self.overlap = max(0.0, statistics.median(shared))
+        else:
+            self.overlap = self.p0
         self.meta = {k: profile.get(k) for k in ("model", "device", "dtype", "tp_size", "block_size")}
         # measured by `pdserve profile --serve-calibration`: HTTP/SSE work per step and per sequence
         serve = profile.get("serve_overhead") or {}
@@ -109,9 +119,9 @@ class ProfilePerf:
             t = self.prefill_time(pt)
         else:
             t = self.decode_time(nd, dctx / nd)
-            if pt:   # a mixed step costs at least its prefill alone
+            if pt:   # a mixed step costs at least its prefill alone, and its decodes alone
                 pre = self.prefill_time(pt)
-                t = max(pre, t + pre - self.p0)
+                t = max(pre, t, t + pre - self.overlap)
         return t + self.serve_step + self.serve_seq * ns
 
 

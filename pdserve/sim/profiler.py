@@ -2,7 +2,8 @@
 
 Prefill: one request of n prompt tokens, timed for the step that computes it.
 Decode: b requests that share one prompt of c tokens (the prefix cache computes it once), timed
-over several steps once all b are decoding. Each point is timed over `LLMEngine.step()`,
+over several steps once all b are decoding. Mixed: b such decoders plus a fresh prompt of n
+tokens, timed for the one step that runs both (chunked prefill beside decodes). Each point is timed over `LLMEngine.step()`,
 scheduling and detokenizing included, as the server runs it: `repeats` steps per visit, and
 `passes` visits spread over the run (a burst of other load then spoils one visit, not a point);
 the point's time is the median of its visits. The simulator's
@@ -18,9 +19,10 @@ import time
 
 from pdserve.cli_args import add_engine_args, engine_config_from_args
 
-GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts)
-    "full": ([16, 32, 64, 128, 256, 512, 1024], [1, 2, 4, 8, 16, 32, 64], [64, 256, 1024, 2048]),
-    "quick": ([16, 64, 256], [1, 4], [64, 256]),
+GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts, mixed prefill tokens, mixed batches)
+    "full": ([16, 32, 64, 128, 256, 512, 1024], [1, 2, 4, 8, 16, 32, 64], [64, 256, 1024, 2048],
+             [64, 256, 512], [2, 8]),
+    "quick": ([16, 64, 256], [1, 4], [64, 256], [64], [2]),
 }
 
 
@@ -31,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--prefill-tokens", type=int, nargs="*", default=None, help="override the grid")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None)
     p.add_argument("--decode-contexts", type=int, nargs="*", default=None)
+    p.add_argument("--mixed-tokens", type=int, nargs="*", default=None,
+                   help="prefill tokens of the mixed (prefill + decode) points; none: no mixed points")
+    p.add_argument("--mixed-batches", type=int, nargs="*", default=None, help="decoders beside them")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per visit of a point")
     p.add_argument("--passes", type=int, default=3, help="visits of every point, in separate sweeps")
     p.add_argument("--serve-calibration", action="store_true",
@@ -78,6 +83,24 @@ def measure_decode(engine, batch: int, context: int, repeats: int, rng: random.R
     return statistics.median(times)
 
 
+def measure_mixed(engine, n: int, batch: int, context: int, repeats: int, rng: random.Random) -> float:
+    from pdserve.engine.request import SamplingParams
+    vocab = engine.runner.model_config.vocab_size
+    prompt = {"prompt_token_ids": [rng.randrange(vocab) for _ in range(context)]}
+    params = SamplingParams(max_tokens=repeats + 64, ignore_eos=True)
+    rids = [engine.add_request(prompt, params) for _ in range(batch)]
+    while any(engine.states[r].seq.num_output_tokens == 0 for r in rids):
+        engine.step()
+    times = []
+    for _ in range(repeats):   # each step: one new prompt's whole prefill beside the decodes
+        engine.add_request({"prompt_token_ids": [rng.randrange(vocab) for _ in range(n)]},
+                           SamplingParams(max_tokens=1, ignore_eos=True))
+        times.append(_timed_step(engine))
+    for r in rids:
+        engine.abort(r)
+    return statistics.median(times)
+
+
 def _calibrate(args, result: dict, engine) -> dict:
     from pdserve.sim.perf import ProfilePerf
     from pdserve.sim.serve_calibration import calibrate
@@ -116,18 +139,27 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from pdserve.engine.engine import LLMEngine
     engine = LLMEngine(engine_config_from_args(args, enable_prefix_caching=True))
-    pre, batches, contexts = GRIDS[args.grid]
+    pre, batches, contexts, mixed_tokens, mixed_batches = GRIDS[args.grid]
     pre = [n for n in (args.prefill_tokens or pre) if n < engine.max_model_len]
     batches = args.decode_batches or batches
     limit = engine.max_model_len - args.repeats - 64
     contexts = [c for c in (args.decode_contexts or contexts) if c <= limit]
     batches = [b for b in batches if b <= engine.config.max_num_seqs]
+    # a mixed point must fit one step: its prompt and decoders within the token budget and the model
+    mixed_ctx = min(256, limit // 2)
+    mixed_batches = [b for b in (mixed_batches if args.mixed_batches is None else args.mixed_batches)
+                     if b < engine.config.max_num_seqs]
+    budget = engine.config.max_num_batched_tokens
+    mixed = [(n, b) for n in (mixed_tokens if args.mixed_tokens is None else args.mixed_tokens)
+             for b in mixed_batches if n + b <= budget and n < engine.max_model_len]
     rng = random.Random(0)
     measure_prefill(engine, pre[0], 2, rng)   # warm-up: first calls allocate and compile
     result = {"model": engine.model_name, "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
               "tp_size": 1, "block_size": engine.config.block_size,
-              "max_num_batched_tokens": engine.config.max_num_batched_tokens, "prefill": [], "decode": []}
-    points = [("prefill", n, 0) for n in pre] + [("decode", b, c) for c in contexts for b in batches]
+              "max_num_batched_tokens": engine.config.max_num_batched_tokens, "prefill": [], "decode": [],
+              "mixed": []}
+    points = ([("prefill", n, 0) for n in pre] + [("decode", b, c) for c in contexts for b in batches]
+              + [("mixed", n, b) for n, b in mixed])
     visits: dict[tuple, list[float]] = {pt: [] for pt in points}
     with tqdm(total=len(points) * args.passes, desc="profiling", unit="point") as bar:
         for _ in range(args.passes):
@@ -135,21 +167,24 @@ def run(args: argparse.Namespace) -> int:
                 kind, x, c = pt
                 if kind == "prefill":
                     t = measure_prefill(engine, x, args.repeats, rng)
-                else:
+                elif kind == "decode":
                     t = measure_decode(engine, x, c, args.repeats, rng)
+                else:
+                    t = measure_mixed(engine, x, c, mixed_ctx, args.repeats, rng)
                 visits[pt].append(t)
-                bar.set_postfix(point=f"{kind} {x}" + (f"x{c}" if c else ""), ms=f"{t * 1e3:.1f}")
+                label = {"prefill": f"prefill {x}", "decode": f"decode {x}x{c}", "mixed": f"mixed {x}+{c}x{mixed_ctx}"}
+                bar.set_postfix(point=label[kind], ms=f"{t * 1e3:.1f}")
                 bar.update(1)
     for (kind, x, c), ts in visits.items():
         t = statistics.median(ts)
-        result[kind].append({"tokens": x, "time_s": t} if kind == "prefill" else
-                            {"batch": x, "context": c, "time_s": t})
+        result[kind].append({"prefill": {"tokens": x, "time_s": t}, "decode": {"batch": x, "context": c, "time_s": t},
+                             "mixed": {"tokens": x, "batch": c, "context": mixed_ctx, "time_s": t}}[kind])
     if args.serve_calibration:
         result["serve_overhead"] = _calibrate(args, result, engine)
     if args.pd_calibration:
         result["pd_overhead"] = _pd_calibrate(args, result, engine)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {args.output}: {len(result['prefill'])} prefill and {len(result['decode'])} decode points "
-          f"for {result['model']} on {result['device']}")
+    print(f"wrote {args.output}: {len(result['prefill'])} prefill, {len(result['decode'])} decode and "
+          f"{len(result['mixed'])} mixed points for {result['model']} on {result['device']}")
     return 0
