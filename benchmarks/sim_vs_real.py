@@ -18,7 +18,8 @@ meanwhile (from /proc/stat, less this script's own children), each deployment is
 `--attempts` times, every attempt is listed, and the comparison uses each metric's median over
 them; `--drift-check` re-measures a few profile points afterwards to show how far the host moved.
 
-    python benchmarks/sim_vs_real.py [--requests 30 --rate 0.5 --attempts 3] [--reprofile] [--drift-check]
+    python benchmarks/sim_vs_real.py [--requests 30 --rate 0.5 --attempts 3] [--reprofile | --interleave]
+                                     [--drift-check]
 """
 from __future__ import annotations
 
@@ -52,11 +53,11 @@ def sh(cmd: list[str], env=None, cpus: str | None = None) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
 
 
-def profile(path: Path) -> None:
+def profile(path: Path, passes: int = 3) -> None:
     sh([sys.executable, "-m", "pdserve.cli", "profile", "--device", "cpu", "--kv-cache-memory", str(KV_MEMORY),
         "--prefill-tokens", "16", "64", "128", "256", "512", "1024", "--decode-batches", "1", "2", "4", "8", "16",
         "--decode-contexts", "64", "256", "512", "--mixed-tokens", "64", "256", "512", "--mixed-batches", "2", "8",
-        "--repeats", "3", "--output", str(path)]
+        "--repeats", "3", "--passes", str(passes), "--output", str(path)]
        + (["--serve-calibration"] if SERVE_CALIBRATION else []), env=ONE_CORE, cpus="0")
 
 
@@ -79,6 +80,22 @@ def drift_check(main_profile: Path) -> dict:
             if key(kind, p) in old:
                 ratios[f"{kind} {key(kind, p)}"] = p["time_s"] / old[key(kind, p)]
     return ratios
+
+
+def merge_profiles(paths: list[Path], out: Path) -> None:
+    """One profile whose every point is the median of that point over the given profiles."""
+    import statistics
+    profs = [json.loads(p.read_text()) for p in paths]
+    merged = dict(profs[0])
+    for kind, keys in (("prefill", ("tokens",)), ("decode", ("batch", "context")),
+                       ("mixed", ("tokens", "batch", "context"))):
+        times: dict[tuple, list[float]] = {}
+        for prof in profs:
+            for pt in prof.get(kind) or []:
+                times.setdefault(tuple(pt[k] for k in keys), []).append(pt["time_s"])
+        merged[kind] = [{**dict(zip(keys, k)), "time_s": statistics.median(v)} for k, v in times.items()]
+    merged["interleaved_passes"] = len(profs)
+    out.write_text(json.dumps(merged, indent=1))
 
 
 def add_pd_overhead(path: Path) -> None:
@@ -223,7 +240,9 @@ def report(rows: dict, attempts: dict, args, prof: dict, drift: dict | None) -> 
              f"- Profile: `pdserve profile{' --serve-calibration' if prof.get('serve_overhead') else ''}` on core 0, "
              f"{len(prof['prefill'])} prefill and "
              f"{len(prof['decode'])} decode points and {len(prof.get('mixed') or [])} mixed (prefill beside decodes) "
-             "points (`results/sim_vs_real/PROFILE.json`); the simulator interpolates in it" + (f" and adds the measured serving cost, {prof['serve_overhead']['per_step_s'] * 1e3:.1f} ms "
+             "points (`results/sim_vs_real/PROFILE.json`" + (f"; each point the median of {prof['interleaved_passes']} "
+             "one-pass profiles, one taken before each round of real attempts" if prof.get("interleaved_passes") else "")
+             + "); the simulator interpolates in it" + (f" and adds the measured serving cost, {prof['serve_overhead']['per_step_s'] * 1e3:.1f} ms "
                         f"per step + {prof['serve_overhead']['per_seq_s'] * 1e3:.2f} ms per sequence"
                         if prof.get("serve_overhead") else "") + ".",
              f"- Trace: {args.requests} requests, Poisson at {args.rate} req/s, prompts ~192 tokens (lognormal), "
@@ -296,24 +315,35 @@ def main() -> int:
     ap.add_argument("--only", choices=["colocated", "1P+1D"], default=None)
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from saved real runs")
     ap.add_argument("--drift-check", action="store_true", help="re-measure a few profile points after the runs")
+    ap.add_argument("--interleave", action="store_true",
+                    help="profile in one pass before each round of real attempts and use the median over passes, "
+                         "so that the host's drift weighs on profile and real runs alike (implies --reprofile)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     prof = OUT / "PROFILE.json"
-    if args.reprofile or not prof.exists():
-        profile(prof)
-    if not json.loads(prof.read_text()).get("pd_overhead"):
-        add_pd_overhead(prof)
     trace = OUT / "trace.jsonl"
     if not args.report_only:
         make_trace(trace, args.requests, args.rate, args.seed)
-    rows, attempts = {}, {}
-    for name, spec in deployments().items():
-        if args.only and name != args.only:
-            continue
+    names = [n for n in deployments() if not args.only or n == args.only]
+    attempts: dict[str, list[dict]] = {n: [] for n in names}
+    if args.interleave and not args.report_only:
+        passes = []
+        for r in range(args.attempts):
+            passes.append(OUT / f"PROFILE_pass{r}.json")
+            profile(passes[-1], passes=1)
+            for name in names:
+                attempts[name].append(run_real(name, deployments()[name], trace, args.requests, r))
+        merge_profiles(passes, prof)
+    elif args.reprofile or not prof.exists():
+        profile(prof)
+    if not json.loads(prof.read_text()).get("pd_overhead"):
+        add_pd_overhead(prof)
+    rows = {}
+    for name in names:
         if args.report_only:
             attempts[name] = [json.loads((OUT / f"real_{name}_{i}.json").read_text()) for i in range(args.attempts)]
-        else:
-            attempts[name] = [run_real(name, spec, trace, args.requests, i) for i in range(args.attempts)]
+        elif not attempts[name]:
+            attempts[name] = [run_real(name, deployments()[name], trace, args.requests, i) for i in range(args.attempts)]
         rows[name] = (reference(attempts[name]), run_sim(name, trace, prof))
         (OUT / "rows.json").write_text(json.dumps({k: {"real": {m: fr(v[0]) for m, fr, _ in METRICS},
                                                        "sim": {m: fs(v[1]) for m, _, fs in METRICS}}

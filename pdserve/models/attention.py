@@ -87,21 +87,30 @@ def plan_decode_groups(widths: list[int], group_cost: float) -> list[int]:
     """Split rows sorted by width (blocks) into consecutive groups; returns the group sizes.
 
     A group of n rows costs n x its widest row in gathered blocks, plus `group_cost` blocks'
-    worth for its own gather and attention call. Minimises the total exactly (O(n^2)).
+    worth for its own gather and attention call. Minimises the total exactly, by dynamic
+    programming over the distinct widths (rows of equal width never gain from a split).
     """
-    n = len(widths)
     if any(a > b for a, b in zip(widths, widths[1:])):
         raise ValueError("plan_decode_groups needs widths in ascending order")
-    best = [0.0] + [float("inf")] * n   # best[j]: cost of rows [0, j)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):   # last group is rows [i, j): padded to widths[j - 1]
-            c = best[i] + (j - i) * widths[j - 1] + group_cost
+    runs: list[list[int]] = []   # [width, rows]
+    for w in widths:
+        if runs and runs[-1][0] == w:
+            runs[-1][1] += 1
+        else:
+            runs.append([w, 1])
+    k = len(runs)
+    best = [0.0] + [float("inf")] * k   # best[j]: cost of runs [0, j)
+    cut = [0] * (k + 1)
+    for j in range(1, k + 1):
+        rows, wj = 0, runs[j - 1][0]
+        for i in range(j - 1, -1, -1):   # last group is runs [i, j), padded to runs[j - 1]'s width
+            rows += runs[i][1]
+            c = best[i] + rows * wj + group_cost
             if c < best[j]:
                 best[j], cut[j] = c, i
-    sizes, j = [], n
+    sizes, j = [], k
     while j:
-        sizes.append(j - cut[j])
+        sizes.append(sum(r for _, r in runs[cut[j]:j]))
         j = cut[j]
     return sizes[::-1]
 
