@@ -5,9 +5,10 @@ which blocks a remote-decode request holds after its first token (`on_held`) and
 are freed (`on_held_freed`). `export()` turns them into kv_transfer_params with a one-time
 token and `authorize()` lets one puller read them, both without waiting for the engine's step
 in flight; the KV server serves the blocks to whoever presents the token, and frees them on
-`done` (or the engine does after its abort timeout, unless a pull is reading them). Consumer (role decode/both): `expect()` registers a request's params; when
-the engine has allocated its blocks it calls `_on_kv_load`, and a pull thread fetches only
-the blocks beyond the local prefix-cache hit.
+`done` (or the engine does after its abort timeout, unless a pull is reading them).
+Consumer (role decode/both): `expect()` registers a request's params; when the engine has
+allocated its blocks it calls `_on_kv_load`, and a pull thread fetches only the blocks beyond
+the local prefix-cache hit.
 """
 from __future__ import annotations
 

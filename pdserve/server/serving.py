@@ -154,8 +154,9 @@ class _Run:
             kvp = None
             if self.remote_decode:
                 c = self.children[0]
-                kvp = await asyncio.to_thread(self.w.connector.export, c.seq.request_id,
-                                              c.last.outputs[0].token_ids[0], c.last.prompt_token_ids)
+                # no wait for the engine: the connector learnt the held blocks when the step ended
+                kvp = self.w.connector.export(c.seq.request_id, c.last.outputs[0].token_ids[0],
+                                              c.last.prompt_token_ids)
             return JSONResponse(self._body(kvp))
         finally:
             watch.cancel()
