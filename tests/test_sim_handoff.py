@@ -62,3 +62,36 @@ def test_pd_calibration_uses_the_profiles_own_prefill_points():
     prof = {"prefill": [{"tokens": n, "time_s": 0.1} for n in (16, 64, 256, 512, 1024)]}
     assert pd_lengths(prof) == [64, 256, 512]
     assert pd_lengths({"prefill": [{"tokens": 16, "time_s": 0.1}]}) == [16]
+
+
+def test_an_instance_profile_overrides_the_run_wide_one(tmp_path):
+    """A decode instance measured slower (its own PROFILE.json in the cluster config, a path
+    relative to the config file) decodes slower; the prefill instance keeps the run-wide profile."""
+    import json
+    from pdserve.sim.cluster_config import load_cluster_config
+    slow = profile()
+    slow["decode"] = [dict(d, time_s=d["time_s"] * 3) for d in slow["decode"]]
+    (tmp_path / "slow_decode.json").write_text(json.dumps(slow))
+    cfg = json.loads(json.dumps(pd_config().to_json()))
+    cfg["nodes"][0]["instances"][1]["profile"] = "slow_decode.json"
+    (tmp_path / "cluster.json").write_text(json.dumps(cfg))
+    cluster = load_cluster_config(tmp_path / "cluster.json")
+    assert cluster.instances[1].profile == str(tmp_path / "slow_decode.json") and cluster.to_json()["nodes"][0][
+        "instances"][1]["profile"] == str(tmp_path / "slow_decode.json")
+    one = [Session(0.0, [TraceRequest(500, 6)])]
+    base = run(one, profile())["r0"]
+    sim = ClusterSim(cluster, profile=profile())
+    recs = []
+    sim.run(one, recs.append)
+    mixed = recs[0]
+    assert mixed.token_times[0] == pytest.approx(base.token_times[0], rel=1e-9)   # prefill: run-wide profile
+    gaps = lambda r: [b - a for a, b in zip(r.token_times[1:], r.token_times[2:])]   # noqa: E731
+    assert gaps(mixed) == pytest.approx([3 * g for g in gaps(base)], rel=1e-6)
+
+
+def test_a_bad_instance_profile_is_a_clear_error():
+    from pdserve.sim.cluster_config import parse_cluster_config
+    cfg = pd_config().to_json()
+    cfg["nodes"][0]["instances"][0]["profile"] = 42
+    with pytest.raises(ValueError, match="profile must be a path"):
+        parse_cluster_config(cfg)

@@ -31,7 +31,8 @@ def add_engine_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--enable-prefix-caching", action="store_true")
-    g.add_argument("--profile", default=None, help="PROFILE.json from `pdserve profile` (else analytical)")
+    g.add_argument("--profile", default=None, help="PROFILE.json from `pdserve profile` (else analytical); an instance's own "
+                   "\"profile\" field in the cluster config (a path relative to it) wins")
     g.add_argument("--routing", default="round_robin", help="round_robin | least_loaded | prefix_aware")
     g.add_argument("--local-prefill-max-tokens", type=int, default=0,
                    help="prefill on the decode instance when the uncached prompt is at most this")

@@ -22,7 +22,8 @@ ENGINE_OVERRIDES = ("max_num_seqs", "max_num_batched_tokens", "block_size", "ena
                     "enable_prefix_caching")
 _TOP = {"num_nodes", "link_bw", "link_latency", "nodes"}
 _NODE = {"num_instances", "cpu_mem", "instances"}
-_INSTANCE = {"model_name", "hardware", "npu_mem", "pd_type", "tp_size", "num_npus", "name", *ENGINE_OVERRIDES}
+_INSTANCE = {"model_name", "hardware", "npu_mem", "pd_type", "tp_size", "num_npus", "name", "profile",
+             *ENGINE_OVERRIDES}
 _MEM = {"mem_size", "mem_bw", "mem_latency", "mem_util"}
 
 
@@ -37,6 +38,7 @@ class InstanceSpec:
     mem_bw: float = 0.0           # bytes/s per device
     mem_util: float = 0.9         # fraction of memory for weights + KV, as --gpu-memory-utilization
     overrides: dict = field(default_factory=dict)   # ENGINE_OVERRIDES given for this instance
+    profile: str | None = None    # this instance's PROFILE.json (pdserve's field), over `--profile`
 
     @property
     def pd_type(self) -> str | None:
@@ -62,6 +64,8 @@ class ClusterConfig:
                  "npu_mem": {"mem_size": i.mem_size / 1e9, "mem_bw": i.mem_bw / 1e9, "mem_latency": 0},
                  "pd_type": i.pd_type, "tp_size": i.tp_size}
             d.update(i.overrides)
+            if i.profile:
+                d["profile"] = i.profile
             insts.append(d)
         return {"num_nodes": 1, "link_bw": self.link_bw / 1e9, "link_latency": self.link_latency * 1e9,
                 "nodes": [{"num_instances": len(insts), "instances": insts}]}
@@ -110,7 +114,10 @@ def _instance(d: dict, where: str, name: str) -> InstanceSpec:
     spec = InstanceSpec(d.get("name", name), model, hw.name, PD_TYPES[pd], tp,
                         mem_size=float(mem["mem_size"]) * 1e9 if "mem_size" in mem else hw.mem_size,
                         mem_bw=float(mem["mem_bw"]) * 1e9 if "mem_bw" in mem else hw.mem_bw,
-                        mem_util=util, overrides={k: d[k] for k in ENGINE_OVERRIDES if k in d})
+                        mem_util=util, overrides={k: d[k] for k in ENGINE_OVERRIDES if k in d},
+                        profile=d.get("profile"))
+    if spec.profile is not None and not isinstance(spec.profile, str):
+        raise ValueError(f"{where}: profile must be a path to a PROFILE.json, got {spec.profile!r}")
     return spec
 
 
@@ -150,4 +157,8 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from e
-    return parse_cluster_config(data)
+    cfg = parse_cluster_config(data)
+    for spec in cfg.instances:   # an instance's profile path is relative to the config file
+        if spec.profile and not Path(spec.profile).is_absolute():
+            spec.profile = str(Path(path).parent / spec.profile)
+    return cfg
