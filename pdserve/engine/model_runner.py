@@ -104,9 +104,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, banned: Callable[[Sequence], tuple[int, ...]]):
         """Run one scheduled step. Returns (token or None per out.seqs entry, logprobs per entry)."""
-        # prefills first, then decodes from the shortest context up (attention groups them by width)
-        order = sorted(range(len(out.seqs)), key=lambda i: (out.num_new_tokens[i] == 1,
-                                                            out.num_new_tokens[i] == 1 and out.seqs[i].num_computed_tokens))
+        # prefills first (in schedule order), then decodes from the shortest context up: attention
+        # groups decode rows by width
+        def row_order(i: int) -> tuple[bool, int]:
+            decode = out.num_new_tokens[i] == 1
+            return decode, out.seqs[i].num_computed_tokens if decode else 0
+        order = sorted(range(len(out.seqs)), key=row_order)
         ids, pos, slots, sample_at = [], [], [], []
         meta = AttentionMetadata(slot_mapping=None, prefill_query_lens=[], prefill_context_lens=[],
                                  prefill_block_tables=[])
@@ -153,7 +156,8 @@ class ModelRunner:
             start = 0
             for rows in plan_decode_groups(widths, DECODE_GROUP_COST.get(dev.type, DECODE_GROUP_COST["cuda"])):
                 w = widths[start + rows - 1]
-                tables = torch.tensor([t[:w] + [0] * (w - len(t[:w])) for t in dec_tables[start:start + rows]], device=dev)
+                rows_tables = [(t + [0] * w)[:w] for t in dec_tables[start:start + rows]]   # padded with block 0
+                tables = torch.tensor(rows_tables, device=dev)
                 lens = meta.decode_context_lens[start:start + rows]
                 mask = (torch.arange(w * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
                 meta.decode_groups.append((rows, tables, mask))

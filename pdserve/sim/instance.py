@@ -2,7 +2,6 @@
 and the memory arithmetic that sizes its KV cache. No copy of the engine's logic lives here."""
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -11,15 +10,9 @@ from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.sim.cluster_config import InstanceSpec
 from pdserve.sim.hardware import get_hardware
 from pdserve.sim.models import ModelShape, base_name, get_model
-from pdserve.sim.perf import AnalyticalPerf, ProfilePerf, load_profile
+from pdserve.sim.perf import AnalyticalPerf, ProfilePerf
 
 log = logging.getLogger("pdserve.sim")
-
-
-@functools.lru_cache(maxsize=None)
-def load_profile_cached(path: str) -> dict:
-    """One read per file, however many (replicated) instances name it."""
-    return load_profile(path)
 
 
 @dataclass
@@ -58,8 +51,6 @@ class Instance:
             max_num_seqs=o["max_num_seqs"] or 1 << 30, max_num_batched_tokens=o["max_num_batched_tokens"],
             max_model_len=max_len, enable_chunked_prefill=o["enable_chunked_prefill"], role=self.role), self.bm)
         self.max_model_len = max_len
-        if spec.profile:   # the instance's own measurements win over the run-wide profile
-            profile = load_profile_cached(spec.profile)
         if profile is not None:
             self.perf = ProfilePerf(profile)
             if profile.get("tp_size", 1) != spec.tp_size or (
@@ -75,7 +66,6 @@ class Instance:
         self.out = None
         self.producers: list = []
         self.step_start = 0.0
-        self.step_end = 0.0
         self.link_free = 0.0        # when this instance's incoming KV link is next idle
         # counters for the periodic log
         self.prompt_tokens = 0

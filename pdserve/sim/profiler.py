@@ -3,10 +3,10 @@
 Prefill: one request of n prompt tokens, timed for the step that computes it.
 Decode: b requests that share one prompt of c tokens (the prefix cache computes it once), timed
 over several steps once all b are decoding. Mixed: b such decoders plus a fresh prompt of n
-tokens, timed for the one step that runs both (chunked prefill beside decodes). Each point is timed over `LLMEngine.step()`,
-scheduling and detokenizing included, as the server runs it: `repeats` steps per visit, and
-`passes` visits spread over the run (a burst of other load then spoils one visit, not a point);
-the point's time is the median of its visits. The simulator's
+tokens, timed for the one step that runs both (chunked prefill beside decodes). Each point is
+timed over `LLMEngine.step()`, scheduling and detokenizing included, as the server runs it:
+`repeats` steps per visit, and `passes` visits spread over the run (a burst of other load then
+spoils one visit, not a point); the point's time is the median of its visits. The simulator's
 ProfilePerf interpolates in these numbers (`pdserve sim --profile PROFILE.json`).
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ from pdserve.engine.request import FinishReason, SamplingParams, Sequence
 from pdserve.router.policies import make_policy
 from pdserve.sim.cluster_config import ClusterConfig
 from pdserve.sim.instance import EngineDefaults, Instance
+from pdserve.sim.perf import load_profile
 from pdserve.sim.trace import Session
 
 log = logging.getLogger("pdserve.sim")
@@ -76,7 +77,9 @@ class ClusterSim:
         self.cluster = cluster
         self.opts = options or SimOptions()
         engine = engine or EngineDefaults()
-        self.instances = [Instance(s, engine, profile) for s in cluster.instances]
+        # an instance's own profile (cluster config) wins over the run-wide one; each file read once
+        own = {s.profile: load_profile(s.profile) for s in cluster.instances if s.profile}
+        self.instances = [Instance(s, engine, own.get(s.profile, profile)) for s in cluster.instances]
         self.by_name = {i.name: i for i in self.instances}
         self.prefill_pool = [i.name for i in self.instances if i.role == "prefill"]
         self.decode_pool = [i.name for i in self.instances if i.role in ("decode", "both")]
@@ -217,7 +220,7 @@ class ClusterSim:
             if c + n >= len(seq.token_ids):
                 producers.append(seq)
         dt = inst.step_time(pt, pairs, pkv, nd, dctx, len(producers))
-        inst.out, inst.producers, inst.busy, inst.step_start, inst.step_end = out, producers, True, t, t + dt
+        inst.out, inst.producers, inst.busy, inst.step_start = out, producers, True, t
         inst.prompt_tokens += pt
         inst.gen_tokens += len(producers)
         inst.last_p, inst.last_d = np_, nd
