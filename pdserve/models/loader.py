@@ -61,13 +61,24 @@ def resolve_model(model: str | None) -> tuple[str, str]:
         raise FileNotFoundError(f"model {model!r} not found locally and could not be downloaded: {e}") from e
 
 
+def file_digest(path: str) -> str:
+    """The file's content hash: the cache key, so every clone or venv holding the same file
+    shares one converted copy (hashing ~100 MB costs ~0.2 s, far less than converting)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def convert_gguf(gguf: str) -> str:
-    """Dequantize a GGUF file once into a Hugging Face directory in the cache; return it."""
-    st = os.stat(gguf)
-    key = hashlib.sha1(f"{os.path.abspath(gguf)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_root() / "models" / f"{Path(gguf).stem}-{key}"
-    if (out / "config.json").is_file():
-        return str(out)
+    """Dequantize a GGUF file once into a Hugging Face directory in the cache (keyed by the
+    file's content, not its path); return it."""
+    digest, models = file_digest(gguf), cache_root() / "models"
+    for done in sorted(models.glob(f"*-{digest}")):   # the same file under another name
+        if (done / "config.json").is_file():
+            return str(done)
+    out = models / f"{Path(gguf).stem}-{digest}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
     try:
