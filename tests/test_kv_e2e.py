@@ -27,7 +27,7 @@ WORKERS = {  # name -> (serve flags, extra environment)
     "prefill": (["--role", "prefill"], {}),
     "dec_tcp": (["--role", "decode", "--kv-transport", "tcp"], {}),
     "dec_shm": (["--role", "decode", "--kv-transport", "shm"], {}),
-    "victim": (["--role", "prefill"], {"PDSERVE_KV_ABORT_TIMEOUT": str(ABORT_TIMEOUT)}),
+    "victim": (["--role", "prefill"], {"PDSERVE_KV_LEASE": str(ABORT_TIMEOUT)}),
     "dec_bs32_fail": (["--role", "decode", "--block-size", "32", "--kv-load-failure-policy", "fail"], {}),
 }
 
