@@ -81,9 +81,10 @@ class ShmPoolAllocator:
         return False
 
     def _serve_fd(self) -> None:
+        listener = self._listener   # close() sets the attribute to None
         while True:
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return  # closed
             with conn:
