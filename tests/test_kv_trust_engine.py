@@ -115,7 +115,8 @@ def test_a_dripping_peer_costs_only_its_own_requests(pair, caplog):
             threads = [threading.Thread(target=slow_request, args=(i,), daemon=True) for i in range(n_slow)]
             for t in threads:
                 t.start()
-            wait_for(lambda: slow.pulls == n_slow, what="every slow pull to be in flight")
+            # at least as many slow pulls in flight as a decode worker used to have pull threads
+            wait_for(lambda: slow.pulls >= 4, what="the slow pulls to be in flight")
             # meanwhile ordinary hand-offs from the real prefill engine
             pulled_before = sum(k == "pulled" for k, _ in events)
             normal = {}

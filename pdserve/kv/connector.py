@@ -40,6 +40,9 @@ from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
 log = logging.getLogger("pdserve.kv")
 
 
+UNTRACKED = object()   # a reader that is no KV connection (a direct call): its own `done` ends it
+
+
 @dataclass
 class _Grant:
     token: str
@@ -172,7 +175,7 @@ class KVConnector:
             # lease from freeing them mid-read (keep_held)
             if g.pulled:
                 return f"the KV of request {request_id!r} is already being pulled"
-            g.pulled, g.reader = True, reader if reader is not None else object()
+            g.pulled, g.reader = True, reader if reader is not None else UNTRACKED
         return None
 
     def unclaim(self, reader: object, request_id: str | None = None) -> None:
@@ -198,7 +201,7 @@ class KVConnector:
         if g is None:
             return False
         with self._lock:
-            if g.reader is not None and g.reader is not reader:
+            if g.reader not in (None, reader, UNTRACKED):
                 g.release_pending = True
                 return True
             self.grants.pop(request_id, None)
