@@ -63,6 +63,18 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return False
 
 
+# ---- the secret ---------------------------------------------------------------------------------
+def test_secret_from_flag_env_or_api_key(monkeypatch):
+    monkeypatch.delenv("PDSERVE_KV_SECRET", raising=False)
+    assert auth.resolve_secret(None, None) is None
+    from_key = auth.resolve_secret(None, "sk-one")
+    assert from_key == auth.resolve_secret(None, "sk-one") != auth.resolve_secret(None, "sk-two")
+    assert b"sk-one" not in from_key                      # a key of its own, not the API key
+    monkeypatch.setenv("PDSERVE_KV_SECRET", "from-env")
+    assert auth.resolve_secret(None, "sk-one") == auth.resolve_secret("from-env", None) != from_key
+    assert auth.resolve_secret("flag", "sk-one") == auth.resolve_secret("flag", None)   # the flag wins
+
+
 # ---- the server authenticates before it spends ------------------------------------------------
 def test_pull_with_the_shared_secret_works_and_without_it_is_refused(serve):
     src = random_pool()

@@ -98,6 +98,9 @@ class KVConnector:
             self._pulls = concurrent.futures.ThreadPoolExecutor(engine.config.max_num_seqs + 1,
                                                                 thread_name_prefix="pdserve-kv-pull")
             engine.on_kv_load = self._on_kv_load
+            if self.secret is None and config.kv_allowed_peers is None:
+                log.warning("no KV secret (--kv-secret, $PDSERVE_KV_SECRET or --api-key): this worker pulls KV "
+                            "only from loopback peers (or --kv-allowed-peers)")
             threading.Thread(target=self._renew_loop, name="pdserve-kv-lease", daemon=True).start()
 
     def close(self) -> None:
