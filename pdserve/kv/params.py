@@ -3,7 +3,8 @@
 Field names follow vLLM's NixlConnector (do_remote_decode, do_remote_prefill,
 remote_engine_id, remote_host, remote_port, remote_block_ids); the rest is what pdserve
 needs besides: the one-time token that unlocks the blocks, the first token the prefill
-worker sampled, the prompt the KV belongs to, and the transports the producer offers.
+worker sampled, the prompt the KV belongs to, the transports the producer offers, and the
+lease (seconds) the producer holds the blocks for unless the decode worker renews it.
 """
 from __future__ import annotations
 
@@ -34,13 +35,15 @@ class RemotePrefill:
     first_token_id: int
     prompt_token_ids: list[int]
     transports: list[str]
+    lease: float = 30.0
 
     def to_params(self) -> dict:
         return {"do_remote_decode": False, "do_remote_prefill": True,
                 "remote_engine_id": self.engine_id, "remote_host": self.host, "remote_port": self.port,
                 "remote_block_ids": self.block_ids, "remote_request_id": self.request_id,
                 "kv_token": self.token, "first_token_id": self.first_token_id,
-                "prompt_token_ids": self.prompt_token_ids, "transports": self.transports, "tp_size": 1}
+                "prompt_token_ids": self.prompt_token_ids, "transports": self.transports, "tp_size": 1,
+                "kv_lease_s": self.lease}
 
     @classmethod
     def from_params(cls, p: dict) -> "RemotePrefill":
@@ -57,6 +60,10 @@ class RemotePrefill:
                  need("remote_block_ids", list), need("remote_request_id", str), need("kv_token", str),
                  need("first_token_id", int), need("prompt_token_ids", list),
                  [t for t in p.get("transports") or ["tcp"] if isinstance(t, str)])
+        lease = p.get("kv_lease_s", 30.0)
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < 1e6:
+            raise RequestError(f"{PARAM}.kv_lease_s must be a positive number of seconds", PARAM)
+        rp.lease = float(lease)
         if not rp.prompt_token_ids:
             raise RequestError(f"{PARAM}.prompt_token_ids is empty", PARAM)
         if not rp.block_ids:

@@ -157,6 +157,9 @@ class _Run:
                 # no wait for the engine: the connector learnt the held blocks when the step ended
                 kvp = self.w.connector.export(c.seq.request_id, c.last.outputs[0].token_ids[0],
                                               c.last.prompt_token_ids)
+                if await self.request.is_disconnected():   # nobody will read these params: free the KV now
+                    self.w.connector.done(c.seq.request_id, kvp["kv_token"])
+                    return Response(status_code=499)
             return JSONResponse(self._body(kvp))
         finally:
             watch.cancel()
