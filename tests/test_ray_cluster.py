@@ -101,6 +101,7 @@ def up(cluster, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(120)
         stop(ref)
+        print("".join(lines))   # shown with a failure
 
 
 def client(url: str) -> openai.OpenAI:

@@ -40,7 +40,10 @@ def run_up(args: argparse.Namespace) -> int:
         rd.start(timeout=args.startup_timeout)
         print(ready_message(rd, args.ray), flush=True)
         while True:
-            rd.step()
+            try:
+                rd.step()
+            except Exception as e:   # the supervisor outlives one bad poll (a node going away mid-call)
+                print(f"pdserve up: {e!r}", flush=True)
             if not rd.router.alive():
                 print(f"pdserve up: the router exited ({rd.router.returncode()}); log: {rd.router.log_path}",
                       flush=True)

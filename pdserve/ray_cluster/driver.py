@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.launch import engine_flags
@@ -132,6 +132,9 @@ class RayDeployment:
         except (ActorDiedError, RayActorError) as e:
             m.error = str(e)[-2000:]
             self.say(f"pdserve up: {m.name} is dead for good: {m.error}")
+            return
+        except RayError as e:   # e.g. the reply lost with a node: ask again
+            log.warning("info from %s: %r", m.name, e)
             return
         url = m.info["url"]
         if url != m.registered and m.draining_since is None and healthy(url):
