@@ -16,6 +16,7 @@ COMMANDS = {
     "plan": ("pdserve.sim.planner", "search prefill:decode counts and tp_size for the best goodput"),
     "router": ("pdserve.router.cli", "OpenAI endpoint in front of prefill and decode workers"),
     "up": ("pdserve.launch", "start prefill + decode workers and the router on this machine"),
+    "scale": ("pdserve.ray_cluster.cli", "change the worker counts of a `pdserve up --ray` deployment"),
     "bench": ("pdserve.bench.cli", "benchmark a serving endpoint (TTFT, ITL, goodput); compare deployments"),
 }
 

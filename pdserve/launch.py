@@ -189,9 +189,14 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "up") -> None:
                    help="pin each worker to its own core(s), split evenly among the workers")
     g.add_argument("--log-dir", default=None, help="where the children's logs go (default: a temp dir)")
     g.add_argument("--startup-timeout", type=float, default=600.0)
+    g.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the workers as Ray actors on this Ray cluster (or `auto`); the router runs here")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None):
+        from pdserve.ray_cluster.cli import run_up
+        return run_up(args)
     dep = load_deployment(args)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-")
     os.makedirs(log_dir, exist_ok=True)

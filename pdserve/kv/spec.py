@@ -57,7 +57,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def host_id() -> str:
-    """Identifies this machine (and boot): two workers with the same id can share memory."""
+    """Identifies this machine (and boot): two workers with the same id can share memory.
+    $PDSERVE_HOST_ID overrides it where the machine is not the unit that shares /dev/shm: a
+    Ray actor sets its Ray node's id (two containers, or two raylets, on one host do not share it)."""
+    if os.environ.get("PDSERVE_HOST_ID"):
+        return os.environ["PDSERVE_HOST_ID"]
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

@@ -11,7 +11,7 @@ import time
 from aiohttp import web
 
 from pdserve.config import RouterConfig
-from pdserve.router.instances import ROLES
+from pdserve.router.instances import ROLES, normalize_url
 from pdserve.router.openai_io import CHAT, COMPLETIONS, error_body
 from pdserve.router.proxy import Router
 from pdserve.router.upstream import ClientError
@@ -27,7 +27,7 @@ def _err(status: int, message: str, param: str | None = None) -> web.Response:
 async def auth(request: web.Request, handler):
     key = request.app[ROUTER].cfg.api_key
     # as vLLM: the OpenAI routes need the key; so do the admin routes that change the pools
-    if key and (request.path.startswith("/v1") or request.path == "/instances"):
+    if key and (request.path.startswith("/v1") or request.path.startswith("/instances")):
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             return _err(401, "Unauthorized: a valid API key is needed (Authorization: Bearer ...)")
@@ -97,15 +97,18 @@ async def _instance_arg(request: web.Request) -> tuple[str | None, str | None]:
     if request.can_read_body:
         body = await _read_json(request)
     q = {**request.query, **body}
-    return q.get("url") or q.get("instance"), q.get("role") or q.get("type")
+    return q.get("url") or q.get("instance"), q.get("role") or q.get("type"), q.get("meta")
 
 
 async def add_instance(request: web.Request) -> web.Response:
     try:
-        url, role = await _instance_arg(request)
+        url, role, meta = await _instance_arg(request)
         if not url or role not in ROLES:
             raise ClientError.of(400, f'give {{"role": one of {list(ROLES)}, "url": "host:port"}}')
-        inst = request.app[ROUTER].pools.add(url, role)
+        if meta is not None and not (isinstance(meta, dict) and all(
+                isinstance(v, (str, int, float, bool, type(None))) for v in meta.values())):
+            return _err(400, '"meta" must be an object of plain values', param="meta")
+        inst = request.app[ROUTER].pools.add(url, role, meta)
     except ClientError as e:
         return web.json_response(e.body, status=e.status)
     except ValueError as e:
@@ -113,9 +116,23 @@ async def add_instance(request: web.Request) -> web.Response:
     return web.json_response(inst.status())
 
 
+async def drain_instance(request: web.Request) -> web.Response:
+    """Send the instance no new requests; those it has finish. Poll /instances for its
+    `assigned` and `in_flight` to reach 0, then DELETE it."""
+    try:
+        url, _, _ = await _instance_arg(request)
+    except ClientError as e:
+        return web.json_response(e.body, status=e.status)
+    inst = request.app[ROUTER].pools.instances.get(normalize_url(url)) if url else None
+    if inst is None:
+        return _err(404 if url else 400, f"no instance {url}" if url else 'give {"url": "host:port"}')
+    inst.draining = True
+    return web.json_response(inst.status())
+
+
 async def remove_instance(request: web.Request) -> web.Response:
     try:
-        url, _ = await _instance_arg(request)
+        url, _, _ = await _instance_arg(request)
     except ClientError as e:
         return web.json_response(e.body, status=e.status)
     if not url:
@@ -142,6 +159,7 @@ def make_app(cfg: RouterConfig, **router_kwargs) -> web.Application:
     app.router.add_get("/instances", list_instances)
     app.router.add_post("/instances", add_instance)
     app.router.add_delete("/instances", remove_instance)
+    app.router.add_post("/instances/drain", drain_instance)
 
     async def startup(_):
         await router.start()

@@ -43,6 +43,9 @@ class Instance:
     down_since: float | None = None
     requests: int = 0
     failures: int = 0
+    assigned: int = 0              # requests routed here and not finished (in_flight counts only calls)
+    draining: bool = False         # no new requests: it is about to be removed
+    meta: dict = field(default_factory=dict)   # who registered it says where it runs (e.g. ray_node_id)
     # calls that would rather give up than wait on an instance that went down (see went_down)
     _down_waiters: set = field(default_factory=set, repr=False)
 
@@ -71,7 +74,7 @@ class Instance:
         self._down_waiters.discard(f)
 
     def status(self) -> dict:
-        return {"url": self.url, "role": self.role, "healthy": self.healthy, "in_flight": self.in_flight,
+        return {**self.meta, "url": self.url, "draining": self.draining, "assigned": self.assigned, "role": self.role, "healthy": self.healthy, "in_flight": self.in_flight,
                 "requests": self.requests, "failures": self.failures, "last_error": self.last_error,
                 "last_error_time": self.last_error_time, "down_since": self.down_since}
 
@@ -81,16 +84,18 @@ class Pools:
     instances: dict[str, Instance] = field(default_factory=dict)   # url -> instance
     on_change: list = field(default_factory=list)   # callbacks(instance, event) for policies and metrics
 
-    def add(self, url: str, role: str) -> Instance:
+    def add(self, url: str, role: str, meta: dict | None = None) -> Instance:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         url = normalize_url(url)
         old = self.instances.get(url)
         if old is not None and old.role == role:
+            if meta is not None:
+                old.meta = dict(meta)
             return old
         if old is not None:
             self.remove(url)
-        inst = self.instances[url] = Instance(url, role)
+        inst = self.instances[url] = Instance(url, role, meta=dict(meta or {}))
         log.info("added %s instance %s", role, url)
         self._notify(inst, "added")
         return inst
@@ -103,7 +108,8 @@ class Pools:
         return inst
 
     def healthy(self, role: str, exclude: set[str] = frozenset()) -> list[Instance]:
-        return [i for i in self.instances.values() if i.role == role and i.healthy and i.url not in exclude]
+        return [i for i in self.instances.values()
+                if i.role == role and i.healthy and not i.draining and i.url not in exclude]
 
     def of_role(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.role == role]

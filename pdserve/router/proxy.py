@@ -237,6 +237,7 @@ class Router:
         job = Job(kind, body, rid, key, est, ("chatcmpl-" if kind == CHAT else "cmpl-") + rid)
         self.metrics.running.inc()
         pre: Prefilled | None = None
+        assigned: Instance | None = None
         try:
             pick = self._pick("decode", key)
             if pick is None:
@@ -244,6 +245,8 @@ class Router:
                 raise ClientError.of(503, f"no healthy decode instance ({n} known, all down; see /status)"
                                      if n else "no decode instance: add one with POST /instances")
             dec, matched = pick
+            dec.assigned += 1   # from now on: a drain of `dec` waits for this request (prefill included)
+            assigned = dec
             reason = self._local_reason(job, matched)
             if reason is None:
                 pre = await self._prefill(job)
@@ -263,6 +266,8 @@ class Router:
             self.metrics.aborts.inc()
             raise
         finally:
+            if assigned is not None:
+                assigned.assigned -= 1
             self.metrics.running.dec()
             self.metrics.e2e.observe(time.monotonic() - job.t0)
             if pre is not None and not job.decode_answered:

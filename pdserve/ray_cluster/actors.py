@@ -1,0 +1,81 @@
+"""The Ray actors: one per worker (it runs `pdserve serve` on its node and dies with it, so
+that Ray restarts both), and one small controller that holds the wanted counts per role."""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+
+import ray
+
+from pdserve.launch_procs import Proc
+from pdserve.procs import free_port, pdserve_command
+
+
+class WorkerActor:
+    """`pdserve serve` as a child of this actor, on this node's address (never a wildcard).
+
+    The child dies with the actor (launch_procs' PR_SET_PDEATHSIG): a ray.kill or a lost node
+    leaves no orphan. The actor dies with the child: Ray then restarts the pair (max_restarts),
+    possibly on another node, on new ports; the driver reads the new URL from info().
+    """
+
+    def __init__(self, name: str, role: str, argv: list[str]):
+        ctx = ray.get_runtime_context()
+        self.name, self.role = name, role
+        self.node_id = ctx.get_node_id()
+        self.ip = ray.util.get_node_ip_address()
+        self.port = free_port(self.ip)
+        self.restarted = ctx.was_current_actor_reconstructed
+        self.stopping = False
+        log_dir = os.path.join(tempfile.gettempdir(), "pdserve-ray")
+        os.makedirs(log_dir, exist_ok=True)
+        self.log_path = os.path.join(log_dir, f"{name}-{os.getpid()}.log")
+        cmd = pdserve_command("serve", *argv, "--role", role, "--host", self.ip, "--port", self.port)
+        # shared memory only between workers on one Ray node (two raylets or two pods on one
+        # host share the boot id, not /dev/shm): the KV connector compares this id
+        env = {"PDSERVE_HOST_ID": f"ray-node:{self.node_id}"}
+        self.proc = Proc(cmd, self.log_path, name, env=env)
+        threading.Thread(target=self._watch, name="pdserve-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        self.proc.popen.wait()
+        if not self.stopping:   # the worker died on its own: let Ray restart the actor, and so it
+            os._exit(1)
+
+    def info(self) -> dict:
+        return {"name": self.name, "role": self.role, "url": f"http://{self.ip}:{self.port}",
+                "node_id": self.node_id, "node_ip": self.ip, "pid": self.proc.pid, "actor_pid": os.getpid(),
+                "alive": self.proc.alive(), "restarted": self.restarted, "log": self.log_path}
+
+    def log_tail(self, n: int = 40) -> str:
+        return self.proc.tail(n)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.proc.stop()
+
+
+class Controller:
+    """What the running `pdserve up --ray` should have, and what it has: `pdserve scale`
+    writes the counts, the driver reconciles towards them and reports its state here."""
+
+    def __init__(self, counts: dict[str, int], router_url: str):
+        self.counts, self.router_url, self.state = dict(counts), router_url, {}
+
+    def set_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        new = dict(self.counts)
+        for role, n in counts.items():
+            if role not in new or int(n) < 0:
+                raise ValueError(f"unknown role {role!r} or negative count {n}")
+            new[role] = int(n)
+        if new.get("decode", 0) + new.get("both", 0) < 1:
+            raise ValueError("at least one decode (or colocated) worker must stay")
+        self.counts = new
+        return dict(new)
+
+    def get(self) -> dict:
+        return {"counts": dict(self.counts), "router_url": self.router_url, "state": self.state}
+
+    def report(self, state: dict) -> None:
+        self.state = state
