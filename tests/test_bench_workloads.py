@@ -11,7 +11,7 @@ import pytest
 from pdserve.bench.runner import RunConfig, arrival_times, run
 from pdserve.bench.text import PromptText, load_tokenizer
 from pdserve.bench import workloads
-from bench_fake_server import start_in_thread
+from bench_fake_server import SteppedClock, start_in_thread
 
 
 def free_port() -> int:
@@ -72,16 +72,23 @@ def test_poisson_and_burstiness_arrivals():
 def test_request_rate_paces_the_sends(server):
     _, url = server
     reqs = echo(12)
-    records, duration, _ = run(reqs, RunConfig(url, request_rate=8.0, seed=5, progress=False, num_warmups=0))
+    clock = SteppedClock()  # virtual time: each start is exactly when the runner chose to send
+    records, duration, _ = run(reqs, RunConfig(url, request_rate=8.0, seed=5, progress=False, num_warmups=0,
+                                               clock=clock, sleep=clock.sleep))
     planned = arrival_times(reqs, 8.0, 1.0, 5)
+    assert planned[-1] > 0.5  # a schedule, not all at once
     for r, t in zip(records, planned):
-        assert r.success and r.start == pytest.approx(t, abs=0.05)
+        assert r.success and r.start == pytest.approx(t)
 
 
 def test_max_concurrency_is_respected(server):
     srv, url = server
     srv.max_in_flight = 0
-    records, _, _ = run(echo(12, out=5), RunConfig(url, max_concurrency=3, progress=False, num_warmups=0))
+    srv.hold_until_in_flight = 3  # the first streams wait for the third: overlap does not rest on timing
+    try:
+        records, _, _ = run(echo(12, out=5), RunConfig(url, max_concurrency=3, progress=False, num_warmups=0))
+    finally:
+        srv.hold_until_in_flight = 0
     assert all(r.success for r in records)
     assert srv.max_in_flight == 3
 
@@ -97,10 +104,11 @@ def test_trace_with_llmservingsim_fields(server, tmp_path):
     assert [r.output_len for r in reqs] == [3, 4, 2]
     assert [r.prompt_len for r in reqs[:2]] == [30, 60]
     n0 = len(srv.received)
-    records, _, _ = run(reqs, RunConfig(url, progress=False, num_warmups=0))
+    clock = SteppedClock()
+    records, _, _ = run(reqs, RunConfig(url, progress=False, num_warmups=0, clock=clock, sleep=clock.sleep))
     starts = [r.start for r in records]
-    assert starts[1] - starts[0] == pytest.approx(0.3, abs=0.05)  # the trace's own gaps
-    assert starts[2] - starts[0] == pytest.approx(0.6, abs=0.05)
+    assert starts[1] - starts[0] == pytest.approx(0.3)  # the trace's own gaps
+    assert starts[2] - starts[0] == pytest.approx(0.6)
     assert sorted(b["max_tokens"] for b in srv.received[n0:]) == [2, 3, 4]
 
 
