@@ -32,6 +32,7 @@ def echo(n: int, out: int = 2, **kw) -> list[workloads.BenchRequest]:
     return [workloads.BenchRequest([{"role": "user", "content": "echo"}], 1, out, **kw) for _ in range(n)]
 
 
+@pytest.mark.slow  # starts a process
 def test_bench_imports_no_torch():
     import subprocess
     code = ("import sys, pdserve.bench.cli, pdserve.bench.compare, pdserve.bench.plots;"
@@ -39,7 +40,7 @@ def test_bench_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_random_lengths_spread_and_token_counts():
+def test_random_lengths_spread():
     text = PromptText(None, seed=1)
     reqs = workloads.random_workload(200, 100, 20, 0.5, text, seed=1)
     ins = np.array([r.prompt_len for r in reqs])
@@ -47,10 +48,15 @@ def test_random_lengths_spread_and_token_counts():
     assert ins.min() >= 50 and ins.max() <= 150 and ins.std() > 15  # uniform on [50, 150]
     assert outs.min() >= 10 and outs.max() <= 30
     assert len({r.messages[0]["content"] for r in reqs}) == 200  # no two prompts alike
+
+
+@pytest.mark.slow  # the default model's tokenizer
+def test_random_prompts_have_their_token_counts():
+    reqs = workloads.random_workload(20, 100, 20, 0.5, PromptText(None, seed=1), seed=1)
     tok = load_tokenizer(None, None)
     if tok is None:
         pytest.skip("default model's tokenizer not in the cache")
-    for r in reqs[:20]:  # the prompts really are about that many tokens
+    for r in reqs:  # the prompts really are about that many tokens
         n = len(tok.encode(r.messages[0]["content"], add_special_tokens=False).ids)
         assert abs(n - r.prompt_len) <= 2
 
