@@ -18,14 +18,14 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         add_engine_args(p)
         p.add_argument("--system", default=None, help="system message")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
-    s.add_argument("--stop", action="append", default=None)
-    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--max-tokens", type=int, default=128, help="most tokens generated per answer")
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    s.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this mass")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top token's probability")
+    s.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed (default: none)")
+    s.add_argument("--stop", action="append", default=None, help="stop at this string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
 def _params(args):
