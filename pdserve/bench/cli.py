@@ -118,6 +118,6 @@ def run(args) -> int:
         print(f"result written to {args.output}", file=sys.stderr)
     if args.plot:
         from pdserve.bench.plots import plot_runs
-        for path in plot_runs({args.base_url: records}, args.plot):
+        for path in plot_runs({args.base_url: records}, args.plot, slo=slo):
             print(f"plot: {path}", file=sys.stderr)
     return 0 if summary["completed"] else 1

@@ -89,7 +89,7 @@ def write_report(results: dict, out_dir: str, slo: dict, title: str = "pdserve b
     for rate in rates:
         md += ["", markdown_table(results, rate)]
         runs = {lb: results[lb][rate]["records"] for lb in results if rate in results[lb]}
-        pngs = plots.plot_runs(runs, out_dir, prefix=f"rate{rate}_")
+        pngs = plots.plot_runs(runs, out_dir, prefix=f"rate{rate}_", slo=slo)
         md += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs[:2]]
     if len(rates) > 1:
         md += ["", "## Against request rate", ""]
