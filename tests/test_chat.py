@@ -3,10 +3,12 @@ them, equal to the whole answer generated at once; /exit and end of input end th
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from pdserve import SamplingParams
 from pdserve.cli_generate import chat
@@ -16,7 +18,7 @@ from pdserve.llm import LLM
 
 pytestmark = pytest.mark.slow  # loads the default model
 
-PARAMS = SamplingParams(max_tokens=12, temperature=0)
+PARAMS = SamplingParams(max_tokens=8, temperature=0)
 
 
 class Writes(io.StringIO):
@@ -33,10 +35,14 @@ class Writes(io.StringIO):
 
 @pytest.fixture(scope="module")
 def llm(default_model_dir):
+    # one thread: on a shared 2-core machine two threads per process are several times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     llm = LLM.__new__(LLM)
     llm.engine = LLMEngine(EngineConfig(model=default_model_dir, kv_cache_memory="64MiB"))
     llm.tokenizer = llm.engine.tokenizer
-    return llm
+    yield llm
+    torch.set_num_threads(threads)
 
 
 def answers(pieces: list[str]) -> list[list[str]]:
@@ -78,6 +84,6 @@ def test_exit_ends_the_chat(llm):
 def test_chat_command_through_a_pipe(default_model_dir):
     proc = subprocess.run([sys.executable, "-m", "pdserve.cli", "chat", default_model_dir, "--max-tokens", "6",
                            "--kv-cache-memory", "64MiB"], input="Hi\n\n/quit\n", capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 1 and "6 tokens" in proc.stdout   # the empty line is skipped
