@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: setup up test bench clean
+.PHONY: setup up test test-quick bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ UP_ARGS ?= --prefill 1 --decode 1
 up: setup
 	$(BIN)/pdserve up $(UP_ARGS) --port $(PORT)
 
+# every test, each named as it runs, the slowest listed at the end (see the README for how long)
 test: setup
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+# the quick subset: no default model, no processes started, nothing slow
+test-quick: setup
+	$(BIN)/python -m pytest -ra -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,14 +21,27 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already names it or there is
+    none to show (None, False of a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS or d == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All commands are listed; only `command`'s module is imported to add its flags, so
     e.g. `pdserve router` never pays for importing torch."""
-    parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation")
-    parser.add_argument("--log-level", default="WARNING")
+    parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if name == command:
             importlib.import_module(module).add_arguments(p, name)
     return parser

@@ -182,13 +182,14 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "up") -> None:
     g.add_argument("--host", default=None, help="bind address of all processes (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=None, help="router port (default 8000; 0: a free one)")
     g.add_argument("--policy", default=None, help="routing policy (round_robin, least_loaded, prefix_aware)")
-    g.add_argument("--local-prefill-max-tokens", type=int, default=None, metavar="N")
+    g.add_argument("--local-prefill-max-tokens", type=int, default=None, metavar="N",
+                   help="router: prefill on the decode worker when at most N uncached prompt tokens (default 0)")
     g.add_argument("--kv-transport", default=None, help="auto | tcp | shm | cuda_ipc | nixl")
-    g.add_argument("--api-key", default=None)
+    g.add_argument("--api-key", default=None, help="clients must send it as a Bearer token (default: none)")
     g.add_argument("--pin-cpus", action="store_true",
                    help="pin each worker to its own core(s), split evenly among the workers")
     g.add_argument("--log-dir", default=None, help="where the children's logs go (default: a temp dir)")
-    g.add_argument("--startup-timeout", type=float, default=600.0)
+    g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds the workers may take to come up")
     g.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the workers as Ray actors on this Ray cluster (or `auto`); the router runs here")
 

@@ -3,6 +3,10 @@
 The prompt (or last user message) names a script in SCRIPTS: the delay before each streamed
 token, whether `usage` is sent and what it says, or a failure to produce. Run as a script
 (`python tests/bench_fake_server.py --port P [--spawn-child]`) it stands in for a deployment.
+
+The delays are real sleeps, unless the server is given a LockstepClock: then they are virtual
+time, which the bench client reads exactly (see LockstepClock), so no measurement depends on
+how busy the machine is.
 """
 from __future__ import annotations
 
@@ -26,11 +30,59 @@ SCRIPTS = {
 }
 
 
+class LockstepClock:
+    """Virtual time shared by the fake server (in its thread) and the bench client under test.
+
+    Only the server moves it: before each scripted token it adds the token's delay, writes the
+    line, then waits until the client has read the clock again. The client reads the clock once
+    before each request and once per `data:` line on arrival (pdserve.bench.client), so each of its
+    readings is exactly the script's time, however late the line is really read. One request
+    may be in flight at a time (the server refuses a second)."""
+
+    def __init__(self, start: float = 1000.0):
+        self.t = start
+        self.reads = 0
+        self.cond = threading.Condition()
+
+    def __call__(self) -> float:   # the client's clock
+        with self.cond:
+            self.reads += 1
+            self.cond.notify_all()
+            return self.t
+
+    def advance(self, delay: float) -> int:
+        with self.cond:
+            self.t += delay
+            return self.reads
+
+    def wait_read_after(self, mark: int, timeout: float = 120.0) -> None:
+        """A hang guard only: a client that stops reading the clock per line fails, not hangs."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.reads > mark, timeout):
+                raise TimeoutError("the client did not read the clock after a data line")
+
+
+class SteppedClock:
+    """A client-side virtual clock whose sleep returns at once, having moved time on by the amount
+    asked: the bench runner's send times are then exactly what its pacing decided."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    async def sleep(self, delay: float) -> None:   # never suspends: the send follows at that time
+        self.t += delay
+
+
 class FakeServer:
     def __init__(self):
         self.received: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.clock: LockstepClock | None = None
+        self.hold_until_in_flight = 0  # hold the streams until this many were in flight at once
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -56,9 +108,20 @@ class FakeServer:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if self.clock is not None and self.in_flight > 1:
+                return web.json_response({"error": {"message": "lockstep clock: one request at a time"}}, status=500)
+            await self._hold()
             return await self._stream(request, body, key)
         finally:
             self.in_flight -= 1
+
+    async def _hold(self):
+        """Wait (polling, up to a hang guard) until hold_until_in_flight requests were in flight together."""
+        for _ in range(3000):
+            if self.max_in_flight >= self.hold_until_in_flight:
+                return
+            await asyncio.sleep(0.01)
+        self.hold_until_in_flight = 0  # never reached: release everyone; the test's count will tell
 
     async def _stream(self, request, body, key):
         chat = "messages" in body
@@ -71,21 +134,34 @@ class FakeServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if chat:  # a role-only first chunk, as vLLM sends: it carries no token
-            await self._send(resp, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            await self._line(resp, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for i, d in enumerate(delays):
-            await asyncio.sleep(d)
             if key == "drop" and i == 2:
+                await self._wait(d)
                 request.transport.close()  # the server goes away mid-stream
                 return resp
             piece = f" t{i}"
             choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
-            await self._send(resp, {"id": "x", "choices": [choice]})
+            await self._line(resp, {"id": "x", "choices": [choice]}, d)
         if usage is not None and (body.get("stream_options") or {}).get("include_usage"):
-            await self._send(resp, {"id": "x", "choices": [], "usage": {
+            await self._line(resp, {"id": "x", "choices": [], "usage": {
                 "prompt_tokens": 7, "completion_tokens": usage, "total_tokens": 7 + usage}})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def _wait(self, delay: float) -> int | None:
+        if self.clock is None:
+            await asyncio.sleep(delay)
+            return None
+        return self.clock.advance(delay)
+
+    async def _line(self, resp, data, delay: float = 0.0):
+        """One `data:` line, `delay` after the previous one (real or virtual time)."""
+        mark = await self._wait(delay)
+        await self._send(resp, data)
+        if mark is not None:
+            await asyncio.to_thread(self.clock.wait_read_after, mark)
 
     @staticmethod
     async def _send(resp, data):

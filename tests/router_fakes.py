@@ -45,6 +45,7 @@ class FakeWorker:
         self.aborted = 0
         self.fail_status: int | None = None  # answer every generation call with this status
         self.unhealthy = False
+        self.gate: asyncio.Event | None = None  # a stream starts only once the test sets it
         self.die_after: int | None = None    # drop the connection after this many token chunks
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -130,6 +131,8 @@ class FakeWorker:
             return {"id": f"x-{rid}-{self.role}", "object": "chunk", "created": 1, "model": "fake", "choices": [ch]}
         try:
             await asyncio.sleep(self.first_delay)
+            if self.gate is not None:
+                await self.gate.wait()
             if kind == "chat":
                 await resp.write(b"data: " + json.dumps(chunk("", role=True)).encode() + b"\n\n")
             for i, t in enumerate(toks):

@@ -1,8 +1,9 @@
 """Bench metrics against a real HTTP server that streams with scripted delays.
 
 Expected values are computed here from the scripted delays (tests/bench_fake_server.py),
-not from the code under test. Timing on a shared machine jitters, so each comparison has a
-tolerance, and the scripts leave SLO margins well beyond it.
+not from the code under test. The delays are virtual time: the server moves a LockstepClock that
+the client under test reads as its clock, so every measurement is exact and a busy machine
+cannot change it (requests go one at a time for that; the workload tests cover concurrency).
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import pytest
 from pdserve.bench.metrics import parse_slo, summarize
 from pdserve.bench.runner import RunConfig, run
 from pdserve.bench.workloads import BenchRequest
-from bench_fake_server import SCRIPTS, start_in_thread
-
-TOL = 0.035  # seconds of scheduling and loopback overhead allowed per measurement
+from bench_fake_server import SCRIPTS, LockstepClock, start_in_thread
 
 
 def free_port() -> int:
@@ -33,12 +32,21 @@ def server():
     stop()
 
 
+@pytest.fixture
+def clock(server):
+    srv, _ = server
+    srv.clock = LockstepClock()
+    yield srv.clock
+    srv.clock = None
+
+
 def req(key: str, max_tokens: int = 16) -> BenchRequest:
     return BenchRequest([{"role": "user", "content": key}], 1, max_tokens)
 
 
-def bench(url, requests, endpoint="/v1/completions", **kw):
-    cfg = RunConfig(base_url=url, endpoint=endpoint, progress=False, num_warmups=0, **kw)
+def bench(url, requests, clock, endpoint="/v1/completions", **kw):
+    cfg = RunConfig(base_url=url, endpoint=endpoint, progress=False, num_warmups=0, max_concurrency=1,
+                    clock=clock, **kw)
     return run(requests, cfg)
 
 
@@ -51,51 +59,49 @@ def expected(name: str) -> dict:
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
-def test_per_request_metrics_match_the_script(server, endpoint):
+def test_per_request_metrics_match_the_script(server, clock, endpoint):
     srv, url = server
     names = list(SCRIPTS)
-    records, _, model = bench(url, [req(n) for n in names], endpoint=endpoint)
+    records, _, model = bench(url, [req(n) for n in names], clock, endpoint=endpoint)
     assert model == "fake-model"
     for name, r in zip(names, records):
         e = expected(name)
         assert r.success, (name, r.error)
         assert r.output_tokens == e["n_out"], name
-        assert r.ttft == pytest.approx(e["ttft"], abs=TOL), name
-        assert len(r.itl) == len(e["itl"]), name  # the chat role-only chunk is not a token
-        for got, want in zip(r.itl, e["itl"]):
-            assert got == pytest.approx(want, abs=TOL), name
-        assert r.e2el == pytest.approx(e["e2e"], abs=TOL), name
-        assert r.tpot == pytest.approx(e["tpot"], abs=TOL / 2), name
+        # approx: float rounding of the virtual clock's sums only
+        assert r.ttft == pytest.approx(e["ttft"]), name
+        assert r.itl == pytest.approx(e["itl"]), name  # the chat role-only chunk is not a token
+        assert r.e2el == pytest.approx(e["e2e"]), name
+        assert r.tpot == pytest.approx(e["tpot"]), name
         assert r.prompt_len == (7 if SCRIPTS[name][1] else 1)  # server usage where given, else the estimate
     body = srv.received[-1]
     assert body["stream"] and body["stream_options"] == {"include_usage": True}
     assert ("messages" in body) == endpoint.endswith("chat/completions")
 
 
-def test_summary_percentiles_and_throughput(server):
+def test_summary_percentiles_and_throughput(server, clock):
     _, url = server
     names = list(SCRIPTS)
-    records, duration, _ = bench(url, [req(n) for n in names])
+    records, duration, _ = bench(url, [req(n) for n in names], clock)
     s = summarize(records, duration, percentiles=(50, 90, 99))
     exp = [expected(n) for n in names]
     gaps = [g for e in exp for g in e["itl"]]
     assert s["completed"] == len(names) and s["failed"] == 0
-    assert s["mean_ttft_ms"] == pytest.approx(1e3 * np.mean([e["ttft"] for e in exp]), abs=1e3 * TOL)
-    assert s["median_itl_ms"] == pytest.approx(1e3 * np.median(gaps), abs=1e3 * TOL)
-    assert s["p99_itl_ms"] == pytest.approx(1e3 * np.percentile(gaps, 99), abs=1e3 * TOL)
-    assert s["p90_e2el_ms"] == pytest.approx(1e3 * np.percentile([e["e2e"] for e in exp], 90), abs=1e3 * TOL)
-    # all sent at once: the run lasts as long as the slowest request
-    longest = max(e["e2e"] for e in exp)
-    assert longest - 0.01 <= duration <= longest + 0.5
+    assert s["mean_ttft_ms"] == pytest.approx(1e3 * np.mean([e["ttft"] for e in exp]))
+    assert s["median_itl_ms"] == pytest.approx(1e3 * np.median(gaps))
+    assert s["p99_itl_ms"] == pytest.approx(1e3 * np.percentile(gaps, 99))
+    assert s["p90_e2el_ms"] == pytest.approx(1e3 * np.percentile([e["e2e"] for e in exp], 90))
+    # one after another: the run lasts as long as all requests together
+    assert duration == pytest.approx(sum(e["e2e"] for e in exp))
     assert s["total_output_tokens"] == sum(e["n_out"] for e in exp)
     assert s["output_throughput"] == pytest.approx(s["total_output_tokens"] / duration)
     assert s["request_throughput"] == pytest.approx(len(names) / duration)
 
 
-def test_goodput_counts_only_requests_meeting_every_slo(server):
+def test_goodput_counts_only_requests_meeting_every_slo(server, clock):
     _, url = server
     names = list(SCRIPTS) + ["http500"]
-    records, duration, _ = bench(url, [req(n) for n in names])
+    records, duration, _ = bench(url, [req(n) for n in names], clock)
     # by hand from the scripts: slow_first breaks TTFT (300 > 200 ms), stall breaks TPOT
     # ((0.25+0.02+0.02)/3 = 97 > 50 ms); fast, no_usage, multi_token_chunks meet both; a failure never counts
     s = summarize(records, duration, parse_slo(["ttft_ms=200", "tpot_ms=50"]))
@@ -118,10 +124,10 @@ def test_bad_slo_is_refused():
         parse_slo(["ttft_ms=-1"])
 
 
-def test_failures_are_counted_with_their_messages(server):
+def test_failures_are_counted_with_their_messages(server, clock):
     _, url = server
     names = ["http500", "http400", "drop", "fast"]
-    records, duration, _ = bench(url, [req(n) for n in names])
+    records, duration, _ = bench(url, [req(n) for n in names], clock)
     by = dict(zip(names, records))
     assert by["http500"].status == 500 and "engine exploded" in by["http500"].error
     assert by["http400"].status == 400 and "max_tokens too large" in by["http400"].error
@@ -132,12 +138,12 @@ def test_failures_are_counted_with_their_messages(server):
     assert sum(s["error_counts"].values()) == 3
     assert any("engine exploded" in m for m in s["error_counts"])
     # failed requests stay out of the latency statistics
-    assert s["mean_ttft_ms"] == pytest.approx(1e3 * expected("fast")["ttft"], abs=1e3 * TOL)
+    assert s["mean_ttft_ms"] == pytest.approx(1e3 * expected("fast")["ttft"])
 
 
 def test_connection_refused_is_a_counted_failure():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    records, duration, _ = bench(url, [req("fast"), req("fast")], model="m")
+    records, duration, _ = bench(url, [req("fast"), req("fast")], LockstepClock(), model="m")
     s = summarize(records, duration, parse_slo(["ttft_ms=1000"]))
     assert s["failed"] == 2 and s["good_requests"] == 0
     assert all("connect" in r.error.lower() for r in records)

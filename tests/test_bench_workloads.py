@@ -11,7 +11,7 @@ import pytest
 from pdserve.bench.runner import RunConfig, arrival_times, run
 from pdserve.bench.text import PromptText, load_tokenizer
 from pdserve.bench import workloads
-from bench_fake_server import start_in_thread
+from bench_fake_server import SteppedClock, start_in_thread
 
 
 def free_port() -> int:
@@ -32,6 +32,7 @@ def echo(n: int, out: int = 2, **kw) -> list[workloads.BenchRequest]:
     return [workloads.BenchRequest([{"role": "user", "content": "echo"}], 1, out, **kw) for _ in range(n)]
 
 
+@pytest.mark.slow  # starts a process
 def test_bench_imports_no_torch():
     import subprocess
     code = ("import sys, pdserve.bench.cli, pdserve.bench.compare, pdserve.bench.plots;"
@@ -39,7 +40,7 @@ def test_bench_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_random_lengths_spread_and_token_counts():
+def test_random_lengths_spread():
     text = PromptText(None, seed=1)
     reqs = workloads.random_workload(200, 100, 20, 0.5, text, seed=1)
     ins = np.array([r.prompt_len for r in reqs])
@@ -47,10 +48,15 @@ def test_random_lengths_spread_and_token_counts():
     assert ins.min() >= 50 and ins.max() <= 150 and ins.std() > 15  # uniform on [50, 150]
     assert outs.min() >= 10 and outs.max() <= 30
     assert len({r.messages[0]["content"] for r in reqs}) == 200  # no two prompts alike
+
+
+@pytest.mark.slow  # the default model's tokenizer
+def test_random_prompts_have_their_token_counts():
+    reqs = workloads.random_workload(20, 100, 20, 0.5, PromptText(None, seed=1), seed=1)
     tok = load_tokenizer(None, None)
     if tok is None:
         pytest.skip("default model's tokenizer not in the cache")
-    for r in reqs[:20]:  # the prompts really are about that many tokens
+    for r in reqs:  # the prompts really are about that many tokens
         n = len(tok.encode(r.messages[0]["content"], add_special_tokens=False).ids)
         assert abs(n - r.prompt_len) <= 2
 
@@ -72,16 +78,23 @@ def test_poisson_and_burstiness_arrivals():
 def test_request_rate_paces_the_sends(server):
     _, url = server
     reqs = echo(12)
-    records, duration, _ = run(reqs, RunConfig(url, request_rate=8.0, seed=5, progress=False, num_warmups=0))
+    clock = SteppedClock()  # virtual time: each start is exactly when the runner chose to send
+    records, duration, _ = run(reqs, RunConfig(url, request_rate=8.0, seed=5, progress=False, num_warmups=0,
+                                               clock=clock, sleep=clock.sleep))
     planned = arrival_times(reqs, 8.0, 1.0, 5)
+    assert planned[-1] > 0.5  # a schedule, not all at once
     for r, t in zip(records, planned):
-        assert r.success and r.start == pytest.approx(t, abs=0.05)
+        assert r.success and r.start == pytest.approx(t)
 
 
 def test_max_concurrency_is_respected(server):
     srv, url = server
     srv.max_in_flight = 0
-    records, _, _ = run(echo(12, out=5), RunConfig(url, max_concurrency=3, progress=False, num_warmups=0))
+    srv.hold_until_in_flight = 3  # the first streams wait for the third: overlap does not rest on timing
+    try:
+        records, _, _ = run(echo(12, out=5), RunConfig(url, max_concurrency=3, progress=False, num_warmups=0))
+    finally:
+        srv.hold_until_in_flight = 0
     assert all(r.success for r in records)
     assert srv.max_in_flight == 3
 
@@ -97,10 +110,11 @@ def test_trace_with_llmservingsim_fields(server, tmp_path):
     assert [r.output_len for r in reqs] == [3, 4, 2]
     assert [r.prompt_len for r in reqs[:2]] == [30, 60]
     n0 = len(srv.received)
-    records, _, _ = run(reqs, RunConfig(url, progress=False, num_warmups=0))
+    clock = SteppedClock()
+    records, _, _ = run(reqs, RunConfig(url, progress=False, num_warmups=0, clock=clock, sleep=clock.sleep))
     starts = [r.start for r in records]
-    assert starts[1] - starts[0] == pytest.approx(0.3, abs=0.05)  # the trace's own gaps
-    assert starts[2] - starts[0] == pytest.approx(0.6, abs=0.05)
+    assert starts[1] - starts[0] == pytest.approx(0.3)  # the trace's own gaps
+    assert starts[2] - starts[0] == pytest.approx(0.6)
     assert sorted(b["max_tokens"] for b in srv.received[n0:]) == [2, 3, 4]
 
 

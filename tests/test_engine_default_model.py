@@ -5,6 +5,8 @@ import torch
 from pdserve import SamplingParams
 from pdserve.llm import LLM
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 CHATS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",

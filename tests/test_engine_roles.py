@@ -10,6 +10,8 @@ from pdserve.config import EngineConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine, RequestError
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 
 def engine(model_dir, role, **kw):
     return LLMEngine(EngineConfig(model=model_dir, role=role, kv_cache_memory="192MiB", **kw))

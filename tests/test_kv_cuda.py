@@ -15,7 +15,7 @@ from pdserve.kv.server import KVServer
 from pdserve.kv.auth import resolve_secret
 from pdserve.kv.spec import KVSpec, host_id
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 SHAPE = (4, 2, 16, 16, 2, 64)
 SPEC = KVSpec("m", "bfloat16", 16, 2, 64, 4)
 SECRET = resolve_secret("gpu test", None)   # the authenticated path, as across hosts

@@ -9,6 +9,8 @@ import pytest
 
 from pdserve import procs
 
+pytestmark = pytest.mark.slow  # starts processes
+
 SERVER = """
 import http.server, subprocess, sys
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])   # a child to clean up

@@ -14,6 +14,8 @@ from pdserve.sim.instance import EngineDefaults
 from pdserve.sim.trace import time_scaled
 from pdserve.sim.tracegen import GenConfig, generate
 
+pytestmark = pytest.mark.slow  # each plan simulates many candidate clusters: seconds to tens of seconds
+
 SLO = {"ttft_ms": 300.0, "tpot_ms": 30.0}
 
 

@@ -1,6 +1,8 @@
 """--step-trace: one line per step, batch shapes as the simulator counts them, times that add up."""
 import json
 
+import pytest
+
 from pdserve import SamplingParams
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
@@ -21,6 +23,7 @@ def test_batch_shape_counts_like_the_simulator():
                      "sampled": 3}
 
 
+@pytest.mark.slow  # loads the default model
 def test_engine_writes_one_line_per_step(default_model_dir, tmp_path):
     path = tmp_path / "steps.jsonl"
     eng = LLMEngine(EngineConfig(model=default_model_dir, kv_cache_memory="64MiB", step_trace=str(path),

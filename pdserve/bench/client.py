@@ -56,9 +56,10 @@ def _error_message(raw: bytes | str) -> str:
 
 
 async def send_request(session: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord,
-                       t0: float, headers: dict | None = None) -> RequestRecord:
-    """Stream `body` to `url`, filling `rec`; times are perf_counter seconds, `t0` the run's start."""
-    st = time.perf_counter()
+                       t0: float, headers: dict | None = None, clock=time.perf_counter) -> RequestRecord:
+    """Stream `body` to `url`, filling `rec`; times are `clock()` seconds, `t0` the run's start.
+    The clock is read once before the request and once per `data:` line as it arrives."""
+    st = clock()
     rec.start = st - t0
     last, chunks, text, done = st, 0, [], False
     try:
@@ -75,7 +76,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, body: dict, rec
                 if payload == b"[DONE]":
                     done = True
                     break
-                now = time.perf_counter()
+                now = clock()
                 data = json.loads(payload)
                 if "error" in data:
                     rec.error = f"stream error: {_error_message(payload)}"
@@ -93,7 +94,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, body: dict, rec
                 if usage:
                     rec.output_tokens = usage.get("completion_tokens") or 0
                     rec.prompt_len = usage.get("prompt_tokens") or rec.prompt_len
-        rec.e2el = time.perf_counter() - st
+        rec.e2el = clock() - st
         rec.text = "".join(text)
         if not done:
             rec.error = "stream ended before data: [DONE]"
@@ -103,6 +104,6 @@ async def send_request(session: aiohttp.ClientSession, url: str, body: dict, rec
             rec.output_tokens = rec.output_tokens or chunks
             rec.success = True
     except Exception as e:  # refused, reset, mid-stream drop, timeout, bad JSON: all count as failures
-        rec.e2el = time.perf_counter() - st
+        rec.e2el = clock() - st
         rec.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return rec

@@ -89,7 +89,7 @@ def write_report(results: dict, out_dir: str, slo: dict, title: str = "pdserve b
     for rate in rates:
         md += ["", markdown_table(results, rate)]
         runs = {lb: results[lb][rate]["records"] for lb in results if rate in results[lb]}
-        pngs = plots.plot_runs(runs, out_dir, prefix=f"rate{rate}_")
+        pngs = plots.plot_runs(runs, out_dir, prefix=f"rate{rate}_", slo=slo)
         md += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs[:2]]
     if len(rates) > 1:
         md += ["", "## Against request rate", ""]
@@ -115,6 +115,7 @@ def run_compare(args, slo: dict) -> int:
     rates = ([float(x) for x in args.sweep_rate.split(",")] if args.sweep_rate else [args.request_rate])
     deployments = [(args.label_a or args.deploy_a, args.deploy_a), (args.label_b or args.deploy_b, args.deploy_b)]
     workloads = {rate: build_workload(args, seed=args.seed + i) for i, rate in enumerate(rates)}
+    print(cost_message(workloads, len(deployments)), file=sys.stderr)
     os.makedirs(args.out_dir, exist_ok=True)
     results = run_deployments(deployments, workloads.__getitem__, lambda url, rate: run_config(args, url, rate),
                               rates, slo, args.out_dir, args.ready_timeout)
@@ -123,6 +124,22 @@ def run_compare(args, slo: dict) -> int:
     print(f"report: {os.path.join(args.out_dir, 'compare.md')}", file=sys.stderr)
     failed = sum(v["summary"]["failed"] for by in results.values() for v in by.values())
     return 1 if failed else 0
+
+
+def cost_message(workloads: dict, n_deployments: int) -> str:
+    """What a compare run will send, and the least time it takes: each rate's schedule spans
+    about n/rate seconds; start-up and a server slower than the rate come on top."""
+    n = sum(len(w) for w in workloads.values()) * n_deployments
+    tokens = sum(r.output_len for w in workloads.values() for r in w) * n_deployments
+    paced = [len(w) / rate for rate, w in workloads.items() if rate and rate != float("inf")]
+    least = sum(paced) * n_deployments
+    rates = ", ".join(rate_label(r) for r in workloads)
+    msg = (f"pdserve bench compare: {n} requests ({n_deployments} deployments x {len(workloads)} rate(s) [{rates}] "
+           f"x {' / '.join(str(len(w)) for w in workloads.values())} prompts), up to {tokens} output tokens")
+    if paced:
+        msg += f"; sending alone takes at least {least / 60:.1f} min at these rates"
+    return (msg + ", plus each deployment's start-up; a server slower than a rate (a CPU often is) takes longer. "
+            "Fewer: --num-prompts, fewer --sweep-rate values.")
 
 
 def _save_records(results: dict, out_dir: str) -> None:

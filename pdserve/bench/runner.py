@@ -6,6 +6,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import aiohttp
 import numpy as np
@@ -31,6 +32,9 @@ class RunConfig:
     num_warmups: int = 1
     progress: bool = True
     extra_body: dict = field(default_factory=dict)
+    # the run's time source and pacing; tests pass a virtual clock so that no assertion rests on the scheduler
+    clock: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 def arrival_times(requests: list[BenchRequest], rate: float | None, burstiness: float, seed: int) -> list[float]:
@@ -89,10 +93,11 @@ async def run_workload(requests: list[BenchRequest], cfg: RunConfig) -> tuple[li
         turn_done: dict[tuple[int, int], asyncio.Event] = {
             (r.conv, r.turn): asyncio.Event() for r in requests if r.conv is not None}
         progress = _Progress(len(requests), cfg.progress)
-        t0 = time.perf_counter()
+        clock = cfg.clock
+        t0 = clock()
 
         async def one(i: int, req: BenchRequest):
-            await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
+            await cfg.sleep(max(0.0, t0 + offsets[i] - clock()))
             messages = req.messages
             if req.conv is not None and req.turn > 0:
                 prev = turn_done.get((req.conv, req.turn - 1))
@@ -103,9 +108,9 @@ async def run_workload(requests: list[BenchRequest], cfg: RunConfig) -> tuple[li
                               cfg.temperature, cfg.extra_body)
             if sem:
                 async with sem:
-                    await send_request(session, url, body, records[i], t0, headers)
+                    await send_request(session, url, body, records[i], t0, headers, clock)
             else:
-                await send_request(session, url, body, records[i], t0, headers)
+                await send_request(session, url, body, records[i], t0, headers, clock)
             if req.conv is not None:
                 history[req.conv] = messages + [{"role": "assistant", "content": records[i].text}]
                 turn_done[(req.conv, req.turn)].set()
@@ -115,7 +120,7 @@ async def run_workload(requests: list[BenchRequest], cfg: RunConfig) -> tuple[li
             await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
         finally:
             progress.close()
-        return records, time.perf_counter() - t0, model
+        return records, clock() - t0, model
 
 
 async def _warmup(session, url, model, requests, cfg, headers):
@@ -126,7 +131,7 @@ async def _warmup(session, url, model, requests, cfg, headers):
                     for j, m in enumerate(req.messages)]
         body = build_body(cfg.endpoint, model, messages, min(req.output_len, 8), cfg.ignore_eos,
                           cfg.temperature, cfg.extra_body)
-        rec = await send_request(session, url, body, RequestRecord(-1, 0, 0), time.perf_counter(), headers)
+        rec = await send_request(session, url, body, RequestRecord(-1, 0, 0), cfg.clock(), headers, cfg.clock)
         if not rec.success:
             print(f"warning: warm-up request failed: {rec.error}", file=sys.stderr)
 

@@ -17,14 +17,16 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "router") -> None:
                    help="prefill worker(s); repeat the flag or separate with commas")
     p.add_argument("--decode", action="append", default=[], metavar="HOST:PORT",
                    help="decode worker(s) (a `both` worker here prefills locally)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--policy", default="round_robin", choices=sorted(POLICIES))
+    p.add_argument("--host", default="127.0.0.1", help="bind address")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--policy", default="round_robin", choices=sorted(POLICIES),
+                   help="how a worker is picked from a pool")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0, metavar="N",
                    help="prefill on the decode worker when the prompt, less what that worker likely has "
                         "cached, is at most N tokens (0: always remote while a prefill worker is healthy)")
     p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
-                   help="clients must send it as a Bearer token; the router sends it to the workers too")
+                   help="clients must send it as a Bearer token; the router sends it to the workers too "
+                        "(default: $PDSERVE_API_KEY, else none)")
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a worker may stay silent during a call before it counts as failed")
@@ -59,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m pdserve.router.cli`: the router alone, without loading the other commands'
     modules (some of which import torch) as `pdserve router` does to build its help."""
-    p = argparse.ArgumentParser(prog="pdserve router", description=__doc__)
-    p.add_argument("--log-level", default="WARNING")
+    from pdserve.cli import HelpFormatter   # argparse only: no torch
+    p = argparse.ArgumentParser(prog="pdserve router", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
     add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

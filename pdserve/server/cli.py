@@ -16,19 +16,23 @@ log = logging.getLogger("pdserve.server")
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     add_engine_args(p)
     s = p.add_argument_group("server")
-    s.add_argument("--role", choices=("both", "prefill", "decode"), default="both")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--role", choices=("both", "prefill", "decode"), default="both",
+                   help="prefill: answer the first token and hold the KV for a decode worker; decode: "
+                        "pull it and generate the rest; both: a whole request alone")
+    s.add_argument("--host", default="127.0.0.1", help="bind address")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     s.add_argument("--register", default=None, metavar="ROUTER_URL",
                    help="add this worker to a pdserve router's pools once it is up (and leave them on exit)")
     k = p.add_argument_group("KV transfer")
-    k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto")
+    k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto",
+                   help="how KV blocks travel between workers (auto: the fastest both ends offer)")
     k.add_argument("--kv-host", default=None, help="KV server bind address (default: --host)")
     k.add_argument("--kv-port", type=int, default=0, help="KV server port (default: a free one)")
     k.add_argument("--kv-advertise-host", default=None,
                    help="host that decode workers should connect to (default: the KV bind address)")
-    k.add_argument("--kv-load-failure-policy", choices=("recompute", "fail"), default="recompute")
+    k.add_argument("--kv-load-failure-policy", choices=("recompute", "fail"), default="recompute",
+                   help="decode worker, when a KV pull fails: prefill the prompt itself, or fail the request")
     k.add_argument("--kv-pull-timeout", type=float, default=30.0,
                    help="deadline in seconds of a whole KV pull (connect, handshake, every byte); a slower "
                         "pull fails and --kv-load-failure-policy applies")

@@ -24,13 +24,15 @@ def parse_slo(items: list[str] | None) -> dict[str, float]:
 def add_engine_sim_args(p: argparse.ArgumentParser) -> None:
     """Engine settings the simulated instances share (a cluster config may override them)."""
     g = p.add_argument_group("simulated engine (defaults as `pdserve serve`)")
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--dtype", default="float16", help="weights and KV cache dtype")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    g.add_argument("--enable-prefix-caching", action="store_true")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step's batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="most tokens computed in one step")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt plus output, in tokens (default: the model's)")
+    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                   help="prefill each prompt in one step instead of in chunks")
+    g.add_argument("--enable-prefix-caching", action="store_true", help="reuse the KV blocks of shared prompt prefixes")
     g.add_argument("--profile", default=None, help="PROFILE.json from `pdserve profile` (else analytical); an instance's own "
                    "\"profile\" field in the cluster config (a path relative to it) wins")
     g.add_argument("--routing", default="round_robin", help="round_robin | least_loaded | prefix_aware")
@@ -40,22 +42,23 @@ def add_engine_sim_args(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     sub = p.add_subparsers(dest="sim_command")
-    g = sub.add_parser("gen", help="write a synthetic trace (LLMServingSim JSONL)")
-    g.add_argument("--output", required=True)
+    g = sub.add_parser("gen", help="write a synthetic trace (LLMServingSim JSONL)",
+                       description="write a synthetic trace (LLMServingSim JSONL)", formatter_class=p.formatter_class)
+    g.add_argument("--output", required=True, help="JSONL file to write")
     for f in fields(GenConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            g.add_argument(flag, action="store_true")
+            g.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             g.add_argument(flag, type=float if f.type == "float" else (int if f.type == "int" else str),
-                           default=f.default)
+                           default=f.default, help=f.metadata["help"])
     p.add_argument("--cluster-config", help="cluster config JSON in LLMServingSim's shape")
-    p.add_argument("--dataset", help="request trace (JSONL)")
+    p.add_argument("--dataset", help="request trace (JSONL; `pdserve sim gen` writes one)")
     p.add_argument("--output", default=None, help="CSV with one row per request")
     p.add_argument("--log-interval", type=float, default=1.0, help="seconds of simulated time; 0: no log")
     p.add_argument("--num-requests", type=int, default=None, help="only the first N trace lines")
     p.add_argument("--slo", nargs="*", default=None, help="ttft_ms=... tpot_ms=... [e2e_ms=...]")
-    p.add_argument("--summary-json", default=None)
+    p.add_argument("--summary-json", default=None, help="write the summary as JSON here")
     p.add_argument("--plot", default=None, help="PNG: KV memory per instance over time and latency CDFs")
     p.add_argument("--quiet", action="store_true", help="no periodic log lines")
     add_engine_sim_args(p)
@@ -76,13 +79,16 @@ def run(args: argparse.Namespace) -> int:
         return _gen(args)
     if not args.cluster_config or not args.dataset:
         raise ValueError("give --cluster-config and --dataset (or `pdserve sim gen` to write a trace)")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from pdserve.sim.runner import simulate
     from pdserve.sim.metrics import format_summary
-    summary, sim = simulate(args.cluster_config, args.dataset, engine_defaults(args), routing=args.routing,
-                            profile=args.profile, csv_path=args.output, log_interval=args.log_interval,
-                            slo=parse_slo(args.slo), limit=args.num_requests,
-                            local_prefill_max_tokens=args.local_prefill_max_tokens,
-                            on_log=None if not args.quiet else (lambda line: None), progress=True)
+    with logging_redirect_tqdm():   # warnings go above the progress bar (tqdm.write), not through it
+        summary, sim = simulate(args.cluster_config, args.dataset, engine_defaults(args), routing=args.routing,
+                                profile=args.profile, csv_path=args.output, log_interval=args.log_interval,
+                                slo=parse_slo(args.slo), limit=args.num_requests,
+                                local_prefill_max_tokens=args.local_prefill_max_tokens,
+                                on_log=None if not args.quiet else (lambda line: None), progress=True)
     print(format_summary(summary))
     print(f"simulated {summary['completed'] + summary['failed']} requests in {summary['cpu_s']:.2f}s CPU, "
           f"{summary['wall_s']:.2f}s wall ({summary['sim_speed_rps']:.0f} requests per CPU second)")

@@ -12,6 +12,8 @@ import argparse
 import json
 import logging
 import math
+import sys
+import time
 from dataclasses import dataclass, replace
 
 from pdserve.sim.cluster_config import ClusterConfig, InstanceSpec, load_cluster_config
@@ -132,12 +134,34 @@ def plan(template: InstanceSpec, devices: int, sessions: list[Session], slo: dic
     cands = [c for c in candidates(min(devices, max_unit), fits) if c.devices <= devices]
     from tqdm import tqdm
     results = []
-    for cand in tqdm(cands, desc="planning", unit="config", disable=not progress):
+    n_req = sum(len(s.requests) for s in sessions)
+    if progress and n_req > 200:
+        print(f"pdserve plan: {len(cands)} configurations, each simulated at about 10 request rates with {n_req} "
+              f"requests; the time grows with --num-requests (200 is enough for a first try)", file=sys.stderr)
+    t0 = time.perf_counter()
+    for cand in (bar := tqdm(cands, desc="planning", unit="config", disable=not progress)):
         rate, summary = max_rate(build_cluster(template, cand, link_bw, link_latency), sessions, slo,
                                  attainment, engine, profile, routing)
         results.append(PlanResult(cand, rate, summary))
+        if progress and len(results) == 1:
+            hint = cost_hint(time.perf_counter() - t0, len(cands), n_req)
+            if hint:
+                bar.write(hint)
     results.sort(key=lambda r: (-r.per_device, r.cand.devices))
     return results
+
+
+def cost_hint(first_s: float, n_configs: int, n_requests: int, small: int = 200) -> str | None:
+    """What the whole search will cost, measured on its first configuration, when that is more
+    than a minute: the simulator's time grows with the requests per simulation."""
+    total = first_s * n_configs
+    if total < 60:
+        return None
+    msg = (f"pdserve plan: the first of {n_configs} configurations took {first_s:.0f}s with {n_requests} "
+           f"requests per simulation: about {total / 60:.0f} min in all on this machine.")
+    if n_requests > small:
+        msg += f" For a first try use fewer requests: --num-requests {small} (about {total * small / n_requests / 60:.1f} min)."
+    return msg
 
 
 def format_table(results: list[PlanResult], slo: dict, attainment: float) -> str:
@@ -199,18 +223,21 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     from pdserve.sim.cli_sim import add_engine_sim_args
     p.add_argument("--cluster-config", default=None, help="template: model, hardware, memory, link from its "
                    "first instance; devices = the sum of its tp_size")
-    p.add_argument("--devices", type=int, default=None)
-    p.add_argument("--hardware", default="H100")
-    p.add_argument("--model", default="meta-llama/Llama-3.1-8B")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices to divide among instances (default: the sum of --cluster-config's tp_size)")
+    p.add_argument("--hardware", default="H100", help="device kind, without --cluster-config")
+    p.add_argument("--model", default="meta-llama/Llama-3.1-8B", help="model, without --cluster-config")
     p.add_argument("--link-bw", type=float, default=None, help="GB/s (default: the config's, else 50)")
     p.add_argument("--link-latency", type=float, default=None, help="ns (default: the config's, else 10000)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--num-requests", type=int, default=1000, help="trace lines used per simulation")
+    p.add_argument("--dataset", required=True, help="request trace (JSONL; `pdserve sim gen` writes one)")
+    p.add_argument("--num-requests", type=int, default=1000,
+                   help="trace lines used per simulation; the search's time grows with it (try 200 first)")
     p.add_argument("--slo", nargs="+", required=True, help="ttft_ms=... tpot_ms=... [e2e_ms=...]")
-    p.add_argument("--attainment", type=float, default=0.9)
-    p.add_argument("--tp-sizes", type=int, nargs="*", default=None)
+    p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet every SLO")
+    p.add_argument("--tp-sizes", type=int, nargs="*", default=None,
+                   help="tensor-parallel sizes to search (default: those of 1 2 4 8 that divide the model's heads)")
     p.add_argument("--max-unit", type=int, default=8, help="most devices in one searched unit")
-    p.add_argument("--output-dir", default="plan")
+    p.add_argument("--output-dir", default="plan", help="the plan's report, cluster config, up file and plot")
     add_engine_sim_args(p)
 
 
@@ -238,8 +265,10 @@ def run(args: argparse.Namespace) -> int:
     sessions = read_trace(args.dataset, args.num_requests)
     engine = engine_defaults(args)
     profile = load_profile(args.profile) if args.profile else None
-    results = plan(template, devices, sessions, slo, args.attainment, args.tp_sizes, args.max_unit, link_bw,
-                   link_latency, engine, profile, args.routing)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm():   # warnings above the progress bar, not through it
+        results = plan(template, devices, sessions, slo, args.attainment, args.tp_sizes, args.max_unit, link_bw,
+                       link_latency, engine, profile, args.routing)
     print(format_table(results, slo, args.attainment))
     best = results[0]
     if best.rate <= 0:

@@ -28,11 +28,12 @@ GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts, mixed prefill
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     add_engine_args(p)
-    p.add_argument("--output", default="PROFILE.json")
-    p.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    p.add_argument("--output", default="PROFILE.json", help="where the profile is written")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="full", help="points measured (quick: a few of each kind, for a first try)")
     p.add_argument("--prefill-tokens", type=int, nargs="*", default=None, help="override the grid")
-    p.add_argument("--decode-batches", type=int, nargs="*", default=None)
-    p.add_argument("--decode-contexts", type=int, nargs="*", default=None)
+    p.add_argument("--decode-batches", type=int, nargs="*", default=None, help="decode batch sizes (override the grid)")
+    p.add_argument("--decode-contexts", type=int, nargs="*", default=None,
+                   help="decode context lengths (override the grid)")
     p.add_argument("--mixed-tokens", type=int, nargs="*", default=None,
                    help="prefill tokens of the mixed (prefill + decode) points; none: no mixed points")
     p.add_argument("--mixed-batches", type=int, nargs="*", default=None, help="decoders beside them")

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.sim.trace import Session, TraceRequest
 
 
+def _f(default, help: str):
+    """A field whose help text is also its `pdserve sim gen` flag's."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GenConfig:
-    num_requests: int = 1000          # flat requests, or sessions when session_len > 1
-    rate: float = 10.0                # arrivals per second (requests or sessions)
-    burstiness: float = 1.0           # gamma shape of inter-arrival times: 1 Poisson, < 1 bursty
-    input_len: int = 512
-    output_len: int = 128
-    len_dist: str = "lognormal"       # fixed | uniform | lognormal (heavy-tailed as chat traces)
-    spread: float = 0.5               # uniform: +-spread; lognormal: sigma
-    max_len: int = 8192
-    prefix_groups: int = 0            # > 0: requests draw one of this many shared prefixes
-    prefix_len: int = 0
-    session_len: int = 1              # > 1: agentic sessions with this many calls each
-    tool_ms: float = 500.0            # mean tool time between calls (exponential)
-    token_ids: bool = False           # write input_tok_ids (implied by prefix_groups, sessions)
-    vocab: int = 32000
-    seed: int = 0
+    num_requests: int = _f(1000, "flat requests, or sessions when --session-len > 1")
+    rate: float = _f(10.0, "arrivals per second (requests or sessions)")
+    burstiness: float = _f(1.0, "gamma shape of the gaps between arrivals: 1 Poisson, < 1 bursty, > 1 even")
+    input_len: int = _f(512, "mean prompt tokens (of a session's first call)")
+    output_len: int = _f(128, "mean output tokens")
+    len_dist: str = _f("lognormal", "fixed | uniform | lognormal (heavy-tailed as chat traces)")
+    spread: float = _f(0.5, "uniform: lengths in mean x (1 +- spread); lognormal: sigma")
+    max_len: int = _f(8192, "cap on any prompt or output length")
+    prefix_groups: int = _f(0, "> 0: each request starts with one of this many shared prefixes")
+    prefix_len: int = _f(0, "tokens of each shared prefix")
+    session_len: int = _f(1, "> 1: agentic sessions with this many calls each, each resending the conversation")
+    tool_ms: float = _f(500.0, "mean tool time between a session's calls, in ms (exponential)")
+    token_ids: bool = _f(False, "write input_tok_ids (implied by --prefix-groups and sessions)")
+    vocab: int = _f(32000, "token ids are drawn below this")
+    seed: int = _f(0, "random seed")
 
 
 def _length(rng: random.Random, mean: int, cfg: GenConfig) -> int:
