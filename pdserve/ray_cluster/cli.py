@@ -63,10 +63,11 @@ def run_up(args: argparse.Namespace) -> int:
 # ---- pdserve scale ---------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser, name: str = "scale") -> None:
     p.add_argument("--ray", required=True, metavar="ADDRESS", help="the Ray cluster `pdserve up --ray` runs on")
-    p.add_argument("--namespace", default="pdserve")
-    p.add_argument("--prefill", type=int, default=None, metavar="N")
-    p.add_argument("--decode", type=int, default=None, metavar="M")
-    p.add_argument("--colocated", type=int, default=None, metavar="K")
+    p.add_argument("--namespace", default="pdserve", help="Ray namespace of the deployment's actors")
+    p.add_argument("--prefill", type=int, default=None, metavar="N", help="wanted prefill workers (default: unchanged)")
+    p.add_argument("--decode", type=int, default=None, metavar="M", help="wanted decode workers (default: unchanged)")
+    p.add_argument("--colocated", type=int, default=None, metavar="K",
+                   help="wanted colocated (`both`) workers (default: unchanged)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait until the deployment has the new counts (added workers registered, removed "
                         "ones drained), at most this long")
