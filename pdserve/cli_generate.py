@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     else:
         add_engine_args(p)
         p.add_argument("--system", default=None, help="system message")
+    from pdserve import cpu_threads
+    cpu_threads.add_arguments(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -36,8 +38,10 @@ def _params(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pdserve import cpu_threads
     from pdserve.llm import LLM
     params = _params(args)  # bad sampling flags fail before the model loads
+    cpu_threads.setup_from_args(args)
     llm = LLM.__new__(LLM)
     from pdserve.engine.engine import LLMEngine
     llm.engine = LLMEngine(engine_config_from_args(args))

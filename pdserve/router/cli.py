@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m pdserve.router.cli`: the router alone, without loading the other commands'
     modules (some of which import torch) as `pdserve router` does to build its help."""
     p = argparse.ArgumentParser(prog="pdserve router", description=__doc__)
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="INFO")
     add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
