@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         kv = (f"KV server {info['kv_host']}:{info['kv_port']} offers {', '.join(info['kv_transports'])}"
               if info["kv_port"] else f"pulls KV over {args.kv_transport}")
         log.info("pdserve worker: role %s, model %s, http://%s:%d, %s; policy on a failed pull: %s",
-                    worker.role, worker.model_name, args.host, args.port, kv, args.kv_load_failure_policy)
+                 worker.role, worker.model_name, args.host, args.port, kv, args.kv_load_failure_policy)
         # uvicorn turns SIGTERM into a graceful shutdown, then re-raises it to the handler that was
         # there before: make that one raise KeyboardInterrupt (not kill the process) so that
         # `finally` runs: it unlinks the shared memory and leaves the router's pools
