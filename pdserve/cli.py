@@ -31,6 +31,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or d is None or d is False or d is argparse.SUPPRESS or d == []:
             return text
         return super()._get_help_string(action)
+# long-running commands: their start-up lines (addresses, placement) are what a user looks for
+SERVICES = {"serve", "router", "up"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -38,7 +40,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     e.g. `pdserve router` never pays for importing torch."""
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG | INFO | WARNING | ERROR (default: INFO for the long-running "
+                             f"{', '.join(sorted(SERVICES))}, else WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
@@ -53,8 +57,11 @@ def _command_in(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from pdserve import cpu_threads
+    cpu_threads.prepare_env()   # before a command's module imports torch (libgomp reads it once)
     args = build_parser(_command_in(argv)).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or ("INFO" if args.command in SERVICES else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return module.run(args) or 0

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--system", default=None, help="system message")
         p.add_argument("--history-file", default=HISTORY, metavar="PATH",
                        help="line-editing history kept across sessions ('' for none)")
+    from pdserve import cpu_threads
+    cpu_threads.add_arguments(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=128, help="most tokens generated per answer")
     s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -41,8 +43,10 @@ def _params(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pdserve import cpu_threads
     from pdserve.llm import LLM
     params = _params(args)  # bad sampling flags fail before the model loads
+    cpu_threads.setup_from_args(args)
     llm = LLM.__new__(LLM)
     from pdserve.engine.engine import LLMEngine
     llm.engine = LLMEngine(engine_config_from_args(args))

@@ -1,6 +1,11 @@
 """`pdserve up`: N prefill + M decode workers (or K colocated ones) and the router, as local
 processes on free ports; ready when all answer /health; every child stopped on exit.
 
+Every port is checked before anything loads (a taken one fails in one line); on CPU each
+worker gets cores of its own by default (launch_config.pin_evenly; the worker sets its torch
+threads from them, pdserve.cpu_threads); processes that exit are restarted
+(launch_supervise); the logs go to a temp dir removed on exit unless --log-dir is given.
+
 Children run in sessions of their own (a worker's own children go with it when its group is
 killed) and are asked by the kernel to die with this process (PR_SET_PDEATHSIG), so not
 even a SIGKILL of `pdserve up` leaves orphans.
@@ -12,15 +17,18 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from pdserve.cpu_threads import format_cpu_list
 from pdserve.launch_config import Deployment, WorkerSpec, load_deployment
 from pdserve.launch_procs import Proc
-from pdserve.procs import free_port, wait_healthy as _wait_healthy
+from pdserve.launch_supervise import Supervisor
+from pdserve.procs import check_port, distinct_free_ports, wait_healthy as _wait_healthy
 
 log = logging.getLogger("pdserve.up")
 
@@ -35,6 +43,7 @@ class Worker:
     port: int
     host: str
     proc: Proc | None = None
+    name: str = ""             # prefill0, decode1, ...: its log file and its name in messages
 
     @property
     def url(self) -> str:
@@ -49,15 +58,16 @@ class Cluster:
     workers: list[Worker] = field(default_factory=list)
     router: Proc | None = None
     router_url: str = ""
+    router_port: int = 0
 
     # ---- commands ----------------------------------------------------------------------
-    def worker_cmd(self, w: Worker) -> list[str]:
+    def worker_cmd(self, w: Worker, restart: bool = False) -> list[str]:
         d = self.dep
         cmd = [sys.executable, "-m", "pdserve.cli", "serve"] + ([d.model] if d.model else [])
         cmd += ["--role", w.spec.role, "--host", w.host, "--port", str(w.port), "--kv-transport", d.kv_transport]
         if d.api_key:
             cmd += ["--api-key", d.api_key]
-        return cmd + engine_flags(w.spec.engine)
+        return cmd + engine_flags({**w.spec.engine, **(w.spec.restart_engine if restart else {})})
 
     def router_cmd(self, port: int) -> list[str]:
         d = self.dep
@@ -72,46 +82,72 @@ class Cluster:
         return cmd + list(d.router_args)
 
     # ---- lifecycle ---------------------------------------------------------------------
+    def assign_ports(self) -> None:
+        """Choose every port (the router's as configured, the workers' free ones) and check
+        that each can be bound, before anything is started: raises PortInUse."""
+        d = self.dep
+        if not self.workers:
+            fixed = [d.port] if d.port else []
+            ports = distinct_free_ports(d.host, len(d.workers) + (0 if d.port else 1), avoid=fixed)
+            self.router_port = d.port or ports.pop()
+            self.workers = [Worker(spec, port, d.host, name=f"{spec.role}{i}")
+                            for i, (spec, port) in enumerate(zip(d.workers, ports))]
+            self.router_url = f"http://{d.host}:{self.router_port}"
+        for port in [self.router_port] + [w.port for w in self.workers]:
+            check_port(d.host, port)
+
     def start(self, timeout: float = 600.0) -> "Cluster":
         d = self.dep
+        if not self.workers:
+            self.assign_ports()
         try:
             deadline = time.monotonic() + timeout
-            for i, spec in enumerate(d.workers):
-                w = Worker(spec, free_port(d.host), d.host)
-                self.workers.append(w)
-                self._spawn(w, f"{spec.role}{i}")
+            for w in self.workers:
+                self._spawn(w)
                 if d.sequential_start:   # GPU sharers: each sizes its KV cache after the previous one
                     wait_healthy(w.proc, w.url, deadline)
             for w in self.workers:
                 wait_healthy(w.proc, w.url, deadline)
-            port = d.port or free_port(d.host)
-            self.router_url = f"http://{d.host}:{port}"
-            self.router = Proc(self.router_cmd(port), os.path.join(self.log_dir, "router.log"), name="router")
+            self.respawn_router()
             wait_healthy(self.router, self.router_url, deadline)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _spawn(self, w: Worker, name: str) -> None:
-        env = {}
-        if w.spec.cpus:
-            # torch would otherwise start one thread per core of the machine on a single core
-            env = {"OMP_NUM_THREADS": str(len(w.spec.cpus)), "MKL_NUM_THREADS": str(len(w.spec.cpus))}
-        if w.spec.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = w.spec.gpu
-        w.proc = Proc(self.worker_cmd(w), os.path.join(self.log_dir, f"{name}.log"), name=name,
+    def _spawn(self, w: Worker, restart: bool = False) -> None:
+        # no thread settings here: the worker sets its torch threads from the affinity it is
+        # started with (pdserve.cpu_threads); OMP_NUM_THREADS given to `up` still wins there
+        env = {"CUDA_VISIBLE_DEVICES": w.spec.gpu} if w.spec.gpu is not None else {}
+        w.proc = Proc(self.worker_cmd(w, restart), os.path.join(self.log_dir, f"{w.name}.log"), name=w.name,
                       cpus=w.spec.cpus, env=env)
+
+    def respawn(self, w: Worker) -> None:
+        """Start a worker that exited again on its port, without waiting for it."""
+        if w.proc and w.proc.alive():
+            w.proc.stop()
+        self._spawn(w, restart=True)
+
+    def respawn_router(self) -> None:
+        """(Re)start the router on its port; the workers are left as they are. The router is
+        light and not pinned: it shares the cores with the workers."""
+        if self.router and self.router.alive():
+            self.router.stop()
+        self.router = Proc(self.router_cmd(self.router_port), os.path.join(self.log_dir, "router.log"),
+                           name="router")
 
     def kill(self, w: Worker, sig: int = signal.SIGKILL) -> None:
         w.proc.stop(sig)
 
     def restart(self, w: Worker, timeout: float = 300.0) -> None:
         """Start a stopped worker again on the same port (the router finds it by health check)."""
-        if w.proc and w.proc.alive():
-            w.proc.stop()
-        self._spawn(w, f"{w.spec.role}-{w.port}-restart")
+        self.respawn(w)
         wait_healthy(w.proc, w.url, time.monotonic() + timeout)
+
+    def placement(self) -> str:
+        """One line: which cores each process got."""
+        parts = [f"{w.name} {format_cpu_list(w.spec.cpus) if w.spec.cpus else 'all'}" for w in self.workers]
+        return "pdserve up: cpus: " + ", ".join(parts) + ", router all (shared)"
 
     def stop(self) -> None:
         procs = ([self.router] if self.router else []) + [w.proc for w in self.workers if w.proc]
@@ -149,7 +185,8 @@ def ready_message(c: Cluster, model_id: str) -> str:
     auth = f" -H 'Authorization: Bearer {c.dep.api_key}'" if c.dep.api_key else ""
     lines = [f"pdserve is up: {c.router_url}/v1  ({counts}; model {model_id}; logs in {c.log_dir})"]
     for w in c.workers:
-        lines.append(f"  {w.spec.role:8s} {w.url}  pid {w.proc.pid}" + (f"  cpus {w.spec.cpus}" if w.spec.cpus else "")
+        lines.append(f"  {w.spec.role:8s} {w.url}  pid {w.proc.pid}"
+                     + (f"  cpus {format_cpu_list(w.spec.cpus)}" if w.spec.cpus else "")
                      + (f"  gpu {w.spec.gpu}" if w.spec.gpu is not None else ""))
     lines.append(f"  router   {c.router_url}  pid {c.router.pid}   status: {c.router_url}/status")
     lines.append("try:")
@@ -186,9 +223,15 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "up") -> None:
                    help="router: prefill on the decode worker when at most N uncached prompt tokens (default 0)")
     g.add_argument("--kv-transport", default=None, help="auto | tcp | shm | cuda_ipc | nixl")
     g.add_argument("--api-key", default=None, help="clients must send it as a Bearer token (default: none)")
-    g.add_argument("--pin-cpus", action="store_true",
-                   help="pin each worker to its own core(s), split evenly among the workers")
-    g.add_argument("--log-dir", default=None, help="where the children's logs go (default: a temp dir)")
+    g.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=None,
+                   help="pin each worker to its own core(s), split evenly among the workers; its torch "
+                        "threads follow (default: on for workers on CPU; --no-pin-cpus: leave placement to "
+                        "the OS; explicit `cpus:` in --config always win)")
+    g.add_argument("--log-dir", default=None,
+                   help="keep the children's logs in DIR (default: a temp dir, removed on exit)")
+    g.add_argument("--max-restarts", type=int, default=None, metavar="N",
+                   help="restart a worker or the router that exits, up to N times in a row with backoff "
+                        "(default 5; 0: never)")
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds the workers may take to come up")
     g.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the workers as Ray actors on this Ray cluster (or `auto`); the router runs here")
@@ -199,8 +242,18 @@ def run(args: argparse.Namespace) -> int:
         from pdserve.ray_cluster.cli import run_up
         return run_up(args)
     dep = load_deployment(args)
-    log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-")
-    os.makedirs(log_dir, exist_ok=True)
+    c = Cluster(dep, "")
+    c.assign_ports()          # a taken port fails here, in one line, before anything loads
+    c.log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-")
+    os.makedirs(c.log_dir, exist_ok=True)
+    try:
+        return _serve(c, args)
+    finally:
+        if not args.log_dir:
+            shutil.rmtree(c.log_dir, ignore_errors=True)
+
+
+def _serve(c: Cluster, args: argparse.Namespace) -> int:
     stopping = []
 
     def on_signal(signum, frame):
@@ -209,23 +262,21 @@ def run(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    n = len(dep.workers)
-    print(f"pdserve up: starting {n} worker(s) and the router (logs in {log_dir}) ...", flush=True)
-    c = Cluster(dep, log_dir)
+    kept = "" if args.log_dir else ", removed on exit; --log-dir DIR keeps them"
+    print(f"pdserve up: starting {len(c.workers)} worker(s) and the router (logs in {c.log_dir}{kept}) ...",
+          flush=True)
+    print(c.placement(), flush=True)
     try:
-        c.start(timeout=args.startup_timeout)
+        try:
+            c.start(timeout=args.startup_timeout)
+        except (RuntimeError, TimeoutError) as e:   # a child failed to start: its log's tail says why
+            print(f"pdserve up: error: {e}", file=sys.stderr, flush=True)
+            return 1
         print(ready_message(c, model_id(c)), flush=True)
+        sup = Supervisor(c, c.dep.max_restarts, say=lambda m: print(m, flush=True))
         while True:
-            for w in c.workers:  # a worker died on its own: say so once, keep serving with the rest
-                if not w.proc.reported and not w.proc.alive():
-                    w.proc.reported = True
-                    print(f"pdserve up: {w.proc.name} exited ({w.proc.returncode()}); log: {w.proc.log_path}",
-                          flush=True)
-            if not c.router.alive():
-                print(f"pdserve up: the router exited ({c.router.returncode()}); log: {c.router.log_path}",
-                      flush=True)
-                return 1
-            time.sleep(1.0)
+            sup.check()
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("pdserve up: stopping ...", flush=True)
         return 0

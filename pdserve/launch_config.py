@@ -15,7 +15,8 @@
       engine: {max_num_seqs: 128}                # "decode instance tuning"
       cpus: ["1"]
     colocated: 0                                 # K `both` workers instead of the two pools
-    pin_cpus: false                              # split this machine's cores among the workers
+    pin_cpus: null                 # null: CPU workers get their own cores; true: all workers; false: none
+    max_restarts: 5                # a worker or router that exits is restarted (with backoff) this often
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ import subprocess
 from dataclasses import dataclass, field, fields
 
 from pdserve.config import EngineConfig
+from pdserve.cpu_threads import cgroup_cpu_limit, cores_for_threads, parse_cpu_list
 
 log = logging.getLogger("pdserve.up")
 
 ENGINE_KEYS = {f.name for f in fields(EngineConfig)} - {"model", "role"}
 TOP_KEYS = {"model", "host", "port", "policy", "local_prefill_max_tokens", "kv_transport", "api_key", "engine",
-            "prefill", "decode", "colocated", "pin_cpus", "health_interval", "router_args"}
+            "prefill", "decode", "colocated", "pin_cpus", "health_interval", "router_args", "max_restarts"}
 
 
 @dataclass
@@ -41,6 +43,7 @@ class WorkerSpec:
     engine: dict = field(default_factory=dict)
     cpus: list[int] | None = None
     gpu: str | None = None           # CUDA_VISIBLE_DEVICES for this worker (None: leave as is)
+    restart_engine: dict = field(default_factory=dict)   # engine options that differ when restarted
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Deployment:
     api_key: str | None = None
     health_interval: float = 2.0
     router_args: list[str] = field(default_factory=list)
+    max_restarts: int = 5
     workers: list[WorkerSpec] = field(default_factory=list)
     sequential_start: bool = False   # workers sharing a GPU must size their KV one after another
 
@@ -64,11 +68,7 @@ def parse_cpus(v) -> list[int]:
         return [v]
     if isinstance(v, list):
         return [int(x) for x in v]
-    out = []
-    for part in str(v).split(","):
-        a, _, b = part.strip().partition("-")
-        out += list(range(int(a), int(b or a) + 1))
-    return out
+    return parse_cpu_list(v)
 
 
 def _check_engine(opts: dict, where: str) -> dict:
@@ -120,7 +120,7 @@ def load_deployment(args: argparse.Namespace) -> Deployment:
     data = read_file(args.config) if getattr(args, "config", None) else {}
     dep = Deployment()
     for k in ("model", "host", "port", "policy", "local_prefill_max_tokens", "kv_transport", "api_key",
-              "health_interval", "router_args"):
+              "health_interval", "router_args", "max_restarts"):
         if data.get(k) is not None:
             setattr(dep, k, data[k])
         if getattr(args, k, None) is not None:
@@ -148,9 +148,16 @@ def load_deployment(args: argparse.Namespace) -> Deployment:
             dep.workers.append(WorkerSpec(role, {**common, **eng}, c))
     if not any(w.role in ("decode", "both") for w in dep.workers):
         raise ValueError("nothing can decode: give --decode M (M >= 1) or --colocated K")
-    if getattr(args, "pin_cpus", False) or data.get("pin_cpus"):
-        pin_evenly(dep.workers)
+    if dep.max_restarts < 0:
+        raise ValueError("max_restarts must be >= 0")
     dep.sequential_start = place_on_gpus(dep.workers, gpu_ids())
+    pin = getattr(args, "pin_cpus", None)
+    pin = data.get("pin_cpus") if pin is None else pin
+    if pin is None:   # default: each CPU worker its own cores (torch threads follow its affinity)
+        pin_evenly([w for w in dep.workers if w.gpu is None and w.engine.get("device", "auto") != "cuda"],
+                   explicit=dep.workers)
+    elif pin:
+        pin_evenly(dep.workers)
     return dep
 
 
@@ -189,15 +196,20 @@ def place_on_gpus(workers: list[WorkerSpec], gpus: list[str]) -> bool:
         sequential = True
         for k, w in enumerate(group):
             w.engine["gpu_memory_utilization"] = round(0.9 * (k + 1) / len(group), 3)
+            # restarted while the others hold their shares: the whole remainder is its share
+            w.restart_engine["gpu_memory_utilization"] = 0.9
     return sequential
 
 
-def pin_evenly(workers: list[WorkerSpec]) -> None:
+def pin_evenly(workers: list[WorkerSpec], explicit: list[WorkerSpec] | None = None) -> None:
     """Give each worker without explicit cpus an equal, disjoint share of this process's cores,
-    leaving alone the cores other workers were given explicitly (while any remain)."""
+    leaving alone the cores other workers (of `explicit`, default `workers`) were given
+    explicitly (while any remain)."""
     todo = [w for w in workers if w.cpus is None]
-    taken = {c for w in workers if w.cpus for c in w.cpus}
+    taken = {c for w in (workers if explicit is None else explicit) if w.cpus for c in w.cpus}
     mine = sorted(os.sched_getaffinity(0))
+    # a cgroup quota is shared by all the workers: hand out only as many cores as it pays for
+    mine = mine[:cores_for_threads(mine, cgroup_cpu_limit())]
     cores = [c for c in mine if c not in taken] or mine
     if not todo:
         return
@@ -206,6 +218,8 @@ def pin_evenly(workers: list[WorkerSpec]) -> None:
         for i, w in enumerate(todo):
             w.cpus = [cores[i % len(cores)]]
         return
-    per = len(cores) // len(todo)
+    per, extra = divmod(len(cores), len(todo))   # the first `extra` workers get one core more
+    start = 0
     for i, w in enumerate(todo):
-        w.cpus = cores[i * per:(i + 1) * per]
+        n = per + (i < extra)
+        w.cpus, start = cores[start:start + n], start + n

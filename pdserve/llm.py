@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from pdserve import cpu_threads
 from pdserve.config import EngineConfig
-from pdserve.engine.engine import LLMEngine
-from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.request import SamplingParams
+
+cpu_threads.prepare_env()   # before the engine's modules load torch (libgomp reads it once)
+from pdserve.engine.engine import LLMEngine  # noqa: E402
+from pdserve.engine.outputs import RequestOutput  # noqa: E402
+from pdserve.engine.request import SamplingParams  # noqa: E402
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -17,7 +20,10 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_args):
+    def __init__(self, model: str | None = None, num_threads: int | None = None, cpus: str | None = None,
+                 **engine_args):
+        """num_threads / cpus: torch CPU threads and cores to pin to (default: cpu_threads' choice)."""
+        cpu_threads.setup(cpus, num_threads)
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
 

@@ -2,6 +2,7 @@
 Popen out. Used by the tests, `pdserve up` and the benchmarks."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -17,6 +18,38 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class PortInUse(ValueError):
+    """A port a server is about to bind is taken (a ValueError: the CLI prints it in one line)."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise PortInUse unless a server could bind host:port now. SO_REUSEADDR as the servers
+    set it (uvicorn, aiohttp): a port left in TIME_WAIT is free, a listening one is not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(f"port {port} on {host} is already in use") from None
+            if e.errno == errno.EACCES:
+                raise PortInUse(f"port {port} on {host} needs privileges (use a port above 1023)") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise PortInUse(f"cannot bind {host}: not an address of this machine") from None
+            raise PortInUse(f"cannot bind port {port} on {host}: {e.strerror}") from None
+
+
+def distinct_free_ports(host: str, n: int, avoid=()) -> list[int]:
+    """n different free ports, none of them in avoid (free_port alone may repeat itself)."""
+    out: list[int] = []
+    while len(out) < n:
+        p = free_port(host)
+        if p not in out and p not in avoid:
+            out.append(p)
+    return out
 
 
 def pdserve_command(*args: str) -> list[str]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pdserve import launch
+from pdserve import launch, launch_config
 from pdserve.cli_args import add_engine_args
 from pdserve.launch_config import WorkerSpec, load_deployment, parse_cpus, pin_evenly, place_on_gpus
 
@@ -76,6 +76,7 @@ def test_json_config_and_errors(tmp_path):
 def test_cpu_pinning(monkeypatch):
     assert parse_cpus("0-2,5") == [0, 1, 2, 5] and parse_cpus(3) == [3] and parse_cpus([1, 2]) == [1, 2]
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: None)
     dep = load_deployment(parse("--pin-cpus"))
     assert [w.cpus for w in dep.workers] == [[0, 1], [2, 3]]          # disjoint, even shares
     dep = load_deployment(parse("--pin-cpus", "--prefill", "3", "--decode", "3"))
@@ -112,23 +113,32 @@ def test_command_lines(tmp_path):
     assert "--decode 127.0.0.1:9000 --decode 127.0.0.1:9001" in s and "--prefill" not in s
 
 
-def test_pinned_worker_gets_matching_thread_count(tmp_path, monkeypatch):
-    """A worker on one core must not start a BLAS thread per machine core."""
-    seen = {}
-
-    class FakeProc:
-        def __init__(self, cmd, log_path, name, cpus=None, env=None):
-            seen.update(cpus=cpus, env=env)
-    monkeypatch.setattr(launch, "Proc", FakeProc)
-    dep = load_deployment(parse("--prefill", "0", "--decode", "1"))
-    dep.workers[0].cpus = [1]
-    c = launch.Cluster(dep, str(tmp_path))
-    c._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1"), "decode0")
-    assert seen == {"cpus": [1], "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+def test_cpu_workers_get_their_own_cores_by_default(tmp_path, monkeypatch):
+    """On CPU each worker gets its own cores unless told otherwise; explicit settings win."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: None)
+    assert [w.cpus for w in load_deployment(parse()).workers] == [[0, 1], [2, 3]]
+    assert [w.cpus for w in load_deployment(parse("--no-pin-cpus")).workers] == [None, None]
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("pin_cpus: false\nprefill: 1\ndecode: {count: 1, cpus: ['3']}\n")
+    assert [w.cpus for w in load_deployment(parse("--config", str(cfg))).workers] == [None, [3]]
+    cfg.write_text("prefill: 1\ndecode: {count: 1, cpus: ['3']}\n")        # the rest goes to the other
+    assert [w.cpus for w in load_deployment(parse("--config", str(cfg))).workers] == [[0, 1, 2], [3]]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert [w.cpus for w in load_deployment(parse()).workers] == [[0, 1], [2]]   # no core left idle
+    # a cgroup quota of 2 cores on 4: the workers share 2 cores' worth, one core each
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: 2.0)
+    assert [w.cpus for w in load_deployment(parse()).workers] == [[0], [1]]
+    # workers on GPUs are not pinned by default (their CPU threads hardly matter), only when asked
+    monkeypatch.setattr("pdserve.launch_config.gpu_ids", lambda: ["0", "1"])
+    assert [w.cpus for w in load_deployment(parse()).workers] == [None, None]
+    assert [w.cpus for w in load_deployment(parse("--pin-cpus")).workers] == [[0], [1]]
 
 
 def test_pin_evenly_keeps_explicit_cpus(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: None)
     ws = [WorkerSpec("prefill", cpus=[1]), WorkerSpec("decode")]
     pin_evenly(ws)
     assert [w.cpus for w in ws] == [[1], [0]]
@@ -142,6 +152,11 @@ def test_gpu_placement():
     assert place_on_gpus(ws, ["3"]) is True                           # sharers start one by one
     # each sizes its KV as util x total - what is in use: cumulative shares give equal thirds
     assert [w.engine["gpu_memory_utilization"] for w in ws] == [0.3, 0.6, 0.9]
+    # restarted while the other two hold their thirds: it may take all that is left
+    c = launch.Cluster(launch_config.Deployment(workers=ws), "")
+    w = launch.Worker(ws[0], 9000, "127.0.0.1", name="prefill0")
+    assert " --gpu-memory-utilization 0.3" in " ".join(c.worker_cmd(w))
+    assert " --gpu-memory-utilization 0.9" in " ".join(c.worker_cmd(w, restart=True))
     ws = [WorkerSpec("prefill", {"kv_cache_memory": "2GiB"}), WorkerSpec("decode", {"kv_cache_memory": "8GiB"}),
           WorkerSpec("decode", {"device": "cpu"})]
     assert place_on_gpus(ws, ["0"]) is False                          # sized by the user; cpu stays cpu
@@ -154,5 +169,5 @@ def test_gpu_worker_env(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "Proc", lambda cmd, log_path, name, cpus=None, env=None: seen.update(env=env))
     dep = load_deployment(parse("--prefill", "0", "--decode", "1"))
     dep.workers[0].gpu = "2"
-    launch.Cluster(dep, str(tmp_path))._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1"), "decode0")
+    launch.Cluster(dep, str(tmp_path))._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1", name="decode0"))
     assert seen["env"] == {"CUDA_VISIBLE_DEVICES": "2"}

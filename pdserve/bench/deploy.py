@@ -45,8 +45,15 @@ class Deployment:
         self.proc: subprocess.Popen | None = None
         self.seen: dict[int, object] = {}  # pid -> psutil.Process of every descendant seen
 
+    def command(self) -> list[str]:
+        args = shlex.split(self.spec)
+        if args[:1] == ["up"] and "--log-dir" not in args:
+            # the workers' logs beside this deployment's own (kept for a look), none in /tmp
+            args += ["--log-dir", os.path.splitext(os.path.abspath(self.log_path))[0] + "-logs"]
+        return [*self.launcher, *args, "--port", str(self.port)]
+
     def start(self) -> "Deployment":
-        cmd = [*self.launcher, *shlex.split(self.spec), "--port", str(self.port)]
+        cmd = self.command()
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         self._log = open(self.log_path, "w")
         self._log.write("$ " + shlex.join(cmd) + "\n")

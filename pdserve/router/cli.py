@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     modules (some of which import torch) as `pdserve router` does to build its help."""
     from pdserve.cli import HelpFormatter   # argparse only: no torch
     p = argparse.ArgumentParser(prog="pdserve router", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
+    p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
     add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class Instance:
     url: str
     role: str                      # prefill | decode (a `both` worker in the decode pool prefills locally)
     healthy: bool = True           # optimistic until a check or a request says otherwise
+    reachable: bool = False        # has answered since the router started (the log's words depend on it)
     in_flight: int = 0
     last_error: str | None = None
     last_error_time: float | None = None
@@ -57,7 +59,10 @@ class Instance:
         self.healthy = False
         if was:
             self.down_since = time.time()
-            log.warning("%s %s is down: %s", self.role, self.url, error)
+            if self.reachable:
+                log.warning("%s instance %s is down: %s", self.role, self.url, error)
+            else:   # e.g. a router started before its workers: expected, not a fault yet
+                log.info("%s instance %s not reachable yet (%s)", self.role, self.url, error)
             for f in self._down_waiters:
                 if not f.done():
                     f.set_result(None)
@@ -115,8 +120,10 @@ class Pools:
         return [i for i in self.instances.values() if i.role == role]
 
     def mark_up(self, inst: Instance) -> None:
+        first, inst.reachable = not inst.reachable, True
+        if first or not inst.healthy:
+            log.info("%s instance %s is reachable%s", inst.role, inst.url, "" if first else " again")
         if not inst.healthy:
-            log.warning("%s %s is up again", inst.role, inst.url)
             inst.healthy, inst.down_since = True, None
             # it may have restarted with an empty cache: forget what we believed it held
             self._notify(inst, "up")
@@ -126,13 +133,34 @@ class Pools:
             cb(inst, event)
 
 
+class HealthAnswer(Exception):
+    """/health answered, but not 200."""
+
+
+def describe_failure(e: BaseException, timeout: float) -> str:
+    """A failed health check in words for the log and /status (no exception reprs)."""
+    if isinstance(e, HealthAnswer):
+        return str(e)
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer to /health within {timeout:g} s"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        err = e.os_error
+        words = os.strerror(err.errno) if isinstance(err.errno, int) and err.errno > 0 else (err.strerror or str(err))
+        return words[:1].lower() + words[1:]                 # "connection refused"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "connection closed without an answer"
+    text = str(e) or type(e).__name__
+    return text[:200]
+
+
 async def check_one(session: aiohttp.ClientSession, pools: Pools, inst: Instance, timeout: float) -> None:
     try:
         async with session.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             if r.status != 200:
-                raise RuntimeError(f"/health answered {r.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, OSError) as e:
-        inst.mark_down(f"health check failed: {e!r}"[:300])
+                body = " ".join((await r.text(errors="replace")).split())[:160]
+                raise HealthAnswer(f"/health answered {r.status}" + (f": {body}" if body else ""))
+    except (aiohttp.ClientError, asyncio.TimeoutError, HealthAnswer, OSError) as e:
+        inst.mark_down("health check failed: " + describe_failure(e, timeout))
         return
     pools.mark_up(inst)
 

@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     s.add_argument("--register", default=None, metavar="ROUTER_URL",
                    help="add this worker to a pdserve router's pools once it is up (and leave them on exit)")
+    from pdserve import cpu_threads
+    cpu_threads.add_arguments(p)
     k = p.add_argument_group("KV transfer")
     k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto",
                    help="how KV blocks travel between workers (auto: the fastest both ends offer)")
@@ -52,8 +54,11 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from pdserve import cpu_threads
     from pdserve.server.app import build_app
     from pdserve.server.worker import ServerConfig, Worker
+
+    cpu_threads.setup_from_args(args)
 
     lease = args.kv_lease if args.kv_lease is not None else default_lease(30.0)
     ec = engine_config_from_args(args, role=args.role, kv_lease_duration=lease)
@@ -72,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         info = worker.info()
         kv = (f"KV server {info['kv_host']}:{info['kv_port']} offers {', '.join(info['kv_transports'])}"
               if info["kv_port"] else f"pulls KV over {args.kv_transport}")
-        log.warning("pdserve worker: role %s, model %s, http://%s:%d, %s; policy on a failed pull: %s",
-                    worker.role, worker.model_name, args.host, args.port, kv, args.kv_load_failure_policy)
+        log.info("pdserve worker: role %s, model %s, http://%s:%d, %s; policy on a failed pull: %s",
+                 worker.role, worker.model_name, args.host, args.port, kv, args.kv_load_failure_policy)
         # uvicorn turns SIGTERM into a graceful shutdown, then re-raises it to the handler that was
         # there before: make that one raise KeyboardInterrupt (not kill the process) so that
         # `finally` runs: it unlinks the shared memory and leaves the router's pools

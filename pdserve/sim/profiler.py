@@ -27,7 +27,9 @@ GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts, mixed prefill
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    from pdserve import cpu_threads
     add_engine_args(p)
+    cpu_threads.add_arguments(p)
     p.add_argument("--output", default="PROFILE.json", help="where the profile is written")
     p.add_argument("--grid", choices=sorted(GRIDS), default="full", help="points measured (quick: a few of each kind, for a first try)")
     p.add_argument("--prefill-tokens", type=int, nargs="*", default=None, help="override the grid")
@@ -138,7 +140,9 @@ def _pd_calibrate(args, result: dict, engine) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+    from pdserve import cpu_threads
     from pdserve.engine.engine import LLMEngine
+    cpu_threads.setup_from_args(args)
     engine = LLMEngine(engine_config_from_args(args, enable_prefix_caching=True))
     pre, batches, contexts, mixed_tokens, mixed_batches = GRIDS[args.grid]
     pre = [n for n in (args.prefill_tokens or pre) if n < engine.max_model_len]

@@ -1,0 +1,214 @@
+"""CPU thread placement, done once at start by every pdserve process that runs torch.
+
+torch starts one OpenMP thread per core in its affinity mask (a cgroup CPU quota is not
+counted), and libgomp's threads spin at every parallel region's barrier before they sleep. On a
+busy machine a spinning thread burns the time slice its partner needs to reach the barrier;
+a decode step is hundreds of small parallel regions. Measured on 2 cores with 2 CPU hogs
+beside `pdserve generate`: torch's defaults 0.3-0.5 tokens/s, OMP_NUM_THREADS=1 5-6,
+two threads that sleep at barriers (OMP_WAIT_POLICY=PASSIVE) 8-11. So:
+
+- threads = the cores this process may use: its affinity mask, capped by the cgroup quota
+  (v2 `cpu.max`, v1 `cpu.cfs_quota_us`) rounded down, at least 1;
+- idle OpenMP threads wait passively (set before torch loads libgomp, see prepare_env);
+- the process is pinned to the cores it was given (`--cpus`, or `pdserve up`'s split).
+  Threads are not bound one per core: a bound thread cannot leave a core a neighbour
+  keeps busy (measured slower under the hogs than leaving placement to the kernel).
+
+An explicit choice wins: `--num-threads`, else OMP_NUM_THREADS in the environment (torch
+reads it itself), else the count above. No torch import at module level: the router and
+`pdserve up` use the parsing helpers.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+log = logging.getLogger("pdserve.cpu")
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0-2,5' (the kernel's list format, as in Cpus_allowed_list) -> [0, 1, 2, 5]."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b or a)
+        if lo < 0 or hi < lo:
+            raise ValueError(f"bad cpu range {part!r}")
+        out += range(lo, hi + 1)
+    return sorted(set(out))
+
+
+def format_cpu_list(cpus) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    cpus = sorted(set(cpus))
+    runs: list[str] = []
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        runs.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _ancestors(path: str) -> list[str]:
+    """'/a/b' -> ['/a/b', '/a', '/']: a quota on any enclosing group applies too."""
+    parts = [p for p in path.strip().split("/") if p]
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def cgroup_cpu_limit(self_cgroup: str | None = None, root: str = "/sys/fs/cgroup", read=_read) -> float | None:
+    """The CPU quota of this process's cgroup (and its ancestors) in cores, None if unlimited.
+
+    self_cgroup is the text of /proc/self/cgroup; `read(path)` returns a file's text or None
+    (both injectable for tests). Inside a container the listed path may not exist under the
+    mount (the container's own group is the mount's root): the root is checked too.
+    """
+    if self_cgroup is None:
+        self_cgroup = read("/proc/self/cgroup") or ""
+    limits = []
+    for line in self_cgroup.splitlines():
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hid == "0" and controllers == "":                       # cgroup v2, unified hierarchy
+            for p in _ancestors(path):
+                quota_period = (read(os.path.join(root, p.lstrip("/"), "cpu.max")) or "").split()
+                if len(quota_period) == 2 and quota_period[0] != "max":   # "max 100000": no quota
+                    limits.append(int(quota_period[0]) / int(quota_period[1]))
+        elif "cpu" in controllers.split(","):                     # cgroup v1: cpu controller
+            for mount in dict.fromkeys([controllers, "cpu", "cpu,cpuacct"]):
+                for p in _ancestors(path):
+                    d = os.path.join(root, mount, p.lstrip("/"))
+                    quota, period = read(os.path.join(d, "cpu.cfs_quota_us")), read(os.path.join(d, "cpu.cfs_period_us"))
+                    if quota and period and int(quota) > 0 and int(period) > 0:
+                        limits.append(int(quota) / int(period))
+    return min(limits) if limits else None
+
+
+def cores_for_threads(cpus, limit: float | None) -> int:
+    """Threads worth running on these cores under a quota of `limit` cores: rounded down
+    (a thread beyond the quota is throttled mid-region and stalls the others), at least 1."""
+    n = len(cpus)
+    if limit is not None:
+        n = min(n, math.floor(limit + 1e-9))
+    return max(1, n)
+
+
+@dataclass
+class Placement:
+    cpus: list[int]            # the cores this process runs on
+    threads: int               # torch intra-op (and inter-op) threads
+    why: str                   # where the thread count came from, for the log line
+    pin: bool = False          # whether to set the affinity (cores given explicitly)
+
+    def describe(self) -> str:
+        return (f"{self.threads} torch thread(s) on cpus {format_cpu_list(self.cpus)} ({self.why}); "
+                f"{wait_policy()}")
+
+
+def plan(cpus: list[int] | None = None, num_threads: int | None = None, env=None,
+         affinity=None, limit: float | None | bool = False) -> Placement:
+    """Decide cores and threads. affinity / limit default to this process's (injectable)."""
+    env = os.environ if env is None else env
+    allowed = sorted(os.sched_getaffinity(0) if affinity is None else affinity)
+    pin = cpus is not None
+    if pin:
+        outside = sorted(set(cpus) - set(allowed))
+        if outside:
+            raise ValueError(f"--cpus {format_cpu_list(cpus)}: cpu(s) {format_cpu_list(outside)} are not "
+                             f"available to this process (allowed: {format_cpu_list(allowed)})")
+        allowed = sorted(set(cpus))
+    if num_threads is not None:
+        if num_threads < 1:
+            raise ValueError("--num-threads must be >= 1")
+        return Placement(allowed, num_threads, "--num-threads", pin)
+    omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        return Placement(allowed, int(omp), "OMP_NUM_THREADS", pin)
+    if limit is False:
+        limit = cgroup_cpu_limit()
+    n = cores_for_threads(allowed, limit)
+    why = f"{len(allowed)} core(s) allowed" + (f", cgroup quota {limit:g} cores" if limit is not None else "")
+    return Placement(allowed, n, why, pin)
+
+
+_late: bool | None = None   # prepare_env ran after torch was loaded (libgomp had read the env)
+
+
+def prepare_env() -> None:
+    """Before torch is imported: idle OpenMP threads sleep instead of spinning (see above).
+    An explicit OMP_WAIT_POLICY / GOMP_SPINCOUNT wins. Children inherit it."""
+    global _late
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        if _late is None:
+            _late = "torch" in sys.modules
+
+
+def wait_policy() -> str:
+    if "GOMP_SPINCOUNT" in os.environ:
+        return f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+    policy = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    return policy + (" (for child processes: torch was imported before pdserve)" if _late else "")
+
+
+def apply(p: Placement) -> None:
+    if p.pin:
+        # every thread that exists now (pid 0 would be this thread only); later ones inherit
+        for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+            try:
+                os.sched_setaffinity(int(tid), p.cpus)
+            except (ProcessLookupError, PermissionError):
+                pass
+    import torch
+    if torch.get_num_threads() != p.threads:
+        torch.set_num_threads(p.threads)
+    try:   # allowed only before any inter-op work; the default is one per core
+        torch.set_num_interop_threads(p.threads)
+    except RuntimeError:
+        pass
+
+
+_done: Placement | None = None
+
+
+def setup(cpus: str | list[int] | None = None, num_threads: int | None = None) -> Placement:
+    """Plan, apply and log once per process; later calls return the first placement."""
+    global _done
+    if _done is None:
+        if isinstance(cpus, str):
+            cpus = parse_cpu_list(cpus)
+        _done = plan(cpus, num_threads)
+        prepare_env()   # for children; this process's libgomp may have read it already
+        apply(_done)
+        log.info("%s", _done.describe())
+    return _done
+
+
+def setup_from_args(args: argparse.Namespace) -> Placement:
+    return setup(getattr(args, "cpus", None), getattr(args, "num_threads", None))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CPU threads")
+    g.add_argument("--num-threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else the cores this process may use: "
+                        "affinity mask capped by the cgroup CPU quota)")
+    g.add_argument("--cpus", default=None, metavar="LIST",
+                   help="pin this process to these cores, e.g. 0-1 or 2,3 (default: leave the affinity as is)")

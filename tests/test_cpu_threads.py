@@ -1,0 +1,111 @@
+"""CPU thread placement: the core count from affinity and cgroup quotas (parsed from injected
+files), the explicit choices that win, and real processes that end up with the threads and
+affinity chosen for them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pdserve import cpu_threads as ct
+
+ROOT = "/sys/fs/cgroup"
+
+
+def reader(files: dict):
+    return lambda path: files.get(path)
+
+
+def test_cpu_lists_round_trip():
+    assert ct.parse_cpu_list("0-2,5") == [0, 1, 2, 5]
+    assert ct.parse_cpu_list(" 3 ,1") == [1, 3]
+    assert ct.format_cpu_list([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+    assert ct.parse_cpu_list(ct.format_cpu_list([0, 2, 3, 4, 9])) == [0, 2, 3, 4, 9]
+    with pytest.raises(ValueError):
+        ct.parse_cpu_list("3-1")
+
+
+def test_cgroup_v2_quota_of_the_group_and_its_ancestors():
+    cg = "0::/work/job\n"
+    assert ct.cgroup_cpu_limit(cg, ROOT, reader({f"{ROOT}/work/job/cpu.max": "max 100000\n"})) is None
+    files = {f"{ROOT}/work/job/cpu.max": "max 100000\n", f"{ROOT}/work/cpu.max": "150000 100000\n"}
+    assert ct.cgroup_cpu_limit(cg, ROOT, reader(files)) == 1.5            # the parent's quota applies
+    files[f"{ROOT}/work/job/cpu.max"] = "50000 100000\n"
+    assert ct.cgroup_cpu_limit(cg, ROOT, reader(files)) == 0.5            # the tightest one wins
+    # in a container the group is the mount's root: "0::/" with cpu.max at the top
+    assert ct.cgroup_cpu_limit("0::/\n", ROOT, reader({f"{ROOT}/cpu.max": "400000 100000"})) == 4.0
+    assert ct.cgroup_cpu_limit("0::/\n", ROOT, reader({})) is None
+
+
+def test_cgroup_v1_cfs_quota():
+    cg = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n"
+    d = f"{ROOT}/cpu,cpuacct/docker/abc"
+    files = {f"{d}/cpu.cfs_quota_us": "200000\n", f"{d}/cpu.cfs_period_us": "100000\n"}
+    assert ct.cgroup_cpu_limit(cg, ROOT, reader(files)) == 2.0
+    files[f"{d}/cpu.cfs_quota_us"] = "-1\n"                                 # -1: no quota
+    assert ct.cgroup_cpu_limit(cg, ROOT, reader(files)) is None
+    # the container sees its own group at the mount's root, under the plain "cpu" name
+    files = {f"{ROOT}/cpu/cpu.cfs_quota_us": "150000", f"{ROOT}/cpu/cpu.cfs_period_us": "100000"}
+    assert ct.cgroup_cpu_limit(cg, ROOT, reader(files)) == 1.5
+    # only the memory controller limited: no CPU quota
+    assert ct.cgroup_cpu_limit("12:memory:/x\n", ROOT, reader({f"{ROOT}/memory/x/cpu.cfs_quota_us": "1"})) is None
+
+
+def test_threads_from_cores_and_quota():
+    assert ct.cores_for_threads([0, 1], None) == 2
+    assert ct.cores_for_threads([0, 1, 2, 3], 1.5) == 1        # rounded down: no throttled thread
+    assert ct.cores_for_threads([0, 1, 2, 3, 4, 5, 6, 7], 3.0) == 3
+    assert ct.cores_for_threads([0, 1], 0.5) == 1              # at least one
+    assert ct.cores_for_threads([0, 1], 16.0) == 2             # the quota does not add cores
+
+
+def test_explicit_choices_win():
+    aff = {0, 1, 2, 3}
+    p = ct.plan(env={}, affinity=aff, limit=None)
+    assert (p.cpus, p.threads, p.pin) == ([0, 1, 2, 3], 4, False)
+    assert ct.plan(env={}, affinity=aff, limit=2.5).threads == 2
+    assert ct.plan(env={"OMP_NUM_THREADS": "3"}, affinity=aff, limit=1.0).threads == 3
+    assert ct.plan(num_threads=1, env={"OMP_NUM_THREADS": "3"}, affinity=aff, limit=None).threads == 1
+    p = ct.plan(cpus=[2, 3], env={}, affinity=aff, limit=None)
+    assert (p.cpus, p.threads, p.pin) == ([2, 3], 2, True)
+    with pytest.raises(ValueError, match="not available"):
+        ct.plan(cpus=[7], env={}, affinity=aff, limit=None)
+    with pytest.raises(ValueError, match="num-threads"):
+        ct.plan(num_threads=0, env={}, affinity=aff, limit=None)
+
+
+PROBE = """
+import json, os, sys
+from pdserve import cpu_threads
+p = cpu_threads.setup(*json.loads(sys.argv[1]))
+import torch
+torch.ones(1 << 16).sum()     # start torch's thread pool: its threads must follow the placement
+tasks = os.listdir("/proc/self/task")
+allowed = {open(f"/proc/self/task/{t}/status").read().split("Cpus_allowed_list:")[1].split()[0] for t in tasks}
+print(json.dumps({"threads": torch.get_num_threads(), "allowed": sorted(allowed), "why": p.why,
+                  "wait": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+def probe(cpus=None, num_threads=None, env=None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")} | (env or {})
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps([cpus, num_threads])], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_real_process_gets_its_threads_and_cores():
+    mine = sorted(os.sched_getaffinity(0))
+    got = probe()
+    assert got["threads"] == min(len(mine), ct.cores_for_threads(mine, ct.cgroup_cpu_limit()))
+    assert got["wait"] == "PASSIVE"
+    assert got["allowed"] == [ct.format_cpu_list(mine)]
+    got = probe(cpus=str(mine[-1]))                         # pinned: every thread on that core
+    assert got["threads"] == 1 and got["allowed"] == [str(mine[-1])]
+    assert probe(num_threads=3)["threads"] == 3
+    got = probe(env={"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"})   # the user's own choice
+    assert got["threads"] == 1 and got["why"] == "OMP_NUM_THREADS" and got["wait"] == "ACTIVE"
