@@ -118,7 +118,7 @@ async def create(worker, request: Request, req: CompletionRequest | ChatCompleti
     _check_model(worker, req.model)
     if worker.async_engine.dead is not None:
         raise APIError(503, f"the engine has stopped: {worker.async_engine.dead!r}")
-    base = request.state.request_id
+    base = req.request_id or request.state.request_id   # vLLM's request_id field names the answer
     rid = f"{base}-{secrets.token_hex(4)}"   # engine ids stay unique whatever the client sends
     fields.check(req, kind)
     children, pulls, remote_decode = _build(worker, req, kind, rid)
