@@ -18,6 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "lm_eval_tasks"
 TASK = "pdserve_mc_tiny"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"   # the default model's served name
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,11 @@ def test_local_completions_equals_hf_backend(worker, default_model_dir, monkeypa
     for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")
     acc_srv, ll_srv = evaluate("local-completions",
-                               f"model={default_model_dir},base_url={worker}/v1/completions,tokenizer={default_model_dir},"
+                               f"model={MODEL},base_url={worker}/v1/completions,tokenizer={default_model_dir},"
                                "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1")
     acc_hf, ll_hf = evaluate("hf", f"pretrained={default_model_dir},dtype=float32")
+    worst = max(abs(x - y) for a, b in zip(ll_srv, ll_hf) for x, y in zip(a, b))
+    print(f"lm-eval {TASK}: acc pdserve {acc_srv:.3f}, hf {acc_hf:.3f}; max |loglikelihood difference| {worst:.2e}")
     assert len(ll_srv) == len(ll_hf) == 20
     assert acc_srv == acc_hf
     assert acc_hf > 0.5, "the reference itself should know most of these"
