@@ -34,7 +34,7 @@ class EngineConfig:
     role: str = "both"                  # both | prefill | decode
     seed: int = 0
     enforce_eager: bool = False         # CUDA: no CUDA graphs
-    kv_abort_timeout: float = 480.0     # prefill role: free held blocks nobody pulled after this
+    kv_lease_duration: float = 30.0     # prefill role: free held blocks whose decode worker stopped renewing
     served_model_name: str | None = None
     step_trace: str | None = None       # JSONL file: one line per step (pdserve.engine.step_trace)
 
@@ -64,7 +64,10 @@ class KVTransferConfig:
     kv_host: str | None = None          # KV server bind address; None: the worker's --host
     kv_port: int = 0                    # 0: a free port
     kv_load_failure_policy: str = "recompute"  # recompute | fail
-    kv_pull_timeout: float = 30.0
+    kv_pull_timeout: float = 30.0       # deadline of a whole pull (connect, handshake, every byte)
+    kv_secret: str | None = None        # shared KV secret; None: $PDSERVE_KV_SECRET, else from --api-key
+    kv_allowed_peers: str | None = None # "host:port,...": the only KV servers a decode worker dials
+    kv_max_connections: int = 128       # KV server: connections at once (a quarter may be mid-handshake)
 
 
 @dataclass

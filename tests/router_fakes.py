@@ -40,6 +40,8 @@ class FakeWorker:
         self.token_delay, self.first_delay = token_delay, first_delay
         self.calls: list[dict] = []        # {"path", "body", "headers"}
         self.released: list[dict] = []
+        self.issued: list[str] = []          # kv tokens of prefills that ran to the end
+        self.finish_abandoned = False        # a prefill runs to the end (KV held) even if the caller left
         self.aborted = 0
         self.fail_status: int | None = None  # answer every generation call with this status
         self.unhealthy = False
@@ -81,9 +83,15 @@ class FakeWorker:
             rid = request.headers.get("X-Request-Id", "none")
             if ktp.get("do_remote_decode"):
                 assert self.role == "prefill", "decode worker asked to prefill for remote decode"
-                await asyncio.sleep(self.first_delay)
+
+                async def prefill():
+                    await asyncio.sleep(self.first_delay)
+                    self.issued.append(f"t{len(self.issued)}" if self.finish_abandoned else "t")
+                    return self.issued[-1]
+                job = asyncio.ensure_future(prefill())
+                token = await (asyncio.shield(job) if self.finish_abandoned else job)
                 out = {"do_remote_prefill": True, "remote_engine_id": "fake", "remote_host": "127.0.0.1",
-                       "remote_port": 1, "remote_block_ids": [0], "remote_request_id": rid, "kv_token": "t",
+                       "remote_port": 1, "remote_block_ids": [0], "remote_request_id": rid, "kv_token": token,
                        "first_token_id": 0, "prompt_token_ids": [1] * prompt_tokens(kind, body),
                        "prefilled_by": self.url}
                 return web.json_response(self._full(kind, body, rid, tokens(kind, body, 1), out))

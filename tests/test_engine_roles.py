@@ -98,7 +98,7 @@ def test_role_mismatch_is_refused(engines):
 
 
 def test_held_blocks_expire(default_model_dir):
-    p = engine(default_model_dir, "prefill", kv_abort_timeout=0.2)
+    p = engine(default_model_dir, "prefill", kv_lease_duration=0.2)
     p.add_request(PROMPT, SamplingParams(max_tokens=1), "h")
     run_to_end(p, "h")
     assert p.block_manager.num_used_blocks > 0

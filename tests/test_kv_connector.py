@@ -134,11 +134,11 @@ def test_abort_clock_spares_blocks_being_pulled_and_frees_the_rest(pair):
         kvps[rid] = p_conn.export(rid, outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
     assert p_conn.authorize("p4", kvps["p4"]["kv_token"], kvps["p4"]["remote_block_ids"]) is None   # p4 is being read
     held4 = len(kvps["p4"]["remote_block_ids"])
-    p_eng.config.kv_abort_timeout = 0.0        # both clocks run out at the next step
+    p_eng.config.kv_lease_duration = 0.0        # both leases run out at the next step
     try:
         asyncio.run(_run(p_ae, "tick", params, "tick", remote_decode=True))
     finally:
-        p_eng.config.kv_abort_timeout = 480.0
+        p_eng.config.kv_lease_duration = 30.0
     p_ae.abort("tick")
     _wait(lambda: list(p_eng.scheduler.held) == ["p4"])
     assert p_eng.block_manager.num_used_blocks == held4

@@ -12,11 +12,13 @@ from pdserve.kv.cuda_ipc import export_pool
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import RemotePrefill
 from pdserve.kv.server import KVServer
+from pdserve.kv.auth import resolve_secret
 from pdserve.kv.spec import KVSpec, host_id
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SHAPE = (4, 2, 16, 16, 2, 64)
 SPEC = KVSpec("m", "bfloat16", 16, 2, 64, 4)
+SECRET = resolve_secret("gpu test", None)   # the authenticated path, as across hosts
 
 
 class Producer:
@@ -30,10 +32,16 @@ class Producer:
         SPEC.check(remote)
         return self.reply
 
-    def authorize(self, rid, token, ids):
+    def authorize(self, rid, token, ids, reader=None):
         return None
 
-    def done(self, rid, token):
+    def unclaim(self, reader, rid=None):
+        pass
+
+    def done(self, rid, token, reader=None):
+        return True
+
+    def renew(self, rid, token):
         return True
 
     def served(self, n, s, transport):
@@ -47,7 +55,7 @@ def source_pool() -> torch.Tensor:
 
 def producer_main(conn, offers):
     kv = source_pool().cuda()
-    srv = KVServer(Producer(kv, offers), "127.0.0.1").start()
+    srv = KVServer(Producer(kv, offers), "127.0.0.1", secret=SECRET).start()
     conn.send(srv.port)
     conn.recv()
     srv.close()
@@ -62,7 +70,7 @@ def test_gpu_pull(transport):
     try:
         port = parent.recv()
         dst = torch.zeros(SHAPE, dtype=torch.bfloat16, device="cuda")
-        client = KVClient(SPEC, BlockPool(dst), wanted=transport)
+        client = KVClient(SPEC, BlockPool(dst), wanted=transport, secret=SECRET)
         rp = RemotePrefill("G", "127.0.0.1", port, [5, 6, 7, 12], "r", "t", 0, [0] * 60, [transport])
         n, used = client.pull(rp, [5, 6, 7, 12], [0, 1, 9, 10])
         assert used == transport and n == BlockPool(dst).stream_bytes(4)

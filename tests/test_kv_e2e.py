@@ -20,14 +20,14 @@ from pdserve import procs
 
 pytestmark = pytest.mark.slow
 
-ABORT_TIMEOUT = 3.0
+LEASE = 3.0
 BASE = ["--kv-cache-memory", "128MiB", "--max-num-batched-tokens", "512"]
 WORKERS = {  # name -> (serve flags, extra environment)
     "ref": (["--role", "both"], {}),
     "prefill": (["--role", "prefill"], {}),
     "dec_tcp": (["--role", "decode", "--kv-transport", "tcp"], {}),
     "dec_shm": (["--role", "decode", "--kv-transport", "shm"], {}),
-    "victim": (["--role", "prefill"], {"PDSERVE_KV_ABORT_TIMEOUT": str(ABORT_TIMEOUT)}),
+    "victim": (["--role", "prefill"], {"PDSERVE_KV_LEASE": str(LEASE)}),
     "dec_bs32_fail": (["--role", "decode", "--block-size", "32", "--kv-load-failure-policy", "fail"], {}),
 }
 
@@ -226,8 +226,8 @@ def test_pull_that_never_comes_is_freed_after_timeout(workers):
     kvp = prefill(workers, "victim", prompt, temperature=0).model_extra["kv_transfer_params"]
     assert metric(url, "pdserve:kv_cache_usage_perc") > 0
     t0 = time.monotonic()
-    wait_zero_usage(workers, ["victim"], timeout=ABORT_TIMEOUT + 10)
-    assert time.monotonic() - t0 > ABORT_TIMEOUT / 2
+    wait_zero_usage(workers, ["victim"], timeout=LEASE + 10)
+    assert time.monotonic() - t0 > LEASE / 2
     assert metric(url, "pdserve:num_requests_held") == 0
     # a late pull is refused; with the default policy the decode worker recomputes
     ref = client(workers, "ref").completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)

@@ -44,19 +44,27 @@ class FakeProducer:
     def hello_reply(self, remote):
         self.spec.check(remote)
         self.hellos = getattr(self, "hellos", 0) + 1
+        shm = self.shm.describe_for_peer() if hasattr(self.shm, "describe_for_peer") else self.shm
         return {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id, "host_id": host_id(),
-                "transports": self.offers, "shm": self.shm}
+                "transports": self.offers, "shm": shm}
 
-    def authorize(self, rid, token, ids):
+    def authorize(self, rid, token, ids, reader=None):
         g = self.grants.get(rid)
         return None if g and g[0] == token and set(ids) <= g[1] else "refused"
 
-    def done(self, rid, token):
+    def unclaim(self, reader, rid=None):
+        pass
+
+    def done(self, rid, token, reader=None):
         ok = self.grants.get(rid, ("",))[0] == token
         if ok:
             self.released.append(rid)
             del self.grants[rid]
         return ok
+
+    def renew(self, rid, token):
+        self.renewed = getattr(self, "renewed", []) + [rid]
+        return self.grants.get(rid, ("",))[0] == token
 
     def served(self, n, s, transport):
         pass
@@ -147,7 +155,7 @@ def test_shm_pull(serve):
     src.copy_(random_pool())
     try:
         assert set(os.listdir("/dev/shm")) == before   # an anonymous memfd: no name to leak
-        prod = FakeProducer(src, offers=("shm", "tcp"), shm=alloc.describe())
+        prod = FakeProducer(src, offers=("shm", "tcp"), shm=alloc)
         srv = serve(prod)
         dst = torch.zeros(SHAPE)
         client = KVClient(spec(), BlockPool(dst), wanted="auto")

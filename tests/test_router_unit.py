@@ -398,6 +398,30 @@ def test_client_disconnect_aborts_decode_and_releases_prefill():
     run(go())
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_gone_mid_prefill_still_releases_what_the_prefill_worker_holds(stream):
+    """Issue 11, finding 6: the client leaves while the prefill runs; the prefill worker does
+    not notice in time and holds the KV for a decode worker. The router must still release it,
+    not leave it to the prefill worker's lease."""
+    async def go():
+        async with cluster() as (s, url, (p,), (d,)):
+            p.first_delay, p.finish_abandoned = 0.5, True
+            task = asyncio.create_task(s.post(url + "/v1/completions", json={**COMP_BODY, "stream": stream}))
+            for _ in range(200):
+                if p.calls:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()   # gone while the prefill worker computes
+            for _ in range(200):
+                if p.issued and p.released:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(p.issued) == 1
+            assert [r["kv_token"] for r in p.released] == p.issued
+            assert not d.calls   # nobody decoded for a client that is gone
+    run(go())
+
+
 def test_client_gone_while_streamed_decode_has_not_started():
     async def go():
         async with cluster() as (s, url, (p,), (d,)):

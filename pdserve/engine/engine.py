@@ -78,6 +78,7 @@ class LLMEngine:
         self.states: dict[str, _State] = {}
         self.on_kv_load: Callable[[Sequence], None] | None = None  # set by a KV connector
         self.held_observer: HeldObserver | None = None             # set by a KV connector (producer)
+        self.clock: Callable[[], float] = time.monotonic           # the wall clock enters here (tests inject one)
         self.pending_kv_loads: list[Sequence] = []                 # when no connector is set
         self._loaded: list[str] = []                               # KV arrived, first token to emit
         self._parked: dict[str, list[Sequence]] = {}               # forks waiting for a KV pull
@@ -231,6 +232,10 @@ class LLMEngine:
             self.held_observer.on_held_freed(request_id)
         return freed
 
+    def renew_held(self, request_id: str) -> bool:
+        """Prefill side: the decode worker still wants the held blocks; their lease restarts."""
+        return self.scheduler.renew_held(request_id, self.clock())
+
     def finish_kv_load(self, request_id: str, ok: bool, error: str | None = None) -> None:
         """Decode side: the connector finished pulling a request's KV into its blocks.
         With ok=False the request is either prefilled locally or failed (error given)."""
@@ -250,11 +255,11 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        now = start = time.monotonic()
+        now = start = self.clock()
         if self.step_trace:
             self.step_trace.begin()
         obs = self.held_observer
-        for seq in self.scheduler.expire_held(now, self.config.kv_abort_timeout, obs and obs.keep_held):
+        for seq in self.scheduler.expire_held(now, self.config.kv_lease_duration, obs and obs.keep_held):
             if obs:
                 obs.on_held_freed(seq.request_id)
         out = self.scheduler.schedule()
@@ -267,9 +272,9 @@ class LLMEngine:
         self.num_prompt_tokens += sum(min(n, max(0, s.num_prompt_tokens - s.num_computed_tokens))
                                       for s, n in zip(out.seqs, out.num_new_tokens))
         shape = batch_shape(out.seqs, out.num_new_tokens) if self.step_trace else None
-        model_start = time.monotonic()
+        model_start = self.clock()
         tokens, logprobs = self.runner.execute(out, self._banned)
-        now = time.monotonic()
+        now = self.clock()
         for rid, (pos, entries) in self.runner.prompt_logprobs.items():
             st = self.states.get(rid)
             if st is not None and st.prompt_lps is not None and pos <= len(st.prompt_lps):

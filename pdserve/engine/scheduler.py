@@ -95,9 +95,17 @@ class Scheduler:
             self.bm.free(seq)
         return seq
 
+    def renew_held(self, request_id: str, now: float) -> bool:
+        """The decode worker still wants this request's held blocks: its lease restarts at now."""
+        entry = self.held.get(request_id)
+        if entry is None:
+            return False
+        self.held[request_id] = (entry[0], max(entry[1], now))
+        return True
+
     def expire_held(self, now: float, timeout: float, keep=None) -> list[Sequence]:
-        """Free held blocks that no decode worker claimed within `timeout` seconds. `keep(rid)`
-        true: the blocks are being read right now; their clock restarts instead."""
+        """Free held blocks whose lease (`timeout` seconds since they were held or last renewed)
+        ran out. `keep(rid)` true: the blocks are being read right now; their lease restarts."""
         freed = []
         for rid in [rid for rid, (_, t) in self.held.items() if now - t >= timeout]:
             if keep is not None and keep(rid):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 
+from pdserve.kv import auth
 from pdserve.kv.cuda_ipc import ImportedPools
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import RemotePrefill
 from pdserve.kv.select import choose
 from pdserve.kv.shm import ShmAttachment
 from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
-from pdserve.kv.wire import KVWireError, recv_into_views, recv_msg, send_msg
+from pdserve.kv.wire import KVTimeout, KVWireError, recv_into_views, recv_msg, send_msg
 
 log = logging.getLogger("pdserve.kv")
 
@@ -22,10 +24,14 @@ class KVPullError(RuntimeError):
 
 
 class KVClient:
-    MAX_IDLE = 4   # idle connections kept per producer (one per concurrent pull thread)
+    MAX_IDLE = 4   # idle connections kept per producer
+    CHALLENGE_MAX, OFFER_MAX, REPLY_MAX = 1 << 10, 1 << 20, 4 << 10   # bytes we read from a producer
 
-    def __init__(self, spec: KVSpec, pool: BlockPool, wanted: str = "auto", timeout: float = 30.0):
+    def __init__(self, spec: KVSpec, pool: BlockPool, wanted: str = "auto", timeout: float = 30.0,
+                 secret: bytes | None = None, allowed_peers: frozenset[str] | None = None):
+        # timeout: the deadline of a whole pull (connect, handshake, every byte), not of one read
         self.spec, self.pool, self.wanted, self.timeout = spec, pool, wanted, timeout
+        self.secret, self.allowed_peers = secret, allowed_peers
         self.local_device = pool.kv.device.type
         self.host_id = host_id()
         self.shm: dict[str, ShmAttachment] = {}   # producer engine id -> its mapped pool
@@ -33,32 +39,55 @@ class KVClient:
         self._idle: dict[tuple[str, int], list[tuple[socket.socket, dict]]] = {}
         self._lock = threading.Lock()
 
-    def _connect(self, rp: RemotePrefill) -> tuple[socket.socket, dict]:
-        """A new connection to the producer's KV server, handshake done."""
+    def _connect(self, rp: RemotePrefill, deadline: float) -> tuple[socket.socket, dict]:
+        """A new connection to the producer's KV server, both sides proven, spec agreed."""
+        refusal = auth.peer_refusal(rp.host, rp.port, self.allowed_peers, self.secret)
+        if refusal:   # before any byte goes out: an untrusted address is never dialled
+            raise KVPullError(f"refusing to pull KV from an untrusted peer: {refusal}")
         try:
-            sock = socket.create_connection((rp.host, rp.port), timeout=self.timeout)
+            sock = socket.create_connection((rp.host, rp.port), timeout=max(0.01, deadline - time.monotonic()))
         except OSError as e:
             raise KVPullError(f"cannot reach the prefill worker's KV server at {rp.host}:{rp.port}: {e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            send_msg(sock, {"op": "hello", "spec": self.spec.to_dict()})
-            offer = recv_msg(sock)
-            if not offer.get("ok"):
-                raise KVHandshakeError(offer.get("field", "?"), message=offer.get("error"))
-            self.spec.check(offer.get("spec") or {}, ("decode worker", "prefill worker"))
+            offer = self._handshake(sock, rp, deadline)
         except BaseException:
             sock.close()
             raise
         return sock, offer
 
-    def _checkout(self, rp: RemotePrefill) -> tuple[socket.socket, dict, bool]:
+    def _handshake(self, sock: socket.socket, rp: RemotePrefill, deadline: float) -> dict:
+        where = f"{rp.host}:{rp.port}"
+        ch = recv_msg(sock, self.CHALLENGE_MAX, deadline)
+        theirs = ch.get("nonce")
+        if ch.get("op") != "challenge" or not auth.valid_nonce(theirs):
+            raise KVPullError(f"the KV server at {where} does not speak pdserve's KV protocol")
+        if ch.get("auth") and self.secret is None:
+            raise KVPullError(f"the KV server at {where} requires a KV secret and this worker has none "
+                              f"(give both workers the same --kv-secret or --api-key)")
+        ours = auth.nonce()
+        proof = auth.mac(self.secret, "client", theirs, ours) if self.secret is not None else None
+        send_msg(sock, {"op": "hello", "nonce": ours, "mac": proof, "spec": self.spec.to_dict()}, deadline)
+        offer = recv_msg(sock, self.OFFER_MAX, deadline)
+        if self.secret is not None and not auth.check_mac(self.secret, offer.get("mac"), "server", ours, theirs):
+            # whatever it says next is not a trusted prefill worker's: nothing of it is used
+            raise KVPullError(f"the KV server at {where} did not prove it holds the KV secret "
+                              f"({offer.get('error') or 'no valid proof'}): not a trusted prefill worker")
+        if not offer.get("ok"):
+            if offer.get("field"):
+                raise KVHandshakeError(str(offer["field"]), message=str(offer.get("error")))
+            raise KVPullError(f"the KV server at {where} refused the handshake: {offer.get('error')}")
+        self.spec.check(offer.get("spec") or {}, ("decode worker", "prefill worker"))
+        return offer
+
+    def _checkout(self, rp: RemotePrefill, deadline: float) -> tuple[socket.socket, dict, bool]:
         """An idle connection to this producer if there is one (no connect, no handshake:
         two round trips saved per pull), else a new one. Returns (sock, offer, reused)."""
         with self._lock:
             idle = self._idle.get((rp.host, rp.port))
             if idle:
                 return (*idle.pop(), True)
-        return (*self._connect(rp), False)
+        return (*self._connect(rp, deadline), False)
 
     def _checkin(self, rp: RemotePrefill, sock: socket.socket, offer: dict) -> None:
         with self._lock:
@@ -75,27 +104,54 @@ class KVClient:
             sock.close()
 
     def pull(self, rp: RemotePrefill, src: list[int], dst: list[int]) -> tuple[int, str]:
-        """Copy remote blocks src into local blocks dst; returns (bytes, transport)."""
-        sock, offer, reused = self._checkout(rp)
+        """Copy remote blocks src into local blocks dst; returns (bytes, transport). All of it
+        within self.timeout: a peer that trickles bytes fails this pull, not the next ones."""
+        deadline = time.monotonic() + self.timeout
+        sock = None
         try:
+            sock, offer, reused = self._checkout(rp, deadline)
             if reused and offer.get("engine_id") != rp.engine_id:
                 sock.close()   # an idle connection to an earlier server on that port
-                sock, offer, reused = (*self._connect(rp), False)
+                sock, offer, reused = (*self._connect(rp, deadline), False)
             try:
-                result = self._pull_on(sock, offer, rp, src, dst)
+                result = self._pull_on(sock, offer, rp, src, dst, deadline)
+            except KVTimeout:
+                raise
             except (OSError, KVWireError):
                 if not reused:
                     raise
                 sock.close()   # the producer dropped the idle connection: once more, afresh
-                sock, offer = self._connect(rp)
-                result = self._pull_on(sock, offer, rp, src, dst)
+                sock, offer = self._connect(rp, deadline)
+                result = self._pull_on(sock, offer, rp, src, dst, deadline)
+        except KVTimeout as e:
+            if sock is not None:
+                sock.close()
+            raise KVPullError(f"the KV transfer from {rp.host}:{rp.port} did not finish within "
+                              f"{self.timeout:g}s (--kv-pull-timeout)") from e
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
         self._checkin(rp, sock, offer)
         return result
 
-    def _pull_on(self, sock, offer, rp, src, dst) -> tuple[int, str]:
+    def renew(self, rps: list[RemotePrefill], timeout: float = 5.0) -> None:
+        """Extend the producer's leases on these requests' blocks (one producer; best effort)."""
+        rp, deadline = rps[0], time.monotonic() + timeout
+        sock = None
+        try:
+            sock, offer, _ = self._checkout(rp, deadline)
+            items = [[r.request_id, r.token] for r in rps if r.engine_id == offer.get("engine_id")]
+            for i in range(0, len(items), 64):
+                send_msg(sock, {"op": "renew", "items": items[i:i + 64]}, deadline)
+        except Exception as e:  # the lease runs out and the pull, if it comes, is refused
+            log.info("could not renew KV leases on %s:%s: %s", rp.host, rp.port, e)
+            if sock is not None:
+                sock.close()
+            return
+        self._checkin(rp, sock, offer)
+
+    def _pull_on(self, sock, offer, rp, src, dst, deadline) -> tuple[int, str]:
         if offer.get("engine_id") != rp.engine_id:
             raise KVPullError(f"the KV server at {rp.host}:{rp.port} is engine {offer.get('engine_id')}, "
                               f"not {rp.engine_id}: the prefill worker restarted and lost the blocks")
@@ -113,16 +169,16 @@ class KVClient:
         n = 0
         if src:
             send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token,
-                            "block_ids": src, "transport": transport})
-            reply = recv_msg(sock)
+                            "block_ids": src, "transport": transport}, deadline)
+            reply = recv_msg(sock, self.REPLY_MAX, deadline)
             if not reply.get("ok"):
                 raise KVPullError(f"the prefill worker refused the pull: {reply.get('error')}")
-            n = self._receive(sock, reply, transport, rp.engine_id, offer, src, dst)
+            n = self._receive(sock, reply, transport, rp.engine_id, offer, src, dst, deadline)
         # no answer awaited: the producer frees the blocks, we have what we need
-        send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token})
+        send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token}, deadline)
         return n, transport
 
-    def _receive(self, sock, reply, transport, engine_id, offer, src, dst) -> int:
+    def _receive(self, sock, reply, transport, engine_id, offer, src, dst, deadline) -> int:
         pool = self.pool
         if transport == "tcp":
             if reply.get("nbytes") != pool.stream_bytes(len(dst)):
@@ -130,12 +186,12 @@ class KVClient:
                                   f"{pool.stream_bytes(len(dst))}")
             if pool.on_cpu:  # straight into our pool
                 views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, dst)]
-                return recv_into_views(sock, views)
+                return recv_into_views(sock, views, deadline)
             import torch
             n = 0
             for layer in range(pool.num_layers):
                 staged = torch.empty((2, len(dst), *pool.kv.shape[3:]), dtype=pool.kv.dtype)
-                n += recv_into_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())])
+                n += recv_into_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())], deadline)
                 pool.scatter_layer(layer, dst, staged)
             return n
         if transport == "shm":
@@ -156,11 +212,20 @@ class KVClient:
         return True
 
     def release(self, rp: RemotePrefill) -> None:
-        """Tell the producer it may free the blocks without a pull (best effort)."""
-        try:  # no handshake: the token alone authorises a release (it may have failed)
+        """Tell the producer it may free the blocks without a pull (best effort). The handshake
+        proves us, but a refused spec does not stop it: the token alone authorises a release."""
+        deadline = time.monotonic() + min(self.timeout, 5.0)
+        try:
+            if auth.peer_refusal(rp.host, rp.port, self.allowed_peers, self.secret):
+                return   # never dial an untrusted address, not even to say goodbye
             with socket.create_connection((rp.host, rp.port), timeout=min(self.timeout, 5.0)) as sock:
-                send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token})
+                try:
+                    self._handshake(sock, rp, deadline)
+                except KVHandshakeError:
+                    pass   # authenticated, spec refused: `done` is still heard
+                send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token}, deadline)
                 sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
                 sock.recv(1)   # the producer closes after it handled the release
-        except Exception as e:  # it frees them after its abort timeout anyway
+        except Exception as e:  # it frees them when its lease runs out anyway
             log.info("could not release %s on %s:%s: %s", rp.request_id, rp.host, rp.port, e)

@@ -3,11 +3,12 @@
 Field names follow vLLM's NixlConnector (do_remote_decode, do_remote_prefill,
 remote_engine_id, remote_host, remote_port, remote_block_ids); the rest is what pdserve
 needs besides: the one-time token that unlocks the blocks, the first token the prefill
-worker sampled, the prompt the KV belongs to, and the transports the producer offers.
+worker sampled, the prompt the KV belongs to, the transports the producer offers, and the
+lease (seconds) the producer holds the blocks for unless the decode worker renews it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.engine.engine import RequestError
 from pdserve.engine.sampler import TokenLogprobs
@@ -35,18 +36,19 @@ class RemotePrefill:
     first_token_id: int
     prompt_token_ids: list[int]
     transports: list[str]
+    lease: float = 30.0
     # what the prefill worker computed besides the KV, for a decode worker to answer with: the
     # first token's logprobs (when asked for) and the prompt's (prompt_logprobs / echo)
     first_logprob: TokenLogprobs | None = None
     prompt_logprobs: list | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_params(self) -> dict:
         out = {"do_remote_decode": False, "do_remote_prefill": True,
-                "remote_engine_id": self.engine_id, "remote_host": self.host, "remote_port": self.port,
-                "remote_block_ids": self.block_ids, "remote_request_id": self.request_id,
-                "kv_token": self.token, "first_token_id": self.first_token_id,
-                "prompt_token_ids": self.prompt_token_ids, "transports": self.transports, "tp_size": 1}
+               "remote_engine_id": self.engine_id, "remote_host": self.host, "remote_port": self.port,
+               "remote_block_ids": self.block_ids, "remote_request_id": self.request_id,
+               "kv_token": self.token, "first_token_id": self.first_token_id,
+               "prompt_token_ids": self.prompt_token_ids, "transports": self.transports, "tp_size": 1,
+               "kv_lease_s": self.lease}
         if self.first_logprob is not None:
             out["first_token_logprobs"] = pack_logprob(self.first_logprob)
         if self.prompt_logprobs is not None:
@@ -68,6 +70,10 @@ class RemotePrefill:
                  need("remote_block_ids", list), need("remote_request_id", str), need("kv_token", str),
                  need("first_token_id", int), need("prompt_token_ids", list),
                  [t for t in p.get("transports") or ["tcp"] if isinstance(t, str)])
+        lease = p.get("kv_lease_s", 30.0)
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < 1e6:
+            raise RequestError(f"{PARAM}.kv_lease_s must be a positive number of seconds", PARAM)
+        rp.lease = float(lease)
         if not rp.prompt_token_ids:
             raise RequestError(f"{PARAM}.prompt_token_ids is empty", PARAM)
         if not rp.block_ids:

@@ -3,22 +3,32 @@ maps it and copies the blocks it needs straight into its own pool.
 
 The pool is an anonymous memfd, not a named /dev/shm segment: nothing has a name that could
 outlive the worker (a SIGKILLed worker leaks nothing). A consumer gets the file descriptor
-over a Unix socket in the abstract namespace (SCM_RIGHTS), from a process of the same user.
+over a Unix socket in the abstract namespace (SCM_RIGHTS), from a process of the same user,
+and only for a one-time ticket that the KV server put in an authenticated handshake's offer
+(abstract socket names are visible to every local process). The memfd is sealed against
+new writable mappings, so what a consumer gets can be read, never written.
 """
 from __future__ import annotations
 
+import fcntl
+import hmac
 import logging
 import mmap
 import os
+import secrets
 import socket
 import struct
 import threading
+import time
 import uuid
+import warnings
 
 import torch
 
 log = logging.getLogger("pdserve.kv")
 _CRED = struct.Struct("3i")   # SO_PEERCRED: pid, uid, gid
+F_SEAL_FUTURE_WRITE = 0x10    # Linux >= 5.1: no new writable mapping or write(), ours keep working
+TICKET_S = 60.0               # a ticket not used within this is void
 
 
 class ShmPoolAllocator:
@@ -29,15 +39,22 @@ class ShmPoolAllocator:
         self.fd: int | None = None
         self.shape: tuple | None = None
         self._listener: socket.socket | None = None
+        self._tickets: dict[str, float] = {}   # one-time ticket -> issued at (monotonic)
+        self._lock = threading.Lock()
 
     def __call__(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if torch.device(device).type != "cpu":
             return torch.zeros(shape, dtype=dtype, device=device)
         count = torch.Size(shape).numel()
         nbytes = max(count * torch.empty(0, dtype=dtype).element_size(), 1)
-        self.fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, nbytes)   # zero-filled, like torch.zeros
         self.map = mmap.mmap(self.fd, nbytes)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        except OSError as e:   # an old kernel: consumers still get a read-only descriptor
+            log.warning("cannot seal the shared-memory KV pool against writes: %s", e)
+        self._ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
         self.shape = tuple(shape)
         self.address = f"pdserve-kv-{uuid.uuid4().hex}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -46,10 +63,28 @@ class ShmPoolAllocator:
         threading.Thread(target=self._serve_fd, name="pdserve-kv-shm", daemon=True).start()
         return torch.frombuffer(self.map, dtype=dtype, count=count).view(shape)
 
+    def issue_ticket(self) -> str:
+        """A one-time ticket for the pool's descriptor, for an authenticated KV peer's offer."""
+        now = time.monotonic()
+        ticket = secrets.token_urlsafe(24)
+        with self._lock:
+            for t in [t for t, at in self._tickets.items() if now - at > TICKET_S]:
+                del self._tickets[t]
+            self._tickets[ticket] = now
+        return ticket
+
+    def _take_ticket(self, ticket: str) -> bool:
+        with self._lock:
+            for t in list(self._tickets):
+                if hmac.compare_digest(t, ticket):
+                    return time.monotonic() - self._tickets.pop(t) <= TICKET_S
+        return False
+
     def _serve_fd(self) -> None:
+        listener = self._listener   # close() sets the attribute to None
         while True:
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return  # closed
             with conn:
@@ -58,7 +93,12 @@ class ShmPoolAllocator:
                     log.warning("refused the KV pool to a process of uid %d", uid)
                     continue
                 try:
-                    socket.send_fds(conn, [b"k"], [self.fd])
+                    conn.settimeout(2.0)
+                    ticket = conn.recv(64).decode(errors="replace").strip()
+                    if not self._take_ticket(ticket):
+                        log.warning("refused the KV pool to a local process without a valid ticket")
+                        continue
+                    socket.send_fds(conn, [b"k"], [self._ro_fd])
                 except OSError:
                     pass
 
@@ -67,6 +107,11 @@ class ShmPoolAllocator:
         if self.fd is None:
             return None
         return {"socket": self.address, "shape": list(self.shape)}
+
+    def describe_for_peer(self) -> dict | None:
+        """describe() plus a one-time ticket: what goes in one authenticated peer's offer."""
+        desc = self.describe()
+        return desc and {**desc, "ticket": self.issue_ticket()}
 
     def close(self) -> None:
         """Stop handing out the pool (its memory goes with the last process that maps it)."""
@@ -86,14 +131,17 @@ class ShmAttachment:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect("\0" + desc["socket"])
+            s.sendall(str(desc.get("ticket", "")).encode()[:64])
             _, fds, _, _ = socket.recv_fds(s, 1, 1)
         if not fds:
             raise OSError("the producer sent no file descriptor for its KV pool")
         try:
             if os.fstat(fds[0]).st_size < nbytes:
                 raise OSError("the producer's KV pool is smaller than its shape says")
-            self.map = mmap.mmap(fds[0], nbytes)
+            self.map = mmap.mmap(fds[0], nbytes, prot=mmap.PROT_READ)   # the descriptor is read-only
         finally:
             for fd in fds:
                 os.close(fd)
-        self.tensor = torch.frombuffer(self.map, dtype=dtype, count=count).view(shape)
+        with warnings.catch_warnings():   # torch warns of a read-only buffer: we only ever copy out of it
+            warnings.simplefilter("ignore", UserWarning)
+            self.tensor = torch.frombuffer(self.map, dtype=dtype, count=count).view(shape)

@@ -66,7 +66,8 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def default_abort_timeout(fallback: float) -> float:
-    """PDSERVE_KV_ABORT_TIMEOUT (seconds), as vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT."""
-    value = os.environ.get("PDSERVE_KV_ABORT_TIMEOUT")
+def default_lease(fallback: float) -> float:
+    """PDSERVE_KV_LEASE (seconds), as vLLM's kv_lease_duration: how long held KV outlives the
+    decode worker's last renewal."""
+    value = os.environ.get("PDSERVE_KV_LEASE")
     return float(value) if value else fallback

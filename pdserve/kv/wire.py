@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 
 _LEN = struct.Struct("!I")
-MAX_MSG = 64 << 20       # a control message carries at most a prompt's token ids
+MAX_MSG = 1 << 20        # default bound of one control message; callers pass tighter ones
 IOV_MAX = 512            # buffers per sendmsg/recvmsg_into call (the OS limit is 1024)
 
 
@@ -19,34 +20,62 @@ class KVWireError(ConnectionError):
     pass
 
 
-def send_msg(sock: socket.socket, obj: dict) -> None:
+class KVTimeout(KVWireError):
+    """A deadline passed: the peer is too slow (or silent); the connection is not reusable."""
+
+
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    """Make the next blocking call on sock give up at `deadline` (a time.monotonic() value):
+    a deadline for a whole exchange, not a timeout per read that a trickling peer resets."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise KVTimeout("the KV transfer deadline passed")
+    sock.settimeout(left)
+
+
+def send_msg(sock: socket.socket, obj: dict, deadline: float | None = None) -> None:
     data = json.dumps(obj, separators=(",", ":")).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
+    _arm(sock, deadline)
+    try:
+        sock.sendall(_LEN.pack(len(data)) + data)
+    except socket.timeout as e:
+        raise KVTimeout("the KV transfer deadline passed while sending") from e
 
 
-def recv_msg(sock: socket.socket) -> dict:
-    (n,) = _LEN.unpack(recv_exact(sock, _LEN.size))
-    if n > MAX_MSG:
-        raise KVWireError(f"control message of {n} bytes is too large")
-    obj = json.loads(recv_exact(sock, n))
+def recv_msg(sock: socket.socket, max_size: int = MAX_MSG, deadline: float | None = None) -> dict:
+    """One control message of at most max_size bytes, all of it before `deadline`. The bound
+    is checked before anything is allocated: a peer cannot make us reserve more by claiming it."""
+    (n,) = _LEN.unpack(recv_exact(sock, _LEN.size, deadline))
+    if n > max_size:
+        raise KVWireError(f"control message of {n} bytes is too large (at most {max_size} here)")
+    try:
+        obj = json.loads(recv_exact(sock, n, deadline))
+    except ValueError as e:   # undecodable bytes are the peer's fault, like a broken frame
+        raise KVWireError(f"control message is not JSON: {e}") from e
     if not isinstance(obj, dict):
         raise KVWireError("control message is not a JSON object")
     return obj
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
-    recv_into_views(sock, [memoryview(buf)])
+    recv_into_views(sock, [memoryview(buf)], deadline)
     return bytes(buf)
 
 
-def send_views(sock: socket.socket, views: list[memoryview]) -> int:
+def send_views(sock: socket.socket, views: list[memoryview], deadline: float | None = None) -> int:
     """Send the buffers back to back; returns the byte count."""
     total = sum(v.nbytes for v in views)
     i = 0
     while i < len(views):
         batch = views[i:i + IOV_MAX]
-        sent = sock.sendmsg(batch)
+        _arm(sock, deadline)
+        try:
+            sent = sock.sendmsg(batch)
+        except socket.timeout as e:
+            raise KVTimeout("the KV transfer deadline passed while sending") from e
         # skip what went out; a partly sent buffer stays at the front, trimmed
         while batch and sent >= batch[0].nbytes:
             sent -= batch[0].nbytes
@@ -57,12 +86,17 @@ def send_views(sock: socket.socket, views: list[memoryview]) -> int:
     return total
 
 
-def recv_into_views(sock: socket.socket, views: list[memoryview]) -> int:
-    """Fill the buffers back to back from the socket; raises if the peer closes early."""
+def recv_into_views(sock: socket.socket, views: list[memoryview], deadline: float | None = None) -> int:
+    """Fill the buffers back to back from the socket; raises if the peer closes early, or
+    KVTimeout when `deadline` passes first however steadily the bytes trickle in."""
     total = sum(v.nbytes for v in views)
     views = [v for v in views if v.nbytes]
     while views:
-        got = sock.recvmsg_into(views[:IOV_MAX])[0]
+        _arm(sock, deadline)
+        try:
+            got = sock.recvmsg_into(views[:IOV_MAX])[0]
+        except socket.timeout as e:
+            raise KVTimeout("the KV transfer deadline passed while receiving") from e
         if got == 0:
             raise KVWireError("the KV peer closed the connection mid-transfer")
         while views and got >= views[0].nbytes:

@@ -152,10 +152,17 @@ class Router:
             inst = pick[0]
             tried.add(inst.url)
             t = time.monotonic()
+            call = asyncio.ensure_future(post_json(self.session, inst, PATHS[job.kind], body,
+                                                   self.headers(job.rid), self.timeout))
             try:
-                resp = await self._unless_down(inst, post_json(self.session, inst, PATHS[job.kind], body,
-                                                               self.headers(job.rid), self.timeout))
+                resp = await self._unless_down(inst, asyncio.shield(call))
+            except asyncio.CancelledError:
+                # the client left mid-prefill, but the prefill worker may finish anyway and hold
+                # the KV for a decode worker that never comes: take its answer, release the KV
+                self._background(self._release_answer(inst, call, job.rid))
+                raise
             except UpstreamError as e:
+                call.cancel()
                 self._failed(inst, e, "prefill")
                 continue
             self.metrics.prefill_time.observe(time.monotonic() - t)
@@ -197,6 +204,21 @@ class Router:
             inst.last_error, inst.last_error_time = str(e), time.time()
             inst.failures += 1
         self.metrics.retries.labels(stage).inc()
+
+    def _background(self, coro) -> None:
+        """Run coro in a task of its own: the handler itself may be what is being cancelled."""
+        t = asyncio.ensure_future(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def _release_answer(self, inst: Instance, call: asyncio.Future, rid: str) -> None:
+        try:
+            resp = await call
+        except Exception:
+            return   # no answer, no KV held
+        params = resp.get("kv_transfer_params") if isinstance(resp, dict) else None
+        if isinstance(params, dict) and params.get("do_remote_prefill"):
+            await self.release(Prefilled(inst, params, "", ""), rid)
 
     async def release(self, pre: Prefilled, rid: str) -> None:
         """Tell a prefill worker nobody will pull its held blocks (client gone, no decoder)."""
@@ -244,10 +266,7 @@ class Router:
             self.metrics.running.dec()
             self.metrics.e2e.observe(time.monotonic() - job.t0)
             if pre is not None and not job.decode_answered:
-                # a task of its own: the handler itself may be what is being cancelled
-                t = asyncio.ensure_future(self.release(pre, rid))
-                self._bg.add(t)
-                t.add_done_callback(self._bg.discard)
+                self._background(self.release(pre, rid))
 
     def _decode_body(self, job: Job, pre: Prefilled | None) -> dict:
         if pre is None:

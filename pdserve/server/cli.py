@@ -8,7 +8,7 @@ import signal
 from pdserve.cli_args import add_engine_args, engine_config_from_args
 from pdserve.config import KVTransferConfig
 from pdserve.kv.select import TRANSPORTS
-from pdserve.kv.spec import default_abort_timeout
+from pdserve.kv.spec import default_lease
 
 log = logging.getLogger("pdserve.server")
 
@@ -29,9 +29,20 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     k.add_argument("--kv-advertise-host", default=None,
                    help="host that decode workers should connect to (default: the KV bind address)")
     k.add_argument("--kv-load-failure-policy", choices=("recompute", "fail"), default="recompute")
-    k.add_argument("--kv-pull-timeout", type=float, default=30.0)
-    k.add_argument("--kv-abort-timeout", type=float, default=None,
-                   help="seconds a prefill worker holds unclaimed KV (default: $PDSERVE_KV_ABORT_TIMEOUT or 480)")
+    k.add_argument("--kv-pull-timeout", type=float, default=30.0,
+                   help="deadline in seconds of a whole KV pull (connect, handshake, every byte); a slower "
+                        "pull fails and --kv-load-failure-policy applies")
+    k.add_argument("--kv-lease", type=float, default=None, metavar="SECONDS",
+                   help="prefill role: seconds held KV outlives its decode worker's last renewal "
+                        "(default: $PDSERVE_KV_LEASE or 30)")
+    k.add_argument("--kv-secret", default=None,
+                   help="shared secret proving KV peers to each other (default: $PDSERVE_KV_SECRET, else derived "
+                        "from --api-key; with neither, KV connections are unauthenticated and pulls loopback-only)")
+    k.add_argument("--kv-allowed-peers", default=None, metavar="HOST:PORT,...",
+                   help="decode role: the only KV servers to pull from (default: any that proves the secret; "
+                        "without a secret, loopback only)")
+    k.add_argument("--kv-max-connections", type=int, default=128,
+                   help="KV server: connections at once; more are closed at once")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.app import build_app
     from pdserve.server.worker import ServerConfig, Worker
 
-    timeout = args.kv_abort_timeout if args.kv_abort_timeout is not None else default_abort_timeout(480.0)
-    ec = engine_config_from_args(args, role=args.role, kv_abort_timeout=timeout)
+    lease = args.kv_lease if args.kv_lease is not None else default_lease(30.0)
+    ec = engine_config_from_args(args, role=args.role, kv_lease_duration=lease)
     kc = KVTransferConfig(kv_transport=args.kv_transport, kv_host=args.kv_host, kv_port=args.kv_port,
-                          kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout)
+                          kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout,
+                          kv_secret=args.kv_secret, kv_allowed_peers=args.kv_allowed_peers,
+                          kv_max_connections=args.kv_max_connections)
     worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host)).start()
     reg = None
     if args.register:

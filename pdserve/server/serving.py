@@ -197,7 +197,12 @@ class _Run:
             kvp = None
             if self.remote_decode:   # one child per prompt
                 # no wait for the engine: the connector learnt the held blocks when the step ended
-                kvp = pack_params([self._export(c) for c in self.children])
+                per = [self._export(c) for c in self.children]
+                if await self.request.is_disconnected():   # nobody will read these params: free the KV now
+                    for c, kv in zip(self.children, per):
+                        self.w.connector.done(c.seq.request_id, kv["kv_token"])
+                    return Response(status_code=499)
+                kvp = pack_params(per)
             return JSONResponse(self._body(kvp))
         finally:
             watch.cancel()

@@ -44,7 +44,7 @@ class Worker:
         self.async_engine = AsyncEngine(self.engine).start()
         try:
             self.connector = KVConnector(self.async_engine, kc, self.server_config.host, self.shm,
-                                         self.server_config.advertise_host)
+                                         self.server_config.advertise_host, self.server_config.api_key)
         except BaseException:
             self.stop()
             raise
