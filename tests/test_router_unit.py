@@ -182,19 +182,33 @@ def test_prefix_aware_counts_cached_prefix():
     run(go())
 
 
-def test_requests_a_hand_off_cannot_carry_stay_local():
+def test_what_goes_remote_and_what_stays_local():
+    """The hand-off carries n > 1, prompt lists, echo and logprobs (issue 12): they go remote;
+    only a request that is all prefill (max_tokens 0 or 1) stays on the decode worker."""
     async def go():
         async with cluster() as (s, url, (p,), (d,)):
-            for extra in ({"n": 2}, {"echo": True}, {"logprobs": 2}, {"max_tokens": 1},
-                          {"prompt": ["one prompt", "and another"]}):
+            for extra in ({"n": 2}, {"echo": True}, {"logprobs": 2}, {"prompt": ["one prompt", "and another"]},
+                          {"prompt": [[1, 2, 3]]}):
                 r = await s.post(url + "/v1/completions", json={**COMP_BODY, **extra})
                 assert r.status == 200
-            assert len(p.calls) == 0
-            r = await s.post(url + "/v1/completions", json={**COMP_BODY, "prompt": [[1, 2, 3]]})
-            assert r.status == 200 and len(p.calls) == 1    # one prompt of token ids: remote
+            assert len(p.calls) == 5
+            for extra in ({"max_tokens": 1}, {"max_tokens": 0, "echo": True}):
+                r = await s.post(url + "/v1/completions", json={**COMP_BODY, **extra})
+                assert r.status == 200
+            assert len(p.calls) == 5
             st = await (await s.get(url + "/status")).json()
-            assert set(st["requests"]["local_prefill_reasons"]) == {"n>1", "echo/logprobs", "max_tokens=1", "batch"}
+            assert st["requests"]["local_prefill_reasons"] == {"max_tokens=1": 2}
     run(go())
+
+
+def test_first_token_streamed_early_only_for_one_plain_choice():
+    from pdserve.router.openai_io import early_first_token
+    assert early_first_token("completions", {"prompt": "x"})
+    assert early_first_token("chat", {"messages": []})
+    for extra in ({"n": 2}, {"echo": True}, {"logprobs": 0}, {"prompt_logprobs": 1}, {"prompt": ["a", "b"]},
+                  {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}):
+        assert not early_first_token("completions", {"prompt": "x", **extra}), extra
+    assert not early_first_token("chat", {"messages": [], "logprobs": True})
 
 
 def test_no_prefill_worker_all_local():

@@ -204,8 +204,14 @@ def test_errors(url):
     assert _err(h.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
     assert _err(h.post("/v1/completions", json={"prompt": "x", "stream": True,
                                                 "kv_transfer_params": {"do_remote_decode": True}}), 400)["param"] == "stream"
-    assert _err(h.post("/v1/completions", json={"prompt": "x", "n": 2,
-                                                "kv_transfer_params": {"do_remote_decode": True}}), 400)
+    # a prefill for remote decode with n > 1 prefills once (the decode worker forks): one choice
+    r = h.post("/v1/completions", json={"prompt": "x", "n": 2, "kv_transfer_params": {"do_remote_decode": True}})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    kvp = r.json()["kv_transfer_params"]
+    assert h.post("/v1/kv/release", json={"request_id": kvp["remote_request_id"],
+                                          "kv_token": kvp["kv_token"]}).json()["released"]
+    assert _err(h.post("/v1/completions", json={"prompt": "x", "max_tokens": 0, "echo": True,
+                                                "kv_transfer_params": {"do_remote_decode": True}}), 400)["param"] == "max_tokens"
     assert _err(h.get("/v1/nothing-here"), 404)
     assert _err(h.post("/v1/kv/release", json={"request_id": "x"}), 400)["param"] == "kv_token"
 

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.logits_controls import bad_words_token_ids
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.outputs import CompletionOutput, RequestOutput
 from pdserve.engine.request import FinishReason, SamplingParams, Sequence, Status
@@ -46,6 +47,7 @@ class _State:
     emitted: int = 0   # characters of out.text already handed out (stop strings are held back)
     error: str | None = None
     new_lp: list = field(default_factory=list)
+    prompt_lps: list | None = None   # [None, logprobs of prompt token 1, ...] as computed so far
 
 
 class HeldObserver(Protocol):
@@ -79,6 +81,7 @@ class LLMEngine:
         self.clock: Callable[[], float] = time.monotonic           # the wall clock enters here (tests inject one)
         self.pending_kv_loads: list[Sequence] = []                 # when no connector is set
         self._loaded: list[str] = []                               # KV arrived, first token to emit
+        self._parked: dict[str, list[Sequence]] = {}               # forks waiting for a KV pull
         self._ids = itertools.count()
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.step_trace = StepTrace(config.step_trace, config.role) if config.step_trace else None
@@ -149,11 +152,21 @@ class LLMEngine:
                                "kv_transfer_params")
         if remote_first_token is not None and not 0 <= remote_first_token < vocab:
             raise RequestError("the first token from the prefill worker is out of range", "kv_transfer_params")
+        self._resolve_controls(params, vocab)
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time,
                        eos_token_ids=self.eos_token_ids, remote_first_token=remote_first_token)
         seq.remote_decode = remote_decode or role == "prefill"
         return seq, text
+
+    def _resolve_controls(self, params: SamplingParams, vocab: int) -> None:
+        """Check token ids against the vocabulary and tokenize bad_words (as vLLM)."""
+        for name, ids in (("logit_bias", list(params.logit_bias or ())),
+                          ("allowed_token_ids", params.allowed_token_ids or [])):
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise RequestError(f"{name} has token ids outside the vocabulary [0, {vocab})", name)
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -177,8 +190,22 @@ class LLMEngine:
             raise RequestError(f"request id {seq.request_id!r} is already in use", "request_id")
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
         lps = [] if seq.params.logprobs is not None else None
-        self.states[seq.request_id] = _State(seq, prompt_text, detok, CompletionOutput(0, logprobs=lps))
+        st = self.states[seq.request_id] = _State(seq, prompt_text, detok, CompletionOutput(0, logprobs=lps))
+        if seq.params.prompt_logprobs is not None:
+            st.prompt_lps = list(seq.remote_prompt_logprobs) if seq.remote_prompt_logprobs else [None]
+        parent = self.states.get(seq.wait_for) if seq.wait_for else None
+        if parent is not None and parent.seq.status in (Status.WAITING, Status.WAITING_FOR_KV) \
+                and parent.seq.remote_first_token is not None and not parent.seq.num_output_tokens:
+            # a fork of a remote prefill: admitted once the parent's KV is in (then its prefix
+            # cache holds the prompt and the fork computes only the last block's tail)
+            self._parked.setdefault(seq.wait_for, []).append(seq)
+            return
         self.scheduler.add(seq)
+
+    def _unpark(self, parent_id: str) -> None:
+        for seq in self._parked.pop(parent_id, ()):
+            if seq.request_id in self.states:
+                self.scheduler.add(seq)
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     **kwargs) -> str:
@@ -188,6 +215,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         st = self.states.pop(request_id, None)
+        self._unpark(request_id)
+        for forks in self._parked.values():
+            if st is not None and st.seq in forks:
+                forks.remove(st.seq)
         held = request_id in self.scheduler.held
         seq = self.scheduler.abort(request_id)
         if held and self.held_observer:
@@ -213,9 +244,11 @@ class LLMEngine:
             if st is not None:
                 st.error = error
             self.scheduler.abort(request_id)
+            self._unpark(request_id)
             return
         if self.scheduler.finish_kv_load(request_id, ok) is not None and ok:
             self._loaded.append(request_id)
+        self._unpark(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.states) or self.scheduler.has_work()
@@ -242,6 +275,10 @@ class LLMEngine:
         model_start = self.clock()
         tokens, logprobs = self.runner.execute(out, self._banned)
         now = self.clock()
+        for rid, (pos, entries) in self.runner.prompt_logprobs.items():
+            st = self.states.get(rid)
+            if st is not None and st.prompt_lps is not None and pos <= len(st.prompt_lps):
+                st.prompt_lps.extend(entries[len(st.prompt_lps) - pos:])   # a recompute repeats some
         model_s = now - model_start
         finished = self.scheduler.update(out, tokens, now)
         if self.held_observer:   # before the outputs leave: export needs no wait for the next step
@@ -251,12 +288,18 @@ class LLMEngine:
         results = []
         for seq, lp in zip(out.seqs, logprobs):
             st = self.states.get(seq.request_id)
-            if st is None or seq.num_output_tokens == before[seq.request_id]:
-                continue  # aborted, or a prefill chunk that produced no token
+            if st is None:
+                continue  # aborted
+            if seq.num_output_tokens == before[seq.request_id]:
+                if seq.is_finished:   # max_tokens 0: scored, nothing generated
+                    results.append(self._emit(st, []))
+                continue  # a prefill chunk that produced no token
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.num_generation_tokens += 1
-            if lp is not None:
+            if seq.remote_first_token is not None and before[seq.request_id] == 0:
+                lp = seq.remote_first_logprob   # recomputed here, but the token is the prefill worker's
+            if lp is not None and st.out.logprobs is not None:
                 st.new_lp.append(lp)
             results.append(self._emit(st, seq.output_token_ids[len(st.out.token_ids):]))
         if self.step_trace:
@@ -271,6 +314,8 @@ class LLMEngine:
             st = self.states.get(rid)
             if st is not None and not st.out.token_ids:
                 st.seq.first_token_time = st.seq.first_token_time or time.monotonic()
+                if st.seq.remote_first_logprob is not None and st.out.logprobs is not None:
+                    st.new_lp.insert(0, st.seq.remote_first_logprob)
                 res.append(self._emit(st, st.seq.output_token_ids))
         return res
 
@@ -342,8 +387,11 @@ class LLMEngine:
         # a snapshot: the output crosses to another thread, and the next step rewrites st.out's
         # new_* fields before a slow consumer may have read them
         out = dataclasses.replace(st.out, token_ids=list(st.out.token_ids))
+        plp = st.prompt_lps
+        plp = plp if plp is not None and len(plp) == seq.num_prompt_tokens else None   # complete: final
         return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [out], finished,
-                             seq.num_cached_tokens, seq.arrival_time, seq.first_token_time, error)
+                             seq.num_cached_tokens, seq.arrival_time, seq.first_token_time, error,
+                             prompt_logprobs=plp)
 
     # ---- introspection ------------------------------------------------------------------
     def stats(self) -> dict:

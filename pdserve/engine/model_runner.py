@@ -13,7 +13,7 @@ import torch
 from pdserve.config import EngineConfig
 from pdserve.engine.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.request import Sequence
-from pdserve.engine.sampler import SampleRow, Sampler
+from pdserve.engine.sampler import SampleRow, Sampler, TokenLogprobs
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.models.attention import AttentionMetadata, plan_decode_groups
 from pdserve.models.decoder import CausalLM, ModelConfig
@@ -67,6 +67,7 @@ class ModelRunner:
         self.model.rope.float()  # keep cos/sin in float32 whatever the weights' dtype
         self.model.eval()
         self.sampler = Sampler(config.seed)
+        self.prompt_logprobs: dict = {}   # of the last step: see _prompt_logprobs
         self.num_blocks = self._num_blocks()
         mc = self.model_config
         # one block more than the block manager gets: the scratch block that padded rows of a
@@ -115,9 +116,14 @@ class ModelRunner:
                                  prefill_block_tables=[])
         dec_tables, dec_lens = [], []
         bs = self.block_size
+        prompt_rows = []   # (seq, first position, row in the batch, rows) for prompt logprobs
         for i in order:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             c = seq.num_computed_tokens
+            if seq.computes_prompt_logprobs:
+                last = min(c + n, seq.num_prompt_tokens - 1)   # position p predicts prompt token p+1
+                if last > c:
+                    prompt_rows.append((seq, c, len(ids), last - c))
             ids.extend(seq.token_ids[c:c + n])
             pos.extend(range(c, c + n))
             table = seq.block_table
@@ -130,12 +136,13 @@ class ModelRunner:
                 meta.prefill_context_lens.append(c + n)
                 meta.prefill_block_tables.append(torch.tensor(table[:-(-(c + n) // bs)], device=self.device))
             if c + n == seq.num_tokens:
-                sample_at.append((i, len(ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq))))
+                sample_at.append((i, len(ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq), seq)))
         if (self.decode_graphs is not None and dec_tables and not meta.prefill_query_lens
                 and self.decode_graphs.fits(dec_tables, dec_lens)):
             hidden = self.decode_graphs.forward(ids, pos, slots, dec_tables, dec_lens)
         else:
             hidden = self._forward_eager(ids, pos, slots, dec_tables, dec_lens, meta)
+        self.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
         tokens: list[int | None] = [None] * len(out.seqs)
         logprobs = [None] * len(out.seqs)
         if sample_at:
@@ -145,6 +152,27 @@ class ModelRunner:
             for (i, _, _), t, lp in zip(sample_at, sampled, lps):
                 tokens[i], logprobs[i] = t, lp
         return tokens, logprobs
+
+    PROMPT_LOGITS_ROWS = 256   # logits of this many prompt positions at a time: [rows, vocab] float32
+
+    def _prompt_logprobs(self, hidden, prompt_rows) -> dict:
+        """request id -> (first position, [TokenLogprobs of prompt token position+1, ...]): the
+        logprob, rank and top-k of each prompt token given the tokens before it."""
+        res = {}
+        for seq, first, row, count in prompt_rows:
+            k, entries = seq.params.prompt_logprobs, []
+            for s in range(0, count, self.PROMPT_LOGITS_ROWS):
+                m = min(self.PROMPT_LOGITS_ROWS, count - s)
+                lp = torch.log_softmax(self.model.compute_logits(hidden[row + s:row + s + m]), dim=-1).cpu()
+                targets = torch.tensor(seq.token_ids[first + s + 1:first + s + 1 + m])
+                chosen = lp.gather(1, targets[:, None])[:, 0]
+                ranks = (lp > chosen[:, None]).sum(dim=1) + 1
+                top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+                for j in range(m):
+                    top = list(zip(top_i[j].tolist(), top_v[j].tolist())) if k else []
+                    entries.append(TokenLogprobs(int(targets[j]), chosen[j].item(), top, int(ranks[j])))
+            res[seq.request_id] = (first + 1, entries)
+        return res
 
     def _forward_eager(self, ids, pos, slots, dec_tables, dec_lens, meta: AttentionMetadata):
         dev, bs = self.device, self.block_size

@@ -35,3 +35,5 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     error: str | None = None   # set when the request ended on an error (e.g. a failed KV pull)
+    # with SamplingParams.prompt_logprobs: None for the first prompt token, then each token's
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -22,6 +22,15 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return besides the sampled one
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # logits controls, as vLLM defines them (applied in engine/logits_controls.py)
+    presence_penalty: float = 0.0      # minus p for each token that occurs in the output
+    frequency_penalty: float = 0.0     # minus f * (occurrences in the output)
+    repetition_penalty: float = 1.0    # tokens of prompt or output: positive logits / r, negative * r
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None   # bad_words tokenized (by the engine)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (the prompt token always included)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -31,6 +40,7 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        self.validate_controls()
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field; the server turns it into a 400."""
@@ -48,7 +58,8 @@ class SamplingParams:
             bad("top_k", f"must be 0 or -1 (disable) or at least 1, got {self.top_k}.")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"must be in [0, 1], got {self.min_p}.")
-        if self.max_tokens is not None and self.max_tokens < 1:
+        # 0 only to score a prompt (its logprobs), as vLLM's echo with max_tokens 0
+        if self.max_tokens is not None and self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
             bad("max_tokens", f"must be at least 1, got {self.max_tokens}.")
         if self.min_tokens < 0:
             bad("min_tokens", f"must be non-negative, got {self.min_tokens}.")
@@ -58,6 +69,42 @@ class SamplingParams:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}.")
         if any(not s for s in self.stop):
             bad("stop", "must not contain empty strings.")
+
+    def validate_controls(self) -> None:
+        """The logits controls, with vLLM's ranges; ids against the vocabulary are checked by the
+        engine, which knows it."""
+        def bad(name: str, msg: str):
+            err = ValueError(f"{name} {msg}")
+            err.param = name
+            raise err
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
+                bad(name, f"must be in [-2, 2], got {v}.")
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 < r < float("inf"):
+            bad("repetition_penalty", f"must be a positive number, got {r}.")
+        if self.logit_bias is not None:
+            # OpenAI's range; vLLM clamps to it, a value outside is more likely a mistake: refuse
+            if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not -100 <= v <= 100
+                   for v in self.logit_bias.values()):
+                bad("logit_bias", "values must be in [-100, 100].")
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                bad("logit_bias", "keys must be token ids.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            bad("allowed_token_ids", "must not be empty.")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            bad("bad_words", "must be non-empty strings.")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            bad("prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs}.")
+
+    @property
+    def has_controls(self) -> bool:
+        """Whether any logits control is set (the sampler skips the work otherwise)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +135,12 @@ class Sequence:
     eos_token_ids: tuple[int, ...] = ()
     # decode role: the first output token made by the prefill worker, appended once KV is in
     remote_first_token: int | None = None
+    # decode role, carried in kv_transfer_params: that token's logprobs and the prompt's (the
+    # prefill worker computed them; this worker never sees the prompt's logits)
+    remote_first_logprob: object = None
+    remote_prompt_logprobs: list | None = None
+    # decode role, a fork (n > 1): the request (pulling the same prompt's KV) to start after
+    wait_for: str | None = None
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0       # prompt tokens found in the prefix cache (or pulled remotely)
@@ -123,6 +176,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def computes_prompt_logprobs(self) -> bool:
+        """The prompt's logprobs are asked for and are not carried in from a prefill worker:
+        every prompt position must be computed here (no prefix-cache hit)."""
+        return (self.params.prompt_logprobs is not None and self.remote_first_token is None
+                and self.remote_prompt_logprobs is None)
 
     @property
     def in_prefill(self) -> bool:

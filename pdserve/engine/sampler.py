@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine import logits_controls
 from pdserve.engine.request import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15
@@ -25,6 +26,7 @@ class SampleRow:
     params: SamplingParams
     position: int               # index in the sequence of the token being drawn
     banned: tuple[int, ...] = ()  # EOS / stop ids while below min_tokens
+    seq: object = None            # the Sequence: its tokens, for penalties and bad words
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None     # the token's rank among all (1: the most likely); prompt logprobs
 
 
 class Sampler:
@@ -41,11 +44,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]):
         """logits: [B, V] float32 (any device). Returns (token ids, logprobs or None per row)."""
         logits = logits.float().cpu()
-        for i, r in enumerate(rows):
-            if r.banned:
-                logits[i, list(r.banned)] = float("-inf")
         want_lp = [r.params.logprobs is not None for r in rows]
+        # as vLLM's default (logprobs_mode raw_logprobs): the model's own distribution, before
+        # penalties, biases and bans change it
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        for i, r in enumerate(rows):
+            if r.params.has_controls and r.seq is not None:
+                logits_controls.apply(logits[i], r.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.banned)
+            elif r.banned:
+                logits[i, list(r.banned)] = float("-inf")
 
         tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -156,7 +156,8 @@ class Scheduler:
                     break
                 continue
             # at least one token must be computed to get logits for the next token
-            cached = self.bm.match_prefix(seq, seq.num_tokens - 1)
+            # prompt logprobs need every prompt position computed here (as vLLM: no prefix hit)
+            cached = [] if seq.computes_prompt_logprobs else self.bm.match_prefix(seq, seq.num_tokens - 1)
             n = seq.num_tokens - len(cached) * self.bm.block_size
             if n > budget and not chunked:
                 break
@@ -224,7 +225,10 @@ class Scheduler:
                 continue  # a prefill chunk that does not reach the end of the prompt
             if seq.num_output_tokens == 0 and seq.remote_first_token is not None:
                 token = seq.remote_first_token  # recomputed locally; the client already has it
-            self._append_token(seq, token)
+            if seq.params.max_tokens == 0:
+                self._finish(seq, FinishReason.LENGTH)   # scoring only: the prompt was the point
+            else:
+                self._append_token(seq, token)
             if seq.remote_decode and seq.num_output_tokens == 1:
                 if not seq.is_finished:
                     self._finish(seq, FinishReason.REMOTE_DECODE)

@@ -134,7 +134,8 @@ class KVConnector:
             self.held_blocks.pop(request_id, None)
             return False
 
-    def export(self, request_id: str, first_token_id: int, prompt_token_ids: list[int]) -> dict:
+    def export(self, request_id: str, first_token_id: int, prompt_token_ids: list[int],
+               first_logprob=None, prompt_logprobs=None) -> dict:
         """kv_transfer_params for a finished remote-decode request whose blocks are held."""
         token = secrets.token_urlsafe(24)
         with self._lock:
@@ -145,7 +146,7 @@ class KVConnector:
             raise RuntimeError(f"request {request_id} holds no KV blocks to hand off")
         return RemotePrefill(self.engine_id, self.advertise_host, self.server.port, blocks, request_id,
                              token, first_token_id, list(prompt_token_ids), list(self.offers),
-                             self.lease).to_params()
+                             self.lease, first_logprob, prompt_logprobs).to_params()
 
     def hello_reply(self, remote_spec: dict) -> dict:
         """The offer for one authenticated peer (its shm ticket is its own)."""

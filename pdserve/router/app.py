@@ -67,6 +67,28 @@ async def models(request: web.Request) -> web.Response:
     return _err(503, "no healthy instance to list models from")
 
 
+def _forward(method: str, path: str):
+    """/tokenize, /detokenize, /tokenizer_info: every worker serves the same model and
+    tokenizer, so any healthy one answers (decode workers first); its status and body pass
+    through as they are (a 400 stays the client's)."""
+    async def handler(request: web.Request) -> web.Response:
+        r = request.app[ROUTER]
+        data = await request.read() if method == "POST" else None
+        headers = {**r.headers(request.headers.get("X-Request-Id") or "tokenizer"), "Content-Type": "application/json"}
+        for inst in r.pools.healthy("decode") + r.pools.healthy("prefill"):
+            try:
+                async with r.session.request(method, inst.url + path, data=data, headers=headers,
+                                             timeout=r.timeout) as resp:
+                    body = await resp.read()
+                    if resp.status < 500:
+                        return web.Response(body=body, status=resp.status, content_type="application/json")
+                    inst.last_error = f"{path}: {resp.status}"
+            except Exception as e:  # try the next instance
+                inst.last_error = f"{path}: {e!r}"[:300]
+        return _err(503, f"no healthy instance to answer {path}")
+    return handler
+
+
 async def health(request: web.Request) -> web.Response:
     ok = bool(request.app[ROUTER].pools.healthy("decode"))
     return web.json_response({"status": "ok" if ok else "no healthy decode instance"}, status=200 if ok else 503)
@@ -153,6 +175,9 @@ def make_app(cfg: RouterConfig, **router_kwargs) -> web.Application:
     app.router.add_post("/v1/completions", _openai(COMPLETIONS))
     app.router.add_post("/v1/chat/completions", _openai(CHAT))
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", _forward("POST", "/tokenize"))
+    app.router.add_post("/detokenize", _forward("POST", "/detokenize"))
+    app.router.add_get("/tokenizer_info", _forward("GET", "/tokenizer_info"))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)

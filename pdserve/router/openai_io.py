@@ -47,19 +47,26 @@ def prompt_key(kind: str, body: dict) -> tuple[list | str | None, int]:
 
 
 def why_not_remote(kind: str, body: dict) -> str | None:
-    """Requests that gain nothing from a remote prefill, or that the hand-off cannot express."""
-    if (body.get("n") or 1) != 1 or body.get("best_of") not in (None, 1):
-        return "n>1"
-    p = body.get("prompt")
-    if kind == COMPLETIONS and isinstance(p, list) and len(p) > 1 and not all(isinstance(t, int) for t in p):
-        return "batch"          # several prompts: one hand-off carries one prompt's KV
-    if kind == COMPLETIONS and (body.get("echo") or body.get("logprobs") is not None):
-        return "echo/logprobs"
-    if kind == CHAT and (body.get("logprobs") or body.get("top_logprobs")):
-        return "logprobs"
-    if max_tokens(kind, body) == 1:
+    """Requests that gain nothing from a remote prefill. (n > 1, several prompts, logprobs of
+    prompt and first token: the hand-off carries them all.)"""
+    if max_tokens(kind, body) in (0, 1):
         return "max_tokens=1"   # the whole request is one prefill; a hand-off only adds work
     return None
+
+
+def early_first_token(kind: str, body: dict) -> bool:
+    """Whether the router may stream the prefill worker's first token itself, before the
+    decode worker answers: only for one plain choice. With logprobs, an echo, prompt logprobs,
+    usage in every chunk or several choices, the decode worker's stream is the whole answer."""
+    if (body.get("n") or 1) != 1 or body.get("prompt_logprobs") is not None:
+        return False
+    p = body.get("prompt")
+    if kind == COMPLETIONS and isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > 1:
+        return False
+    if body.get("logprobs") or (kind == COMPLETIONS and (body.get("echo") or body.get("logprobs") is not None)):
+        return False
+    opts = body.get("stream_options")
+    return not (isinstance(opts, dict) and opts.get("continuous_usage_stats"))
 
 
 def max_tokens(kind: str, body: dict) -> int | None:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pdserve.server import errors, serving
 from pdserve.server.errors import APIError, error_response
+from pdserve.server.tokenizer_info import tokenizer_info
 from pdserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      KVReleaseRequest, TokenizeRequest)
 
@@ -101,6 +102,10 @@ def build_app(worker) -> FastAPI:
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": worker.engine.tokenizer.decode(req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def get_tokenizer_info():
+        return tokenizer_info(worker.engine.tokenizer)
 
     @app.post("/v1/kv/release")
     async def kv_release(req: KVReleaseRequest):

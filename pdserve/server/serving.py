@@ -15,7 +15,12 @@ from pdserve.engine.engine import RequestError
 from pdserve.kv.params import PARAM, RemotePrefill, wants_remote_decode, wants_remote_prefill
 from pdserve.llm import child_params
 from pdserve.server.errors import APIError, error_body
-from pdserve.server.outputs import chat_logprobs, completion_logprobs, finish_reason, usage
+from dataclasses import replace
+
+from pdserve.kv.params import pack_params
+from pdserve.server import fields
+from pdserve.server.outputs import (chat_logprobs, completion_logprobs, echo_logprobs, finish_reason, text_end,
+                                    usage, usage as _usage, vllm_prompt_logprobs)
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT, COMPLETION = "chat", "completion"
@@ -31,6 +36,8 @@ class Child:
     arrival: float
     token_times: list[float] = field(default_factory=list)
     last: object = None     # the latest RequestOutput
+    offset: int = 0         # streamed completions: text_offset of the next token's logprobs
+    started: bool = False   # streamed: its echo / prompt logprobs have been sent
 
 
 def _check_model(worker, name: str | None) -> None:
@@ -38,8 +45,9 @@ def _check_model(worker, name: str | None) -> None:
         raise APIError(404, f"The model `{name}` does not exist.", "model")
 
 
-def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], RemotePrefill | None, bool]:
-    """Validate everything and make the engine sequences, before any of them starts."""
+def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], list, bool]:
+    """Validate everything and make the engine sequences, before any of them starts.
+    Returns (children, [(engine request id, RemotePrefill)] to pull, remote_decode)."""
     engine, kvp = worker.engine, req.kv_transfer_params
     try:
         params = req.sampling_params()
@@ -52,46 +60,81 @@ def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], RemotePrefill
         if not prompts:
             raise RequestError("prompt must not be empty", "prompt")
     remote_decode = wants_remote_decode(kvp) or worker.role == "prefill"
-    rp, extra = None, {}
-    if wants_remote_prefill(kvp):
-        rp = RemotePrefill.from_params(kvp)
-        prompts = [{"prompt_token_ids": rp.prompt_token_ids}]   # the tokens the KV belongs to
-        extra["remote_first_token"] = rp.first_token_id
-    elif remote_decode:
-        extra["remote_decode"] = True
-    if (rp or remote_decode) and (params.n != 1 or len(prompts) != 1):
-        raise RequestError("a KV hand-off (kv_transfer_params, or any request to a prefill worker) "
-                           "needs a single prompt and n=1", PARAM)
-    if remote_decode and req.stream:
-        raise RequestError("a prefill for remote decode (do_remote_decode) cannot be streamed", "stream")
-    now, children = time.monotonic(), []
+    rps = RemotePrefill.all_from_params(kvp) if wants_remote_prefill(kvp) else []
+    if rps:
+        if len(rps) != len(prompts):
+            raise RequestError(f"{PARAM} carries {len(rps)} prompts' KV, the request has {len(prompts)} prompts", PARAM)
+        # the tokens the KV belongs to; a prompt sent as text keeps its text (echo)
+        prompts = [{"prompt_token_ids": rp.prompt_token_ids, "prompt": p if isinstance(p, str) else None}
+                   for rp, p in zip(rps, prompts)]
+        if params.prompt_logprobs is not None and any(rp.prompt_logprobs is None for rp in rps):
+            # this worker never computes the prompt: its logprobs must come from the prefill worker
+            raise RequestError(f"{PARAM} lacks the prompt_logprobs this request asks for", PARAM)
+    width = _width(req, params)
+    if remote_decode:
+        if req.stream:
+            raise RequestError("a prefill for remote decode (do_remote_decode) cannot be streamed", "stream")
+        if params.max_tokens == 0:
+            raise RequestError("max_tokens 0 generates nothing to decode remotely", "max_tokens")
+        # prefill each prompt once; the decode worker forks the other choices from its KV
+        width = 1
+    if width > params.n and params.logprobs is None:
+        params = replace(params, logprobs=0)   # best_of ranks by cumulative logprob
+    now, children, pulls = time.monotonic(), [], []
     for pi, prompt in enumerate(prompts):
-        for j in range(params.n):
-            child_rid = rid if len(prompts) * params.n == 1 else f"{rid}-{pi}-{j}"
+        first = None
+        for j in range(width):
+            child_rid = rid if len(prompts) * width == 1 else f"{rid}-{pi}-{j}"
+            extra = {"remote_decode": True} if remote_decode else {}
+            if rps and j == 0:
+                extra["remote_first_token"] = rps[pi].first_token_id
             seq, text = engine.make_sequence(prompt, child_params(params, j), child_rid, **extra)
+            if rps:
+                seq.remote_prompt_logprobs = rps[pi].prompt_logprobs
+                if j == 0:
+                    seq.remote_first_logprob = rps[pi].first_logprob
+                    pulls.append((seq.request_id, rps[pi]))
+                else:   # a fork: its own first token, from the pulled KV (prefix cache) + the tail
+                    seq.wait_for = first
+            first = first or seq.request_id
             children.append(Child(len(children), pi, seq, text, now))
-    return children, rp, remote_decode
+    return children, pulls, remote_decode
+
+
+def _width(req, params) -> int:
+    """Engine requests per prompt: n, or best_of to choose the n best from (as vLLM: by
+    cumulative logprob)."""
+    best = req.best_of
+    if best is None or best == params.n:
+        return params.n
+    if best < params.n:
+        raise RequestError(f"best_of must be at least n={params.n}, got {best}.", "best_of")
+    if req.stream:
+        raise RequestError("best_of > n cannot be streamed (the best are known only at the end)", "best_of")
+    return best
 
 
 async def create(worker, request: Request, req: CompletionRequest | ChatCompletionRequest, kind: str):
     _check_model(worker, req.model)
     if worker.async_engine.dead is not None:
         raise APIError(503, f"the engine has stopped: {worker.async_engine.dead!r}")
-    base = request.state.request_id
+    base = req.request_id or request.state.request_id   # vLLM's request_id field names the answer
     rid = f"{base}-{secrets.token_hex(4)}"   # engine ids stay unique whatever the client sends
-    children, rp, remote_decode = _build(worker, req, kind, rid)
-    if rp is not None:
-        worker.connector.expect(children[0].seq.request_id, rp)
-    run = _Run(worker, request, req, kind, base, children, rp, remote_decode)
+    fields.check(req, kind)
+    children, pulls, remote_decode = _build(worker, req, kind, rid)
+    for seq_id, rp in pulls:
+        worker.connector.expect(seq_id, rp)
+    run = _Run(worker, request, req, kind, base, children, pulls, remote_decode)
     if req.stream:
         return await run.stream()
     return await run.complete()
 
 
 class _Run:
-    def __init__(self, worker, request, req, kind, base_id, children, rp, remote_decode):
+    def __init__(self, worker, request, req, kind, base_id, children, pulls, remote_decode):
         self.w, self.request, self.req, self.kind = worker, request, req, kind
-        self.children, self.rp, self.remote_decode = children, rp, remote_decode
+        self.children, self.pulls, self.remote_decode = children, pulls, remote_decode
+        self.rp = pulls[0][1] if pulls else None
         self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + base_id
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -122,8 +165,8 @@ class _Run:
         """Cancel what still runs: leaving a submit() stream early aborts its engine request."""
         for t in self.tasks:
             t.cancel()
-        if self.rp is not None:
-            self.w.connector.forget(self.children[0].seq.request_id)
+        for seq_id, _ in self.pulls:
+            self.w.connector.forget(seq_id)
 
     async def _next(self):
         c, out = await self.queue.get()
@@ -152,41 +195,58 @@ class _Run:
                 _, out = get.result()
                 pending -= out.finished
             kvp = None
-            if self.remote_decode:
-                c = self.children[0]
+            if self.remote_decode:   # one child per prompt
                 # no wait for the engine: the connector learnt the held blocks when the step ended
-                kvp = self.w.connector.export(c.seq.request_id, c.last.outputs[0].token_ids[0],
-                                              c.last.prompt_token_ids)
+                per = [self._export(c) for c in self.children]
                 if await self.request.is_disconnected():   # nobody will read these params: free the KV now
-                    self.w.connector.done(c.seq.request_id, kvp["kv_token"])
+                    for c, kv in zip(self.children, per):
+                        self.w.connector.done(c.seq.request_id, kv["kv_token"])
                     return Response(status_code=499)
+                kvp = pack_params(per)
             return JSONResponse(self._body(kvp))
         finally:
             watch.cancel()
             self.stop()
 
+    def _export(self, c: Child) -> dict:
+        o = c.last.outputs[0]
+        return self.w.connector.export(c.seq.request_id, o.token_ids[0], c.last.prompt_token_ids,
+                                       o.logprobs[0] if o.logprobs else None, c.last.prompt_logprobs)
+
     def _body(self, kvp: dict | None) -> dict:
         tok = self.w.engine.tokenizer
         choices = []
         ids = self.req.return_token_ids
-        for c in self.children:
+        want_lp = self.kind == CHAT and self.req.logprobs or self.kind != CHAT and self.req.logprobs is not None
+        for c in chosen(self.children, self.req.n):
             o = c.last.outputs[0]
             fr = finish_reason(o.finish_reason)
             extra = {"token_ids": list(o.token_ids), "prompt_token_ids": list(c.seq.prompt_token_ids)} if ids else {}
+            lps = o.logprobs if want_lp else None
             if self.kind == CHAT:
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": o.text},
-                                "logprobs": chat_logprobs(tok, o.logprobs) if o.logprobs is not None else None,
+                                "logprobs": chat_logprobs(tok, lps) if lps is not None else None,
                                 "finish_reason": fr, "stop_reason": o.stop_reason, **extra})
             else:
-                text = o.text
+                text, lp = o.text, completion_logprobs(tok, lps) if lps is not None else None
                 if self.req.echo:
-                    text = self._prompt_text(c) + text
+                    ptext = self._prompt_text(c)
+                    text = ptext + text
+                    if lps is not None:
+                        lp = echo_logprobs(tok, c.seq.prompt_token_ids, c.last.prompt_logprobs, lps)
                 choices.append({"index": c.index, "text": text, "finish_reason": fr, "stop_reason": o.stop_reason,
-                                "logprobs": completion_logprobs(tok, o.logprobs) if o.logprobs is not None else None,
-                                "prompt_logprobs": None, **extra})
-        return {"id": self.id, "object": "chat.completion" if self.kind == CHAT else "text_completion",
+                                "logprobs": lp, "prompt_logprobs": self._prompt_lps(c), **extra})
+        body = {"id": self.id, "object": "chat.completion" if self.kind == CHAT else "text_completion",
                 "created": self.created, "model": self.w.model_name, "choices": choices,
                 "usage": usage(self.children), "kv_transfer_params": kvp}
+        if self.kind == CHAT and self.req.prompt_logprobs is not None:   # vLLM: per request in chat
+            body["prompt_logprobs"] = self._prompt_lps(self.children[0])
+        return body
+
+    def _prompt_lps(self, c: Child):
+        if self.req.prompt_logprobs is None or c.last is None:
+            return None
+        return vllm_prompt_logprobs(self.w.engine.tokenizer, c.last.prompt_logprobs)
 
     def _prompt_text(self, c: Child) -> str:
         return c.text if c.text is not None else self.w.engine.tokenizer.decode(c.seq.prompt_token_ids)
@@ -203,19 +263,23 @@ class _Run:
 
     async def _sse(self, first):
         opts = self.req.stream_options
+        # vLLM: usage in every chunk with include_usage and continuous_usage_stats both set
+        self.every_usage = opts is not None and opts.include_usage and opts.continuous_usage_stats
         try:
             for c in self.children:
                 if self.kind == CHAT:
                     yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])
-                elif self.req.echo:
-                    yield self._chunk([{"index": c.index, "text": self._prompt_text(c), "logprobs": None,
-                                        "finish_reason": None}])
             pending, item = len(self.children), first
             while True:
                 c, out = item
                 o = out.outputs[0]
-                if o.new_text or out.finished:
+                if not c.started:   # the prompt's part: its echo and logprobs came with this output
+                    c.started = True
+                    head = self._stream_head(c)
+                    if head is not None:
+                        yield head
+                if o.new_text or out.finished or (o.new_logprobs and self._wants_lp()):
                     yield self._chunk([self._delta(c, o, out.finished)])
                 pending -= out.finished
                 if not pending:
@@ -231,22 +295,68 @@ class _Run:
         finally:
             self.stop()
 
+    def _wants_lp(self) -> bool:
+        return bool(self.req.logprobs) if self.kind == CHAT else self.req.logprobs is not None
+
+    def _stream_head(self, c: Child) -> bytes | None:
+        """A choice's first chunk of a streamed completion: the echoed prompt (with its
+        logprobs when asked) and vLLM's prompt_logprobs, once the prefill has made them."""
+        plp = self._prompt_lps(c)
+        if self.kind == CHAT:
+            if plp is None:
+                return None
+            return self._chunk([{"index": c.index, "delta": {"content": ""}, "logprobs": None,
+                                 "finish_reason": None}], extra={"prompt_logprobs": plp})
+        if not self.req.echo and plp is None:
+            return None
+        text, lp = "", None
+        if self.req.echo:
+            text = self._prompt_text(c)
+            if self._wants_lp():
+                lp = echo_logprobs(self.w.engine.tokenizer, c.seq.prompt_token_ids, c.last.prompt_logprobs, [])
+                c.offset = text_end(lp)
+        return self._chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": None,
+                             "prompt_logprobs": plp}])
+
     def _delta(self, c: Child, o, finished: bool) -> dict:
         tok, fr = self.w.engine.tokenizer, finish_reason(o.finish_reason) if finished else None
         if self.kind == CHAT:
-            lp = chat_logprobs(tok, o.new_logprobs) if o.logprobs is not None else None
+            lp = chat_logprobs(tok, o.new_logprobs) if self._wants_lp() else None
             return {"index": c.index, "delta": {"content": o.new_text}, "logprobs": lp, "finish_reason": fr,
                     "stop_reason": o.stop_reason if finished else None}
-        lp = completion_logprobs(tok, o.new_logprobs) if o.logprobs is not None else None
+        lp = None
+        if self._wants_lp():
+            lp = completion_logprobs(tok, o.new_logprobs, c.offset)
+            c.offset = text_end(lp, c.offset)
         return {"index": c.index, "text": o.new_text, "logprobs": lp, "finish_reason": fr,
                 "stop_reason": o.stop_reason if finished else None}
 
-    def _chunk(self, choices: list, usage: dict | None = None) -> bytes:
+    def _chunk(self, choices: list, usage: dict | None = None, extra: dict | None = None) -> bytes:
         obj = {"id": self.id, "object": "chat.completion.chunk" if self.kind == CHAT else "text_completion",
-               "created": self.created, "model": self.w.model_name, "choices": choices}
+               "created": self.created, "model": self.w.model_name, "choices": choices, **(extra or {})}
+        if usage is None and getattr(self, "every_usage", False) and choices:
+            usage = _usage(self.children)
         if usage is not None:
             obj["usage"] = usage
         return _sse(obj)
+
+
+def chosen(children: list[Child], n: int) -> list[Child]:
+    """best_of: of each prompt's children keep the n of highest cumulative logprob (vLLM's
+    rule), renumbered; with as many children as n, all of them as they are."""
+    by_prompt: dict[int, list[Child]] = {}
+    for c in children:
+        by_prompt.setdefault(c.prompt_index, []).append(c)
+    if all(len(g) <= n for g in by_prompt.values()):
+        return children
+    out = []
+    for pi in sorted(by_prompt):
+        best = sorted(by_prompt[pi], key=lambda c: -(c.last.outputs[0].cumulative_logprob or 0.0))[:n]
+        for c in sorted(best, key=lambda c: c.index):
+            out.append(c)
+    for i, c in enumerate(out):
+        c.index = i
+    return out
 
 
 def _sse(obj) -> bytes:
