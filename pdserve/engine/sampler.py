@@ -25,6 +25,7 @@ class SampleRow:
     params: SamplingParams
     position: int               # index in the sequence of the token being drawn
     banned: tuple[int, ...] = ()  # EOS / stop ids while below min_tokens
+    grammar: object | None = None  # structured output: an engine.grammar.Matcher
 
 
 @dataclass
@@ -37,13 +38,21 @@ class TokenLogprobs:
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
+        self.grammars = None   # engine.grammar.GrammarCompiler, set by the engine: masks constrained rows
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]):
         """logits: [B, V] float32 (any device). Returns (token ids, logprobs or None per row)."""
         logits = logits.float().cpu()
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained:   # only these rows pay for a mask; the others are untouched
+            self.grammars.apply_masks(logits, constrained, [rows[i].grammar for i in constrained])
         for i, r in enumerate(rows):
             if r.banned:
-                logits[i, list(r.banned)] = float("-inf")
+                ban = list(r.banned)
+                kept = logits[i, ban].clone()
+                logits[i, ban] = float("-inf")
+                if r.grammar is not None and torch.isinf(logits[i]).all():
+                    logits[i, ban] = kept   # the grammar allows only EOS: it wins over min_tokens
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 

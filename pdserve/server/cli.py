@@ -22,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     s.add_argument("--register", default=None, metavar="ROUTER_URL",
                    help="add this worker to a pdserve router's pools once it is up (and leave them on exit)")
+    from pdserve.server.tools import PARSERS
+    t = p.add_argument_group("tool calling")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto": the model decides, its output is parsed for tool calls')
+    t.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="how tool calls are written in the output (needed with --enable-auto-tool-choice)")
     k = p.add_argument_group("KV transfer")
     k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto")
     k.add_argument("--kv-host", default=None, help="KV server bind address (default: --host)")
@@ -40,11 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.app import build_app
     from pdserve.server.worker import ServerConfig, Worker
 
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (one of hermes, llama3_json)")
     timeout = args.kv_abort_timeout if args.kv_abort_timeout is not None else default_abort_timeout(480.0)
     ec = engine_config_from_args(args, role=args.role, kv_abort_timeout=timeout)
     kc = KVTransferConfig(kv_transport=args.kv_transport, kv_host=args.kv_host, kv_port=args.kv_port,
                           kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout)
-    worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host)).start()
+    worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host,
+                                                args.enable_auto_tool_choice, args.tool_call_parser)).start()
     reg = None
     if args.register:
         from pdserve.server.register import Registration

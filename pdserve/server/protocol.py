@@ -35,6 +35,13 @@ class _Sampling(BaseModel):
     kv_transfer_params: dict[str, Any] | None = None
     return_token_ids: bool = False   # vLLM: token ids of prompt and completion in each choice
     request_id: str | None = None
+    # structured output (server/structured.py): OpenAI's, and vLLM's two spellings
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def _params(self, max_tokens: int | None, logprobs: int | None, default_max: int | None) -> SamplingParams:
         kw = dict(n=self.n, max_tokens=max_tokens if max_tokens is not None else default_max,
@@ -45,6 +52,8 @@ class _Sampling(BaseModel):
         for name in ("temperature", "top_p", "top_k", "min_p"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
+        from pdserve.server.structured import from_request
+        kw["structured_outputs"] = from_request(self)
         return SamplingParams(**kw)
 
 
@@ -69,6 +78,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template: str | None = None
+    # tool calling (server/tools.py)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
         mt = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -3,6 +3,7 @@ SSE back. One HTTP request may fan out to several engine requests (n > 1, severa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -17,6 +18,7 @@ from pdserve.llm import child_params
 from pdserve.server.errors import APIError, error_body
 from pdserve.server.outputs import chat_logprobs, completion_logprobs, finish_reason, usage
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server import tools
 
 CHAT, COMPLETION = "chat", "completion"
 
@@ -31,6 +33,7 @@ class Child:
     arrival: float
     token_times: list[float] = field(default_factory=list)
     last: object = None     # the latest RequestOutput
+    tools: object = None    # a tools.ToolStream, when the output may hold tool calls
 
 
 def _check_model(worker, name: str | None) -> None:
@@ -38,15 +41,31 @@ def _check_model(worker, name: str | None) -> None:
         raise APIError(404, f"The model `{name}` does not exist.", "model")
 
 
-def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], RemotePrefill | None, bool]:
+def _chat_prompt(worker, req, params):
+    """The chat prompt's token ids, with the request's tools in it, and the tool plan, which may
+    constrain the output (tool_choice required or named)."""
+    engine, sc = worker.engine, worker.server_config
+    plan = tools.plan(req, params.structured_outputs, sc.enable_auto_tool_choice, sc.tool_call_parser)
+    if plan.structured is not None:
+        params = dataclasses.replace(params, structured_outputs=plan.structured)
+    if plan.mode == "auto" and isinstance(plan.parser, tools.HermesParser):
+        params = dataclasses.replace(params, skip_special_tokens=False)   # <tool_call> may be a special token
+    native = tools.template_knows_tools(req.chat_template or engine.tokenizer.chat_template)
+    messages, tool_defs = tools.prompt_messages(req.messages, plan.tools, native, sc.tool_call_parser)
+    ids = engine.chat_prompt_ids(messages, req.chat_template, tool_defs)
+    return [{"prompt_token_ids": ids}], params, (plan if plan.mode != "none" else None)
+
+
+def _build(worker, req, kind: str, rid: str):
     """Validate everything and make the engine sequences, before any of them starts."""
     engine, kvp = worker.engine, req.kv_transfer_params
     try:
         params = req.sampling_params()
     except ValueError as e:
         raise RequestError(str(e), getattr(e, "param", None)) from e
+    plan = None
     if kind == CHAT:
-        prompts = [{"prompt_token_ids": engine.chat_prompt_ids(req.messages, req.chat_template)}]
+        prompts, params, plan = _chat_prompt(worker, req, params)
     else:
         prompts = req.prompts()
         if not prompts:
@@ -69,8 +88,8 @@ def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], RemotePrefill
         for j in range(params.n):
             child_rid = rid if len(prompts) * params.n == 1 else f"{rid}-{pi}-{j}"
             seq, text = engine.make_sequence(prompt, child_params(params, j), child_rid, **extra)
-            children.append(Child(len(children), pi, seq, text, now))
-    return children, rp, remote_decode
+            children.append(Child(len(children), pi, seq, text, now, tools=plan and tools.ToolStream(plan)))
+    return children, rp, remote_decode, plan
 
 
 async def create(worker, request: Request, req: CompletionRequest | ChatCompletionRequest, kind: str):
@@ -79,18 +98,18 @@ async def create(worker, request: Request, req: CompletionRequest | ChatCompleti
         raise APIError(503, f"the engine has stopped: {worker.async_engine.dead!r}")
     base = request.state.request_id
     rid = f"{base}-{secrets.token_hex(4)}"   # engine ids stay unique whatever the client sends
-    children, rp, remote_decode = _build(worker, req, kind, rid)
+    children, rp, remote_decode, plan = _build(worker, req, kind, rid)
     if rp is not None:
         worker.connector.expect(children[0].seq.request_id, rp)
-    run = _Run(worker, request, req, kind, base, children, rp, remote_decode)
+    run = _Run(worker, request, req, kind, base, children, rp, remote_decode, plan)
     if req.stream:
         return await run.stream()
     return await run.complete()
 
 
 class _Run:
-    def __init__(self, worker, request, req, kind, base_id, children, rp, remote_decode):
-        self.w, self.request, self.req, self.kind = worker, request, req, kind
+    def __init__(self, worker, request, req, kind, base_id, children, rp, remote_decode, plan=None):
+        self.w, self.request, self.req, self.kind, self.plan = worker, request, req, kind, plan
         self.children, self.rp, self.remote_decode = children, rp, remote_decode
         self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + base_id
         self.created = int(time.time())
@@ -171,7 +190,12 @@ class _Run:
             fr = finish_reason(o.finish_reason)
             extra = {"token_ids": list(o.token_ids), "prompt_token_ids": list(c.seq.prompt_token_ids)} if ids else {}
             if self.kind == CHAT:
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": o.text},
+                message = {"role": "assistant", "content": o.text}
+                if self.plan is not None:
+                    content, calls = self.plan.parse(o.text)
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    fr = "tool_calls" if calls and fr == "stop" and self.plan.mode != "named" else fr
+                choices.append({"index": c.index, "message": message,
                                 "logprobs": chat_logprobs(tok, o.logprobs) if o.logprobs is not None else None,
                                 "finish_reason": fr, "stop_reason": o.stop_reason, **extra})
             else:
@@ -213,7 +237,9 @@ class _Run:
                 c, out = item
                 o = out.outputs[0]
                 if o.new_text or out.finished:
-                    yield self._chunk([self._delta(c, o, out.finished)])
+                    delta = self._delta(c, o, out.finished)
+                    if delta is not None:
+                        yield self._chunk([delta])
                 pending -= out.finished
                 if not pending:
                     break
@@ -232,7 +258,13 @@ class _Run:
         tok, fr = self.w.engine.tokenizer, finish_reason(o.finish_reason) if finished else None
         if self.kind == CHAT:
             lp = chat_logprobs(tok, o.new_logprobs) if o.logprobs is not None else None
-            return {"index": c.index, "delta": {"content": o.new_text}, "logprobs": lp, "finish_reason": fr,
+            delta = {"content": o.new_text}
+            if c.tools is not None:   # content while it is content, tool_calls once they are
+                delta = c.tools.feed(o.new_text, finished)
+                fr = c.tools.finish_reason(fr)
+                if not delta and not finished and lp is None:
+                    return None
+            return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": fr,
                     "stop_reason": o.stop_reason if finished else None}
         lp = completion_logprobs(tok, o.new_logprobs) if o.logprobs is not None else None
         return {"index": c.index, "text": o.new_text, "logprobs": lp, "finish_reason": fr,

@@ -23,6 +23,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     advertise_host: str | None = None   # host put in kv_transfer_params (default: the KV bind host)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of the output
+    tool_call_parser: str | None = None    # with which parser (server/tools.py: hermes, llama3_json)
 
 
 @dataclass
