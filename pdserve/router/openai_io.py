@@ -90,6 +90,13 @@ def first_text(kind: str, resp: dict) -> str:
     return choice.get("text") or ""
 
 
+def first_text_is_content(kind: str, body: dict) -> bool:
+    """False when the decode worker may turn the output into tool calls (tools given and
+    tool_choice not "none"): the first token's text is then not the client's to see as content,
+    and the decode worker, which parses the whole output, streams all of it."""
+    return not (kind == CHAT and body.get("tools") and body.get("tool_choice") != "none")
+
+
 def first_chunk(kind: str, id_: str, created: int, model: str, text: str) -> dict:
     if kind == CHAT:
         return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,

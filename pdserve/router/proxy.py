@@ -23,7 +23,7 @@ from pdserve.config import RouterConfig
 from pdserve.router.instances import Instance, Pools, health_loop
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openai_io import (CHAT, CHARS_PER_TOKEN, SSE_DONE, TextSkipper, error_body, first_chunk,
-                                      first_text, prefill_body, prompt_key, sse, why_not_remote)
+                                      first_text, first_text_is_content, prefill_body, prompt_key, sse, why_not_remote)
 from pdserve.router.policies import make_policy
 from pdserve.router.upstream import ClientError, UpstreamError, post_json, stream_sse
 
@@ -282,7 +282,8 @@ class Router:
         out = SSEOut(request, job.rid)
         sent = ""
         # a trailing U+FFFD is half of a multi-byte character: let the decode worker finish it
-        if pre is not None and pre.text and not pre.text.endswith("\ufffd"):
+        if (pre is not None and pre.text and not pre.text.endswith("\ufffd")
+                and first_text_is_content(job.kind, job.body)):
             await out.send(sse(first_chunk(job.kind, job.id, job.created, pre.model, pre.text)))
             self.metrics.ttft.observe(time.monotonic() - job.t0)
             sent = pre.text
