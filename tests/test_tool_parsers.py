@@ -63,6 +63,14 @@ def test_hermes_parse_calls_and_content():
     assert len({c["id"] for c in calls}) == 2
 
 
+def test_parallel_tool_calls_false_keeps_the_first():
+    plan = tools.plan(req(tools=[WEATHER, TIME], tool_choice="auto", parallel_tool_calls=False), None, True, "hermes")
+    _, calls = plan.parse(HERMES_TEXT)
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    _, s_calls, _ = stream(plan, HERMES_TEXT, 5)
+    assert [c["name"] for c in s_calls] == ["get_weather"]
+
+
 def test_hermes_no_call_and_broken_call_are_content():
     plan = tools.ToolPlan("auto", [WEATHER], parser=tools.make_parser("hermes"))
     assert plan.parse("Just text, <tool no tag") == ("Just text, <tool no tag", [])

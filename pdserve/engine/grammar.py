@@ -17,6 +17,7 @@ whose first token a decode worker continues from).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,9 @@ import numpy as np
 import torch
 
 from pdserve.engine.request import StructuredOutputsParams
+
+log = logging.getLogger("pdserve.engine")
+
 
 class GrammarError(ValueError):
     def __init__(self, message: str, param: str):
@@ -47,11 +51,6 @@ class Matcher:
             return f"the output left its grammar: {self.m.get_error()}"
         return None
 
-    @property
-    def done(self) -> bool:
-        """The grammar is complete and nothing but EOS may follow."""
-        return self.m.is_stopped()
-
 
 class GrammarCompiler:
     """Compiles StructuredOutputsParams into Matchers for one tokenizer and vocabulary size."""
@@ -61,12 +60,13 @@ class GrammarCompiler:
         self._tok = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, object] = OrderedDict()   # grammar text -> pristine matcher
+        self._cache_size = cache_size
         self._executor = None
         self.mask_seconds = 0.0   # engine thread: computing and applying masks, advancing matchers
 
     @property
     def tokenizer(self):
-        if self._tok is None:   # ~1 s: only when the first constrained request comes
+        if self._tok is None:   # a second or two; a worker starts it beside startup (warm_up)
             with self._lock:
                 if self._tok is None:
                     import llguidance.hf
@@ -103,17 +103,26 @@ class GrammarCompiler:
             if proto is not None:
                 self._cache.move_to_end(text)
         if proto is None:
-            is_err, msgs = LLMatcher.validate_grammar_with_warnings(text, self.tokenizer)
-            if is_err:
-                raise GrammarError(f"{spec.param}: cannot compile the {spec.kind}: {msgs[0]}", spec.param)
-            proto = LLMatcher(self.tokenizer, text, log_level=0)
+            try:
+                tok = self.tokenizer
+            except Exception as e:   # e.g. a slow (Python) tokenizer: llguidance needs a fast one
+                raise GrammarError(f"{spec.param}: structured output is not available with this "
+                                   f"model's tokenizer: {e}", spec.param) from e
+            proto = LLMatcher(tok, text, log_level=0)   # compiles; a bad grammar leaves it in error
             if proto.is_error():
                 raise GrammarError(f"{spec.param}: cannot compile the {spec.kind}: {proto.get_error()}", spec.param)
             with self._lock:
                 self._cache[text] = proto
-                while len(self._cache) > 64:
+                while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return Matcher(proto.deep_copy())
+
+    def warm_up(self) -> None:
+        """Build the token trie now (in a thread beside startup), not on the first request's path."""
+        try:
+            self.tokenizer
+        except Exception as e:
+            log.warning("structured output unavailable: %s", e)
 
     # ---- masks (engine thread) ----------------------------------------------------------
     def apply_masks(self, logits: torch.Tensor, rows: list[int], matchers: list[Matcher]) -> None:

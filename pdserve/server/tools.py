@@ -140,6 +140,7 @@ class ToolPlan:
     name: str | None = None         # named: the function
     parser: object | None = None    # auto: a parser
     structured: StructuredOutputsParams | None = None   # required / named: the grammar
+    parallel: bool = True           # parallel_tool_calls: false keeps the first call only (auto)
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool_calls) of a finished output."""
@@ -157,7 +158,7 @@ class ToolPlan:
         if self.mode == "auto":
             segs = self.parser.segments(text, True)
             content = "".join(s[1] for s in segs if s[0] == "content")
-            calls = [tool_call(s[1], s[2]) for s in segs if s[0] == "call"]
+            calls = [tool_call(s[1], s[2]) for s in segs if s[0] == "call"][:None if self.parallel else 1]
             if calls:
                 return (content.strip() or None), calls
         return text, []
@@ -223,7 +224,7 @@ def plan(req, params_structured, enable_auto: bool, parser_name: str | None) -> 
         if not enable_auto or not parser_name:
             raise RequestError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                                "to be set", "tool_choice")
-        return ToolPlan("auto", tools, parser=make_parser(parser_name))
+        return ToolPlan("auto", tools, parser=make_parser(parser_name), parallel=req.parallel_tool_calls is not False)
     elif choice == "none":
         return ToolPlan("none", tools)
     else:
@@ -335,7 +336,7 @@ class ToolStream:
                     self.partial = len(seg[1])
                     break
                 self.partial = 0
-            else:
+            elif p.parallel or self.calls + len(calls) == 0:
                 calls.append(tool_call(seg[1], seg[2], self.calls + len(calls)))
             self.done = k + 1
         return self._out(content, calls, self.calls + len(calls))
