@@ -29,7 +29,8 @@ SCHEMAS = {
              "additionalProperties": False},
     "array": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 2, "maxItems": 3},
     "nested": {"type": "object", "properties": {"city": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 12}, "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+        "name": {"type": "string", "maxLength": 12},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
         "required": ["name", "population"], "additionalProperties": False}},
         "required": ["city"], "additionalProperties": False},
 }

@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.engine.engine import RequestError
 from pdserve.kv.params import PARAM, RemotePrefill, wants_remote_decode, wants_remote_prefill
 from pdserve.llm import child_params
+from pdserve.server import tools
 from pdserve.server.errors import APIError, error_body
 from pdserve.server.outputs import chat_logprobs, completion_logprobs, finish_reason, usage
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
-from pdserve.server import tools
 
 CHAT, COMPLETION = "chat", "completion"
 
