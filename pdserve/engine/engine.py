@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.logits_controls import bad_words_token_ids
+from pdserve.engine.grammar import GrammarCompiler, GrammarError
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.outputs import CompletionOutput, RequestOutput
 from pdserve.engine.request import FinishReason, SamplingParams, Sequence, Status
@@ -75,6 +76,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
             role=config.role), self.block_manager)
         self.eos_token_ids = self._eos_ids(hf)
+        self.grammars = GrammarCompiler(self.tokenizer, self.runner.model_config.vocab_size, self.eos_token_ids)
+        self.runner.sampler.grammars = self.grammars
         self.states: dict[str, _State] = {}
         self.on_kv_load: Callable[[Sequence], None] | None = None  # set by a KV connector
         self.held_observer: HeldObserver | None = None             # set by a KV connector (producer)
@@ -157,6 +160,15 @@ class LLMEngine:
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time,
                        eos_token_ids=self.eos_token_ids, remote_first_token=remote_first_token)
         seq.remote_decode = remote_decode or role == "prefill"
+        if params.structured_outputs is not None:
+            try:
+                seq.grammar = self.grammars.matcher(params.structured_outputs)
+            except GrammarError as e:
+                raise RequestError(str(e), e.param) from e
+            # a decode worker continues from the prefill worker's first token: the grammar too
+            if remote_first_token is not None and seq.grammar.advance([remote_first_token]) is not None:
+                raise RequestError("the first token from the prefill worker does not match this request's "
+                                   "grammar (were both sent the same request?)", "kv_transfer_params")
         return seq, text
 
     def _resolve_controls(self, params: SamplingParams, vocab: int) -> None:
@@ -179,9 +191,10 @@ class LLMEngine:
             return None, list(prompt)
         raise RequestError("a prompt is a string, a list of token ids or {'prompt_token_ids': [...]}", "prompt")
 
-    def chat_prompt_ids(self, messages: list[dict], chat_template: str | None = None) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], chat_template: str | None = None,
+                        tools: list[dict] | None = None) -> list[int]:
         try:
-            return apply_chat_template(self.tokenizer, messages, True, chat_template)
+            return apply_chat_template(self.tokenizer, messages, True, chat_template, tools)
         except ValueError as e:
             raise RequestError(str(e), "messages") from e
 
@@ -281,6 +294,7 @@ class LLMEngine:
                 st.prompt_lps.extend(entries[len(st.prompt_lps) - pos:])   # a recompute repeats some
         model_s = now - model_start
         finished = self.scheduler.update(out, tokens, now)
+        self._advance_grammars(out.seqs)
         if self.held_observer:   # before the outputs leave: export needs no wait for the next step
             for seq in finished:
                 if seq.request_id in self.scheduler.held:
@@ -288,8 +302,8 @@ class LLMEngine:
         results = []
         for seq, lp in zip(out.seqs, logprobs):
             st = self.states.get(seq.request_id)
-            if st is None:
-                continue  # aborted
+            if st is None or st.error is not None:
+                continue  # aborted or failed
             if seq.num_output_tokens == before[seq.request_id]:
                 if seq.is_finished:   # max_tokens 0: scored, nothing generated
                     results.append(self._emit(st, []))
@@ -305,6 +319,19 @@ class LLMEngine:
         if self.step_trace:
             self.step_trace.record(start, model_s, shape)
         return early + results
+
+    def _advance_grammars(self, seqs: list[Sequence]) -> None:
+        """Move each constrained sequence's matcher over the tokens it gained this step."""
+        t = time.perf_counter()
+        for seq in seqs:
+            if seq.grammar is None or seq.is_finished:
+                continue
+            err = seq.grammar.advance(seq.output_token_ids)
+            st = self.states.get(seq.request_id)
+            if err is not None and st is not None:   # the mask makes this unreachable; never ignore it
+                st.error = err
+                self.scheduler.abort(seq.request_id)
+        self.grammars.mask_seconds += time.perf_counter() - t
 
     def _collect_loaded(self) -> list[RequestOutput]:
         """Decode side: requests whose KV arrived got their first token appended by the scheduler."""

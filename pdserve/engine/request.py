@@ -6,6 +6,39 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What the output must match, as vLLM's: exactly one of json (a JSON schema, dict or
+    string), regex, choice (a list of strings), grammar (Lark or GBNF text) or json_object (any
+    JSON object). `param` names the request field it came from, for a 400 that points at it."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    param: str = "structured_outputs"
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self):
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            err = ValueError(f"{self.param} needs exactly one of {', '.join(self.KINDS)}"
+                             + (f"; got {', '.join(given)}" if given else ""))
+            err.param = self.param
+            raise err
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            err = ValueError(f"{self.param}: choice must be a non-empty list of strings")
+            err.param = self.param
+            raise err
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+
+@dataclass
 class SamplingParams:
     """Per-request sampling settings, named and defaulted as vLLM's."""
     n: int = 1
@@ -31,6 +64,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     bad_words_token_ids: list[list[int]] | None = None   # bad_words tokenized (by the engine)
     prompt_logprobs: int | None = None  # top logprobs per prompt token (the prompt token always included)
+    structured_outputs: StructuredOutputsParams | None = None  # grammar the output must match
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -153,6 +187,8 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # structured output: the grammar matcher (engine.grammar.Matcher), advanced with each token
+    grammar: object | None = None
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

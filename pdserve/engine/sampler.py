@@ -27,6 +27,7 @@ class SampleRow:
     position: int               # index in the sequence of the token being drawn
     banned: tuple[int, ...] = ()  # EOS / stop ids while below min_tokens
     seq: object = None            # the Sequence: its tokens, for penalties and bad words
+    grammar: object | None = None  # structured output: an engine.grammar.Matcher
 
 
 @dataclass
@@ -40,19 +41,27 @@ class TokenLogprobs:
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
+        self.grammars = None   # engine.grammar.GrammarCompiler, set by the engine: masks constrained rows
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]):
         """logits: [B, V] float32 (any device). Returns (token ids, logprobs or None per row)."""
         logits = logits.float().cpu()
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained:   # only these rows pay for a mask; the others are untouched
+            self.grammars.apply_masks(logits, constrained, [rows[i].grammar for i in constrained])
         want_lp = [r.params.logprobs is not None for r in rows]
-        # as vLLM's default (logprobs_mode raw_logprobs): the model's own distribution, before
-        # penalties, biases and bans change it
+        # as vLLM's default (logprobs_mode raw_logprobs): the model's own distribution, masked by
+        # the grammar (vLLM applies its bitmask first), before penalties, biases and bans
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         for i, r in enumerate(rows):
+            kept = logits[i].clone() if r.grammar is not None and r.banned else None
             if r.params.has_controls and r.seq is not None:
                 logits_controls.apply(logits[i], r.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.banned)
             elif r.banned:
                 logits[i, list(r.banned)] = float("-inf")
+            if kept is not None and torch.isinf(logits[i]).all():
+                ban = list(r.banned)
+                logits[i, ban] = kept[ban]   # the grammar allows only EOS: it wins over min_tokens
 
         tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]

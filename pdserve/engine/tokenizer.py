@@ -10,15 +10,17 @@ def load_tokenizer(model_dir: str):
 
 
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                        chat_template: str | None = None) -> list[int]:
+                        chat_template: str | None = None, tools: list[dict] | None = None) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        # an assistant message that calls tools may have no content (OpenAI sends null or nothing)
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise ValueError("each message needs a 'role' and a 'content'")
-    normalized = [{**m, "content": _content_text(m["content"])} for m in messages]
+    normalized = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+    kw = {"tools": tools} if tools else {}
     ids = tokenizer.apply_chat_template(normalized, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, chat_template=chat_template)
+                                        tokenize=True, chat_template=chat_template, **kw)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

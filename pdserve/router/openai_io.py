@@ -57,8 +57,12 @@ def why_not_remote(kind: str, body: dict) -> str | None:
 def early_first_token(kind: str, body: dict) -> bool:
     """Whether the router may stream the prefill worker's first token itself, before the
     decode worker answers: only for one plain choice. With logprobs, an echo, prompt logprobs,
-    usage in every chunk or several choices, the decode worker's stream is the whole answer."""
+    usage in every chunk or several choices, the decode worker's stream is the whole answer;
+    so it is when tools are in play (tool_choice not "none"): the decode worker parses the
+    whole output into tool calls, and the first token's text may not be content at all."""
     if (body.get("n") or 1) != 1 or body.get("prompt_logprobs") is not None:
+        return False
+    if kind == CHAT and body.get("tools") and body.get("tool_choice") != "none":
         return False
     p = body.get("prompt")
     if kind == COMPLETIONS and isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > 1:

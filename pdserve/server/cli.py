@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    help="add this worker to a pdserve router's pools once it is up (and leave them on exit)")
     from pdserve import cpu_threads
     cpu_threads.add_arguments(p)
+    from pdserve.server.tools import PARSERS
+    t = p.add_argument_group("tool calling")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto": the model decides, its output is parsed for tool calls')
+    t.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="how tool calls are written in the output (needed with --enable-auto-tool-choice)")
     k = p.add_argument_group("KV transfer")
     k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto",
                    help="how KV blocks travel between workers (auto: the fastest both ends offer)")
@@ -59,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.server.worker import ServerConfig, Worker
 
     cpu_threads.setup_from_args(args)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (one of hermes, llama3_json)")
 
     lease = args.kv_lease if args.kv_lease is not None else default_lease(30.0)
     ec = engine_config_from_args(args, role=args.role, kv_lease_duration=lease)
@@ -66,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                           kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout,
                           kv_secret=args.kv_secret, kv_allowed_peers=args.kv_allowed_peers,
                           kv_max_connections=args.kv_max_connections)
-    worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host)).start()
+    worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host,
+                                         args.enable_auto_tool_choice, args.tool_call_parser)).start()
     reg = None
     if args.register:
         from pdserve.server.register import Registration

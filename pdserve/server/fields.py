@@ -12,19 +12,16 @@ CHAT, COMPLETION = "chat", "completion"
 # Accepted, with no effect on the answer (metadata about the caller), as OpenAI and vLLM do.
 NO_EFFECT = {"metadata", "safety_identifier", "prompt_cache_key"}
 
-_STRUCTURED = "not implemented yet (structured output / tool calling)"
+_STRUCTURED = ("not implemented: structured output is llguidance's, with its own whitespace rules "
+               "(response_format, structured_outputs or guided_*)")
 
 # field -> (values that change nothing, why the others are refused). A value given per endpoint
 # is a dict {kind: values}.
 REFUSED: dict[str, tuple] = {
     # OpenAI
     "suffix": ((None, ""), "insertion (text after the completion) is not implemented"),
-    "response_format": ((None, {"type": "text"}), _STRUCTURED),
-    "tools": ((None,), _STRUCTURED),
-    "tool_choice": ((None, "none"), _STRUCTURED),
-    "parallel_tool_calls": ((None,), _STRUCTURED),
-    "functions": ((None,), _STRUCTURED),
-    "function_call": ((None, "none"), _STRUCTURED),
+    "functions": ((None,), "deprecated by OpenAI: send tools"),
+    "function_call": ((None, "none"), "deprecated by OpenAI: send tool_choice"),
     "reasoning_effort": ((None,), "the served models have no reasoning mode"),
     "store": ((None, False), "pdserve stores no completions"),
     "modalities": ((None, ["text"]), "only text is served"),
@@ -34,11 +31,6 @@ REFUSED: dict[str, tuple] = {
     "verbosity": ((None,), "not a sampling control pdserve has"),
     "service_tier": ((None, "auto", "default"), "pdserve has one service tier"),
     # vLLM
-    "guided_json": ((None,), _STRUCTURED),
-    "guided_regex": ((None,), _STRUCTURED),
-    "guided_choice": ((None,), _STRUCTURED),
-    "guided_grammar": ((None,), _STRUCTURED),
-    "structured_outputs": ((None,), _STRUCTURED),
     "guided_decoding_backend": ((None,), _STRUCTURED),
     "guided_whitespace_pattern": ((None,), _STRUCTURED),
     "use_beam_search": ((None, False), "beam search is not implemented"),

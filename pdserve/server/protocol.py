@@ -57,6 +57,13 @@ class _Sampling(BaseModel):
     prompt_logprobs: int | None = None
     best_of: int | None = None
     user: str | None = None   # accepted, no effect (as OpenAI: an end-user id for abuse monitoring)
+    # structured output (server/structured.py): OpenAI's, and vLLM's two spellings
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def _params(self, max_tokens: int | None, logprobs: int | None, default_max: int | None,
                 prompt_logprobs: int | None = None) -> SamplingParams:
@@ -74,6 +81,8 @@ class _Sampling(BaseModel):
             kw["prompt_logprobs"] = plp
         if self.logit_bias:
             kw["logit_bias"] = self.logit_bias
+        from pdserve.server.structured import from_request
+        kw["structured_outputs"] = from_request(self)
         return SamplingParams(**kw)
 
 
@@ -105,6 +114,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template: str | None = None
+    # tool calling (server/tools.py)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
         mt = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -3,6 +3,7 @@ stopped together. The HTTP app (app.py) only talks to this object."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +24,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     advertise_host: str | None = None   # host put in kv_transfer_params (default: the KV bind host)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of the output
+    tool_call_parser: str | None = None    # with which parser (server/tools.py: hermes, llama3_json)
 
 
 @dataclass
@@ -41,6 +44,9 @@ class Worker:
         self.shm = ShmPoolAllocator() if wants_shm else None
         self.engine = LLMEngine(ec, kv_allocator=self.shm)
         self.model_name = self.engine.model_name
+        # the grammar engine's token trie takes a second or two to build: not on the first
+        # constrained request's path (it would stall the event loop), but beside startup
+        threading.Thread(target=self.engine.grammars.warm_up, name="grammar-tokenizer", daemon=True).start()
         self.async_engine = AsyncEngine(self.engine).start()
         try:
             self.connector = KVConnector(self.async_engine, kc, self.server_config.host, self.shm,
