@@ -3,24 +3,20 @@ SSE back. One HTTP request may fan out to several engine requests (n > 1, severa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.engine.engine import RequestError
 from pdserve.kv.params import PARAM, RemotePrefill, wants_remote_decode, wants_remote_prefill
-from pdserve.llm import child_params
-from pdserve.server import tools
-from pdserve.server.errors import APIError, error_body
-from dataclasses import replace
-
 from pdserve.kv.params import pack_params
-from pdserve.server import fields
+from pdserve.llm import child_params
+from pdserve.server import fields, tools
+from pdserve.server.errors import APIError, error_body
 from pdserve.server.outputs import (chat_logprobs, completion_logprobs, echo_logprobs, finish_reason, text_end,
                                     usage, usage as _usage, vllm_prompt_logprobs)
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -38,12 +34,9 @@ class Child:
     arrival: float
     token_times: list[float] = field(default_factory=list)
     last: object = None     # the latest RequestOutput
-<<<<<<< HEAD
     offset: int = 0         # streamed completions: text_offset of the next token's logprobs
     started: bool = False   # streamed: its echo / prompt logprobs have been sent
-=======
     tools: object = None    # a tools.ToolStream, when the output may hold tool calls
->>>>>>> structured
 
 
 def _check_model(worker, name: str | None) -> None:
@@ -51,29 +44,24 @@ def _check_model(worker, name: str | None) -> None:
         raise APIError(404, f"The model `{name}` does not exist.", "model")
 
 
-<<<<<<< HEAD
-def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], list, bool]:
-    """Validate everything and make the engine sequences, before any of them starts.
-    Returns (children, [(engine request id, RemotePrefill)] to pull, remote_decode)."""
-=======
 def _chat_prompt(worker, req, params):
     """The chat prompt's token ids, with the request's tools in it, and the tool plan, which may
     constrain the output (tool_choice required or named)."""
     engine, sc = worker.engine, worker.server_config
     plan = tools.plan(req, params.structured_outputs, sc.enable_auto_tool_choice, sc.tool_call_parser)
     if plan.structured is not None:
-        params = dataclasses.replace(params, structured_outputs=plan.structured)
+        params = replace(params, structured_outputs=plan.structured)
     if plan.mode == "auto" and isinstance(plan.parser, tools.HermesParser):
-        params = dataclasses.replace(params, skip_special_tokens=False)   # <tool_call> may be a special token
+        params = replace(params, skip_special_tokens=False)   # <tool_call> may be a special token
     native = tools.template_knows_tools(req.chat_template or engine.tokenizer.chat_template)
     messages, tool_defs = tools.prompt_messages(req.messages, plan.tools, native, sc.tool_call_parser)
     ids = engine.chat_prompt_ids(messages, req.chat_template, tool_defs)
     return [{"prompt_token_ids": ids}], params, (plan if plan.mode != "none" else None)
 
 
-def _build(worker, req, kind: str, rid: str):
-    """Validate everything and make the engine sequences, before any of them starts."""
->>>>>>> structured
+def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], list, bool, object]:
+    """Validate everything and make the engine sequences, before any of them starts.
+    Returns (children, [(engine request id, RemotePrefill)] to pull, remote_decode, tool plan)."""
     engine, kvp = worker.engine, req.kv_transfer_params
     try:
         params = req.sampling_params()
@@ -116,7 +104,6 @@ def _build(worker, req, kind: str, rid: str):
             if rps and j == 0:
                 extra["remote_first_token"] = rps[pi].first_token_id
             seq, text = engine.make_sequence(prompt, child_params(params, j), child_rid, **extra)
-<<<<<<< HEAD
             if rps:
                 seq.remote_prompt_logprobs = rps[pi].prompt_logprobs
                 if j == 0:
@@ -125,8 +112,8 @@ def _build(worker, req, kind: str, rid: str):
                 else:   # a fork: its own first token, from the pulled KV (prefix cache) + the tail
                     seq.wait_for = first
             first = first or seq.request_id
-            children.append(Child(len(children), pi, seq, text, now))
-    return children, pulls, remote_decode
+            children.append(Child(len(children), pi, seq, text, now, tools=plan and tools.ToolStream(plan)))
+    return children, pulls, remote_decode, plan
 
 
 def _width(req, params) -> int:
@@ -140,10 +127,6 @@ def _width(req, params) -> int:
     if req.stream:
         raise RequestError("best_of > n cannot be streamed (the best are known only at the end)", "best_of")
     return best
-=======
-            children.append(Child(len(children), pi, seq, text, now, tools=plan and tools.ToolStream(plan)))
-    return children, rp, remote_decode, plan
->>>>>>> structured
 
 
 async def create(worker, request: Request, req: CompletionRequest | ChatCompletionRequest, kind: str):
@@ -152,34 +135,21 @@ async def create(worker, request: Request, req: CompletionRequest | ChatCompleti
         raise APIError(503, f"the engine has stopped: {worker.async_engine.dead!r}")
     base = req.request_id or request.state.request_id   # vLLM's request_id field names the answer
     rid = f"{base}-{secrets.token_hex(4)}"   # engine ids stay unique whatever the client sends
-<<<<<<< HEAD
     fields.check(req, kind)
-    children, pulls, remote_decode = _build(worker, req, kind, rid)
+    children, pulls, remote_decode, plan = _build(worker, req, kind, rid)
     for seq_id, rp in pulls:
         worker.connector.expect(seq_id, rp)
-    run = _Run(worker, request, req, kind, base, children, pulls, remote_decode)
-=======
-    children, rp, remote_decode, plan = _build(worker, req, kind, rid)
-    if rp is not None:
-        worker.connector.expect(children[0].seq.request_id, rp)
-    run = _Run(worker, request, req, kind, base, children, rp, remote_decode, plan)
->>>>>>> structured
+    run = _Run(worker, request, req, kind, base, children, pulls, remote_decode, plan)
     if req.stream:
         return await run.stream()
     return await run.complete()
 
 
 class _Run:
-<<<<<<< HEAD
-    def __init__(self, worker, request, req, kind, base_id, children, pulls, remote_decode):
-        self.w, self.request, self.req, self.kind = worker, request, req, kind
+    def __init__(self, worker, request, req, kind, base_id, children, pulls, remote_decode, plan=None):
+        self.w, self.request, self.req, self.kind, self.plan = worker, request, req, kind, plan
         self.children, self.pulls, self.remote_decode = children, pulls, remote_decode
         self.rp = pulls[0][1] if pulls else None
-=======
-    def __init__(self, worker, request, req, kind, base_id, children, rp, remote_decode, plan=None):
-        self.w, self.request, self.req, self.kind, self.plan = worker, request, req, kind, plan
-        self.children, self.rp, self.remote_decode = children, rp, remote_decode
->>>>>>> structured
         self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + base_id
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -269,18 +239,13 @@ class _Run:
             extra = {"token_ids": list(o.token_ids), "prompt_token_ids": list(c.seq.prompt_token_ids)} if ids else {}
             lps = o.logprobs if want_lp else None
             if self.kind == CHAT:
-<<<<<<< HEAD
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": o.text},
-                                "logprobs": chat_logprobs(tok, lps) if lps is not None else None,
-=======
                 message = {"role": "assistant", "content": o.text}
                 if self.plan is not None:
                     content, calls = self.plan.parse(o.text)
                     message = {"role": "assistant", "content": content, "tool_calls": calls}
                     fr = "tool_calls" if calls and fr == "stop" and self.plan.mode != "named" else fr
                 choices.append({"index": c.index, "message": message,
-                                "logprobs": chat_logprobs(tok, o.logprobs) if o.logprobs is not None else None,
->>>>>>> structured
+                                "logprobs": chat_logprobs(tok, lps) if lps is not None else None,
                                 "finish_reason": fr, "stop_reason": o.stop_reason, **extra})
             else:
                 text, lp = o.text, completion_logprobs(tok, lps) if lps is not None else None
@@ -329,20 +294,15 @@ class _Run:
             while True:
                 c, out = item
                 o = out.outputs[0]
-<<<<<<< HEAD
                 if not c.started:   # the prompt's part: its echo and logprobs came with this output
                     c.started = True
                     head = self._stream_head(c)
                     if head is not None:
                         yield head
                 if o.new_text or out.finished or (o.new_logprobs and self._wants_lp()):
-                    yield self._chunk([self._delta(c, o, out.finished)])
-=======
-                if o.new_text or out.finished:
                     delta = self._delta(c, o, out.finished)
                     if delta is not None:
                         yield self._chunk([delta])
->>>>>>> structured
                 pending -= out.finished
                 if not pending:
                     break
@@ -380,14 +340,10 @@ class _Run:
         return self._chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": None,
                              "prompt_logprobs": plp}])
 
-    def _delta(self, c: Child, o, finished: bool) -> dict:
+    def _delta(self, c: Child, o, finished: bool) -> dict | None:
         tok, fr = self.w.engine.tokenizer, finish_reason(o.finish_reason) if finished else None
         if self.kind == CHAT:
-<<<<<<< HEAD
             lp = chat_logprobs(tok, o.new_logprobs) if self._wants_lp() else None
-            return {"index": c.index, "delta": {"content": o.new_text}, "logprobs": lp, "finish_reason": fr,
-=======
-            lp = chat_logprobs(tok, o.new_logprobs) if o.logprobs is not None else None
             delta = {"content": o.new_text}
             if c.tools is not None:   # content while it is content, tool_calls once they are
                 delta = c.tools.feed(o.new_text, finished)
@@ -395,7 +351,6 @@ class _Run:
                 if not delta and not finished and lp is None:
                     return None
             return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": fr,
->>>>>>> structured
                     "stop_reason": o.stop_reason if finished else None}
         lp = None
         if self._wants_lp():
