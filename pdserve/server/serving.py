@@ -19,6 +19,7 @@ from pdserve.server.outputs import chat_logprobs, completion_logprobs, finish_re
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT, COMPLETION = "chat", "completion"
+MAX_CHOICES = 256   # engine requests one HTTP request may make (prompts x n)
 
 
 @dataclass
@@ -46,11 +47,21 @@ def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], RemotePrefill
     except ValueError as e:
         raise RequestError(str(e), getattr(e, "param", None)) from e
     if kind == CHAT:
+        if req.chat_template is not None and not worker.server_config.trust_request_chat_template:
+            raise RequestError("chat_template in a request is not accepted by this server (start it with "
+                               "--trust-request-chat-template to allow it)", "chat_template")
         prompts = [{"prompt_token_ids": engine.chat_prompt_ids(req.messages, req.chat_template)}]
     else:
         prompts = req.prompts()
         if not prompts:
             raise RequestError("prompt must not be empty", "prompt")
+        if len(prompts) > MAX_CHOICES:
+            raise RequestError(f"at most {MAX_CHOICES} prompts per request", "prompt")
+        for p in prompts:   # every prompt's size before any of them is tokenized
+            if isinstance(p, str):
+                engine.check_prompt_chars(len(p))
+    if len(prompts) * params.n > MAX_CHOICES:
+        raise RequestError(f"prompts x n must be at most {MAX_CHOICES}", "n")
     remote_decode = wants_remote_decode(kvp) or worker.role == "prefill"
     rp, extra = None, {}
     if wants_remote_prefill(kvp):
@@ -79,7 +90,9 @@ async def create(worker, request: Request, req: CompletionRequest | ChatCompleti
         raise APIError(503, f"the engine has stopped: {worker.async_engine.dead!r}")
     base = request.state.request_id
     rid = f"{base}-{secrets.token_hex(4)}"   # engine ids stay unique whatever the client sends
-    children, rp, remote_decode = _build(worker, req, kind, rid)
+    # tokenizing and chat templates run in a thread: a big or hostile prompt never holds up the
+    # event loop (health checks, other streams)
+    children, rp, remote_decode = await worker.off_loop(_build, worker, req, kind, rid)
     if rp is not None:
         worker.connector.expect(children[0].seq.request_id, rp)
     run = _Run(worker, request, req, kind, base, children, rp, remote_decode)
@@ -219,8 +232,8 @@ class _Run:
                     break
                 try:
                     item = await self._next()
-                except APIError as e:
-                    yield _sse(error_body(e.status, e.message, e.param))
+                except Exception as e:   # after the 200 an error is an event, then [DONE]
+                    yield _sse(_stream_error(e))
                     break
             if opts is not None and opts.include_usage:
                 yield self._chunk([], usage=usage(self.children))
@@ -244,6 +257,15 @@ class _Run:
         if usage is not None:
             obj["usage"] = usage
         return _sse(obj)
+
+
+def _stream_error(e: Exception) -> dict:
+    from pdserve.engine.async_engine import EngineDeadError
+    if isinstance(e, APIError):
+        return error_body(e.status, e.message, e.param)
+    if isinstance(e, RequestError):
+        return error_body(400, str(e), e.param)
+    return error_body(503 if isinstance(e, EngineDeadError) else 500, f"{type(e).__name__}: {e}"[:500])
 
 
 def _sse(obj) -> bytes:
