@@ -10,8 +10,9 @@ import hmac
 import logging
 import time
 
-import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve.config import RouterConfig
 from pdserve.router.instances import ROLES
@@ -39,6 +40,8 @@ async def errors(request: web.Request, handler):
         return _err(e.status, e.reason if e.text is None or e.text.startswith(f"{e.status}:") else e.text)
     except RecursionError:
         return _err(400, "the request body nests too deeply")
+    except (RequestPayloadError, HttpProcessingError) as e:
+        return _err(400, f"cannot read the request body: {e}")
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as e:
@@ -73,7 +76,7 @@ async def _read_json(request: web.Request) -> dict:
         raise ClientError.of(400, f"request body is not valid JSON: {e}")
     except RecursionError:
         raise ClientError.of(400, "the request body nests too deeply")
-    except aiohttp.ClientPayloadError as e:   # e.g. a Content-Encoding that does not decode
+    except (RequestPayloadError, HttpProcessingError) as e:   # e.g. a Content-Encoding that does not decode
         raise ClientError.of(400, f"cannot read the request body: {e}")
     if not isinstance(body, dict):
         raise ClientError.of(400, "request body must be a JSON object")
@@ -170,7 +173,28 @@ async def list_instances(request: web.Request) -> web.Response:
     return web.json_response([i.status() for i in request.app[ROUTER].pools.instances.values()])
 
 
+def _json_protocol_errors() -> None:
+    """aiohttp answers what it cannot even parse (a Content-Encoding it cannot decode, a bad
+    request line or header) itself, before any middleware, in plain text: make that OpenAI's
+    error JSON too. aiohttp has no hook for it, so its one method is wrapped, once."""
+    from aiohttp.web_protocol import RequestHandler
+    orig = RequestHandler.handle_error
+    if getattr(orig, "pdserve_json", False):
+        return
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        plain = orig(self, request, status, exc, message)
+        text = (message if status != 500 else None) or "internal error"
+        resp = web.json_response(error_body(str(text).strip()[:500], status), status=status)
+        if plain.keep_alive is False:
+            resp.force_close()
+        return resp
+    handle_error.pdserve_json = True
+    RequestHandler.handle_error = handle_error
+
+
 def make_app(cfg: RouterConfig, **router_kwargs) -> web.Application:
+    _json_protocol_errors()
     app = web.Application(middlewares=[errors, auth], client_max_size=cfg.max_request_bytes)
     router = app[ROUTER] = Router(cfg, **router_kwargs)
     app.router.add_post("/v1/completions", _openai(COMPLETIONS))

@@ -33,7 +33,9 @@ def prompt_key(kind: str, body: dict) -> tuple[list | str | None, int]:
         for m in body.get("messages") or []:
             c = m.get("content") if isinstance(m, dict) else None
             if isinstance(c, list):  # content parts: only text counts
-                c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
+                c = "".join(t for p in c if isinstance(p, dict) and isinstance(t := p.get("text"), str))
+            if not isinstance(c, str):   # the worker says what is wrong with it; here it only has no size
+                c = ""
             parts.append(f"<{m.get('role', '') if isinstance(m, dict) else ''}>{c or ''}\n")
         text = "".join(parts)
         return text, -(-len(text) // CHARS_PER_TOKEN)
