@@ -55,9 +55,7 @@ class Cluster:
         d = self.dep
         cmd = [sys.executable, "-m", "pdserve.cli", "serve"] + ([d.model] if d.model else [])
         cmd += ["--role", w.spec.role, "--host", w.host, "--port", str(w.port), "--kv-transport", d.kv_transport]
-        if d.api_key:
-            cmd += ["--api-key", d.api_key]
-        return cmd + engine_flags(w.spec.engine)
+        return cmd + engine_flags(w.spec.engine)   # the API key goes in the environment (key_env), not in `ps`
 
     def router_cmd(self, port: int) -> list[str]:
         d = self.dep
@@ -67,9 +65,12 @@ class Cluster:
                "--health-interval", str(d.health_interval)]
         for w in self.workers:
             cmd += ["--prefill" if w.spec.role == "prefill" else "--decode", f"{w.host}:{w.port}"]
-        if d.api_key:
-            cmd += ["--api-key", d.api_key]
         return cmd + list(d.router_args)
+
+    def key_env(self) -> dict:
+        """The API key for a child, through its environment: argv is visible to every local user."""
+        from pdserve.api_key import ENV
+        return {ENV: self.dep.api_key} if self.dep.api_key else {}
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self, timeout: float = 600.0) -> "Cluster":
@@ -86,7 +87,8 @@ class Cluster:
                 wait_healthy(w.proc, w.url, deadline)
             port = d.port or free_port(d.host)
             self.router_url = f"http://{d.host}:{port}"
-            self.router = Proc(self.router_cmd(port), os.path.join(self.log_dir, "router.log"), name="router")
+            self.router = Proc(self.router_cmd(port), os.path.join(self.log_dir, "router.log"), name="router",
+                               env=self.key_env())
             wait_healthy(self.router, self.router_url, deadline)
         except BaseException:
             self.stop()
@@ -94,10 +96,10 @@ class Cluster:
         return self
 
     def _spawn(self, w: Worker, name: str) -> None:
-        env = {}
+        env = self.key_env()
         if w.spec.cpus:
             # torch would otherwise start one thread per core of the machine on a single core
-            env = {"OMP_NUM_THREADS": str(len(w.spec.cpus)), "MKL_NUM_THREADS": str(len(w.spec.cpus))}
+            env.update(OMP_NUM_THREADS=str(len(w.spec.cpus)), MKL_NUM_THREADS=str(len(w.spec.cpus)))
         if w.spec.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = w.spec.gpu
         w.proc = Proc(self.worker_cmd(w), os.path.join(self.log_dir, f"{name}.log"), name=name,
