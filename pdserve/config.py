@@ -79,3 +79,5 @@ class RouterConfig:
     policy: str = "round_robin"
     local_prefill_max_tokens: int = 0
     api_key: str | None = None
+    max_request_bytes: int = 8 << 20    # larger request bodies get a 413
+    metrics_no_auth: bool = False       # /metrics open without the API key

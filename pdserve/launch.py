@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -59,14 +60,16 @@ class Cluster:
     router: Proc | None = None
     router_url: str = ""
     router_port: int = 0
+    # the workers' shared KV secret when no API key is there to derive one from: a KV server
+    # then accepts only this deployment's decode workers (also across hosts, with --host)
+    kv_secret: str = field(default_factory=lambda: secrets.token_hex(16))
 
     # ---- commands ----------------------------------------------------------------------
     def worker_cmd(self, w: Worker, restart: bool = False) -> list[str]:
         d = self.dep
         cmd = [sys.executable, "-m", "pdserve.cli", "serve"] + ([d.model] if d.model else [])
         cmd += ["--role", w.spec.role, "--host", w.host, "--port", str(w.port), "--kv-transport", d.kv_transport]
-        if d.api_key:
-            cmd += ["--api-key", d.api_key]
+        # the API key goes in the environment (key_env), not in `ps`
         return cmd + engine_flags({**w.spec.engine, **(w.spec.restart_engine if restart else {})})
 
     def router_cmd(self, port: int) -> list[str]:
@@ -77,9 +80,15 @@ class Cluster:
                "--health-interval", str(d.health_interval)]
         for w in self.workers:
             cmd += ["--prefill" if w.spec.role == "prefill" else "--decode", f"{w.host}:{w.port}"]
-        if d.api_key:
-            cmd += ["--api-key", d.api_key]
         return cmd + list(d.router_args)
+
+    def key_env(self) -> dict:
+        """The API key (and the KV secret, without a key) for a child, through its environment:
+        argv is visible to every local user. A KV secret the user exported wins."""
+        from pdserve.api_key import ENV
+        if self.dep.api_key:
+            return {ENV: self.dep.api_key}
+        return {} if os.environ.get("PDSERVE_KV_SECRET") else {"PDSERVE_KV_SECRET": self.kv_secret}
 
     # ---- lifecycle ---------------------------------------------------------------------
     def assign_ports(self) -> None:
@@ -118,7 +127,9 @@ class Cluster:
     def _spawn(self, w: Worker, restart: bool = False) -> None:
         # no thread settings here: the worker sets its torch threads from the affinity it is
         # started with (pdserve.cpu_threads); OMP_NUM_THREADS given to `up` still wins there
-        env = {"CUDA_VISIBLE_DEVICES": w.spec.gpu} if w.spec.gpu is not None else {}
+        env = self.key_env()
+        if w.spec.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = w.spec.gpu
         w.proc = Proc(self.worker_cmd(w, restart), os.path.join(self.log_dir, f"{w.name}.log"), name=w.name,
                       cpus=w.spec.cpus, env=env)
 
@@ -134,7 +145,7 @@ class Cluster:
         if self.router and self.router.alive():
             self.router.stop()
         self.router = Proc(self.router_cmd(self.router_port), os.path.join(self.log_dir, "router.log"),
-                           name="router")
+                           name="router", env=self.key_env())
 
     def kill(self, w: Worker, sig: int = signal.SIGKILL) -> None:
         w.proc.stop(sig)

@@ -23,6 +23,7 @@ PROMPT = "Write two sentences about rivers and the sea, and why rivers end in th
 
 
 KEY = "fault-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 CONFIG = f"""
 port: 0
 api_key: {KEY}
@@ -49,7 +50,7 @@ def cluster(tmp_path_factory):
 
 
 def status(c: Cluster) -> dict:
-    return httpx.get(c.router_url + "/status", timeout=10).json()
+    return httpx.get(c.router_url + "/status", headers=AUTH, timeout=10).json()
 
 
 def by_url(c: Cluster) -> dict:
@@ -79,7 +80,7 @@ def wait_for(pred, timeout: float = 30.0) -> bool:
 
 
 def test_per_role_engine_options_reach_the_workers(cluster):
-    info = {w.spec.role + str(i): httpx.get(w.url + "/info", timeout=10).json() for i, w in enumerate(cluster.workers)}
+    info = {w.spec.role + str(i): httpx.get(w.url + "/info", headers=AUTH, timeout=10).json() for i, w in enumerate(cluster.workers)}
     assert info["decode1"]["max_model_len"] == info["decode2"]["max_model_len"] == 1024
     assert info["prefill0"]["max_model_len"] != 1024 and info["prefill0"]["role"] == "prefill"
 

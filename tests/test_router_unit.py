@@ -88,7 +88,7 @@ def test_remote_completion_not_streamed():
             assert body["choices"][0]["text"] == "".join(tokens("completions", COMP_BODY, 5))
             assert body["id"] == "cmpl-abc" and "kv_transfer_params" not in body
             (pc,), (dc,) = p.calls, d.calls
-            assert pc["body"]["max_tokens"] == 1 and pc["body"]["stream"] is False
+            assert pc["body"]["max_tokens"] == 5 and pc["body"]["stream"] is False   # P checks the whole request
             assert pc["body"]["kv_transfer_params"]["do_remote_decode"] is True
             assert dc["body"]["kv_transfer_params"]["prefilled_by"] == p.url   # P's params handed on
             assert dc["body"]["max_tokens"] == 5
@@ -125,7 +125,7 @@ def test_streamed_chat_first_token_early_and_once():
             roles = [c["choices"][0]["delta"].get("role") for c in chunks if c["choices"]]
             assert roles.count("assistant") == 1
             assert chunks[-1]["usage"]["completion_tokens"] == 5
-            assert p.calls[0]["body"]["stream"] is False and "stream_options" not in p.calls[0]["body"]
+            assert p.calls[0]["body"]["stream"] is False and p.calls[0]["body"]["stream_options"] == {"include_usage": True}
     run(go())
 
 

@@ -39,7 +39,7 @@ def http(url) -> httpx.Client:
 
 
 def metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics").text
+    text = http(url).get("/metrics").text
     vals = [float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M)]
     assert vals, f"{name} missing"
     return sum(vals)
@@ -61,9 +61,10 @@ def sse_events(resp) -> list:
 
 
 # ---- basics -----------------------------------------------------------------------------------
-def test_health_and_metrics_need_no_key(url):
+def test_health_needs_no_key_metrics_does(url):
     assert httpx.get(url + "/health").status_code == 200
-    text = httpx.get(url + "/metrics").text
+    assert httpx.get(url + "/metrics").status_code == 401
+    text = http(url).get("/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hits_total",
                  "prefix_cache_queries_total", "generation_tokens_total", "prompt_tokens_total"):
         assert f"pdserve:{name}" in text

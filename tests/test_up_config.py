@@ -98,12 +98,13 @@ def test_command_lines(tmp_path):
     c = launch.Cluster(dep, str(tmp_path))
     c.workers = [launch.Worker(s, 9000 + i, "127.0.0.1") for i, s in enumerate(dep.workers)]
     w = " ".join(c.worker_cmd(c.workers[1]))
-    assert "serve --role decode --host 127.0.0.1 --port 9001 --kv-transport tcp --api-key k --max-num-seqs 4" in w
+    assert "serve --role decode --host 127.0.0.1 --port 9001 --kv-transport tcp --max-num-seqs 4" in w
+    assert "--api-key" not in w and c.key_env() == {"PDSERVE_API_KEY": "k"}   # not visible in `ps`
     r = c.router_cmd(8123)
     assert r[1:3] == ["-m", "pdserve.router.cli"]   # the router's own entry: no torch in that process
     s = " ".join(r)
     assert "--prefill 127.0.0.1:9000 --decode 127.0.0.1:9001 --decode 127.0.0.1:9002" in s
-    assert "--policy least_loaded" in s and "--api-key k" in s and "--port 8123" in s
+    assert "--policy least_loaded" in s and "--api-key" not in s and "--port 8123" in s
     # --colocated: `both` workers, all in the router's decode pool (each prefills locally)
     dep = load_deployment(parse("--colocated", "2"))
     c = launch.Cluster(dep, str(tmp_path))

@@ -32,6 +32,9 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="pdserve-engine", daemon=True)
         self.dead: BaseException | None = None
         self.step_hooks: list[Callable[[], None]] = []  # run in the loop thread before each step
+        # called (on the loop thread) if the loop itself dies: a server exits so its supervisor
+        # sees it, rather than answering 503 forever
+        self.on_dead: Callable[[BaseException], None] | None = None
 
     def start(self) -> "AsyncEngine":
         self._thread.start()
@@ -96,7 +99,10 @@ class AsyncEngine:
             except Exception as e:
                 self._deliver(seq.request_id, e)
         elif kind == "call":
-            cmd[1](self.engine)
+            try:
+                cmd[1](self.engine)
+            except Exception:   # an abort or a connector callback that failed: not the loop's death
+                log.exception("engine command failed")
 
     def _deliver(self, rid: str, item) -> None:
         entry = self._streams.get(rid)
@@ -118,7 +124,10 @@ class AsyncEngine:
                         pass
                 self._drain()
                 for hook in self.step_hooks:
-                    hook()
+                    try:
+                        hook()
+                    except Exception:
+                        log.exception("engine step hook failed")
                 for out in eng.step():
                     self._deliver(out.request_id, out)
                 if eng.has_unfinished() and not eng.scheduler.has_work():
@@ -129,6 +138,8 @@ class AsyncEngine:
         except BaseException as e:  # surface the failure to every waiting request
             log.exception("engine loop died")
             self.dead = e
+            if self.on_dead is not None and not self._stop.is_set():
+                self.on_dead(e)
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine loop died: {e!r}"))
 

@@ -39,6 +39,27 @@ class RequestError(ValueError):
         self.param = param
 
 
+def check_text(s: str, param: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no UTF-8 encoder or tokenizer accepts."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode text (a lone surrogate at position {e.start})",
+                           param) from None
+
+
+def _check_strings(obj, param: str) -> None:
+    if isinstance(obj, str):
+        check_text(obj, param)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_strings(k, param)
+            _check_strings(v, param)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_strings(v, param)
+
+
 @dataclass
 class _State:
     seq: Sequence
@@ -78,6 +99,12 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids(hf)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.model_config.vocab_size, self.eos_token_ids)
         self.runner.sampler.grammars = self.grammars
+        # no token decodes to more characters than the longest vocabulary entry: a longer prompt
+        # than this cannot fit, and is refused before anyone spends time tokenizing it
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = self.max_model_len * max(longest, 16)
+        self._batch: list[Sequence] | None = None   # what the running step scheduled
+        self._early: list[RequestOutput] = []       # and the outputs it made before running them
         self.states: dict[str, _State] = {}
         self.on_kv_load: Callable[[Sequence], None] | None = None  # set by a KV connector
         self.held_observer: HeldObserver | None = None             # set by a KV connector (producer)
@@ -134,9 +161,18 @@ class LLMEngine:
         if not ids:
             raise RequestError("the prompt is empty; send at least one token", "prompt")
         vocab = self.runner.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids) or min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        # these reach the sampler as tensor indices: one out of range would fail every step it is in
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        for s in params.stop:
+            check_text(s, "stop")
         limit = self.max_model_len
+        if len(ids) + params.min_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, min_tokens={params.min_tokens} "
+                f"with {len(ids)} prompt tokens asks for more.", "min_tokens")
         if len(ids) >= limit:
             raise RequestError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has "
@@ -182,6 +218,8 @@ class LLMEngine:
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt))
+            check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -191,12 +229,23 @@ class LLMEngine:
             return None, list(prompt)
         raise RequestError("a prompt is a string, a list of token ids or {'prompt_token_ids': [...]}", "prompt")
 
+    def check_prompt_chars(self, n: int, param: str = "prompt") -> None:
+        if n > self.max_prompt_chars:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; a prompt of {n} characters "
+                f"cannot fit (at most {self.max_prompt_chars} characters are accepted).", param)
+
     def chat_prompt_ids(self, messages: list[dict], chat_template: str | None = None,
-                        tools: list[dict] | None = None) -> list[int]:
+                        tools: list[dict] | None = None, add_generation_prompt: bool = True) -> list[int]:
         try:
-            return apply_chat_template(self.tokenizer, messages, True, chat_template, tools)
+            _check_strings(messages, "messages")
+            if chat_template is not None:
+                check_text(chat_template, "chat_template")
+            return apply_chat_template(self.tokenizer, messages, add_generation_prompt, chat_template, tools,
+                                       self.max_prompt_chars)
         except ValueError as e:
-            raise RequestError(str(e), "messages") from e
+            param = "chat_template" if chat_template is not None and "template" in str(e) else "messages"
+            raise RequestError(str(e), getattr(e, "param", None) or param) from e
 
     def add_sequence(self, seq: Sequence, prompt_text: str | None = None) -> None:
         if seq.request_id in self.states:
@@ -268,6 +317,30 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step. If it fails, the requests it ran fail with the error and the engine goes
+        on: one request that slipped past validation must not take every other one down."""
+        self._batch, self._early = None, []
+        try:
+            return self._step()
+        except Exception as e:
+            log.exception("a step failed; failing the requests it ran")
+            return self._fail_step(e)
+
+    def _fail_step(self, e: Exception) -> list[RequestOutput]:
+        # unknown which request broke it, or the step broke before scheduling: fail them all
+        seqs = self._batch if self._batch is not None else [st.seq for st in self.states.values()]
+        res = list(self._early)   # outputs made before the failure still go out
+        for seq in seqs:
+            st = self.states.get(seq.request_id)
+            self.abort(seq.request_id)
+            if st is not None:
+                o = st.out
+                o.finish_reason, o.new_text, o.new_token_ids = "error", "", []
+                res.append(self._output(st, finished=True,
+                                        error=f"the engine failed while running this request: {e!r}"[:500]))
+        return res
+
+    def _step(self) -> list[RequestOutput]:
         now = start = self.clock()
         if self.step_trace:
             self.step_trace.begin()
@@ -278,9 +351,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         for seq in out.kv_loads:
             (self.on_kv_load or self.pending_kv_loads.append)(seq)
-        early = self._collect_errors() + self._collect_loaded()
+        early = self._early = self._collect_errors() + self._collect_loaded()
         if out.is_empty:
             return early
+        self._batch = list(out.seqs)
         before = {s.request_id: s.num_output_tokens for s in out.seqs}
         self.num_prompt_tokens += sum(min(n, max(0, s.num_prompt_tokens - s.num_computed_tokens))
                                       for s, n in zip(out.seqs, out.num_new_tokens))

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
+
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 1024
 
 
 @dataclass
@@ -82,6 +86,19 @@ class SamplingParams:
             err = ValueError(f"{name} {msg}")
             err.param = name
             raise err
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+        # NaN compares false with everything: it would pass every range check below
+        for name in ("temperature", "top_p", "min_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, f"must be a finite number, got {v!r}.")
+        for name in ("n", "top_k", "min_tokens"):
+            if not integer(getattr(self, name)):
+                bad(name, f"must be an integer, got {getattr(self, name)!r}.")
+        for name in ("max_tokens", "seed", "logprobs"):
+            if getattr(self, name) is not None and not integer(getattr(self, name)):
+                bad(name, f"must be an integer, got {getattr(self, name)!r}.")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"must be at least 1, got {self.n}.")
         if self.temperature < 0:
@@ -101,8 +118,13 @@ class SamplingParams:
             bad("min_tokens", f"must be at most max_tokens={self.max_tokens}, got {self.min_tokens}.")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}.")
-        if any(not s for s in self.stop):
-            bad("stop", "must not contain empty strings.")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings.")
+        # each stop string is searched for after every token: bound the work one request can ask for
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters.")
+        if any(not integer(t) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be integers.")
 
     def validate_controls(self) -> None:
         """The logits controls, with vLLM's ranges; ids against the vocabulary are checked by the

@@ -10,23 +10,39 @@ def load_tokenizer(model_dir: str):
 
 
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                        chat_template: str | None = None, tools: list[dict] | None = None) -> list[int]:
+                        chat_template: str | None = None, tools: list[dict] | None = None,
+                        max_chars: int = 1 << 20) -> list[int]:
+    """Render the messages with the model's (or the given) template in pdserve's budgeted
+    sandbox, then tokenize as transformers does (the template writes the special tokens).
+    Raises ValueError for bad messages, a template that fails, or one past its budget."""
+    from pdserve.engine.chat_template import render
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
-    for m in messages:
+    normalized = []
+    for i, m in enumerate(messages):
         # an assistant message that calls tools may have no content (OpenAI sends null or nothing)
         if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
-            raise ValueError("each message needs a 'role' and a 'content'")
-    normalized = [{**m, "content": _content_text(m.get("content"))} for m in messages]
-    kw = {"tools": tools} if tools else {}
-    ids = tokenizer.apply_chat_template(normalized, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, chat_template=chat_template, **kw)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+            raise ValueError(f"messages[{i}] needs a 'role' and a 'content'")
+        if not isinstance(m["role"], str):
+            raise ValueError(f"messages[{i}].role must be a string")
+        normalized.append({**m, "content": _content_text(m.get("content"), i)})
+    if sum(len(m["content"]) for m in normalized) > max_chars:
+        raise ValueError(f"the messages have more than {max_chars} characters, more than the context can hold")
+    source = chat_template or tokenizer.chat_template
+    if not source:
+        raise ValueError("this model has no chat template; send chat_template or use /v1/completions")
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    try:
+        text = render(source, max_chars, messages=normalized, add_generation_prompt=add_generation_prompt,
+                      tools=tools or None, documents=None, **special)
+    except ValueError:
+        raise
+    except Exception as e:   # whatever a template does wrong is the template's (or its sender's) fault
+        raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from e
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _content_text(content) -> str:
+def _content_text(content, i: int = 0) -> str:
     """OpenAI allows content as a list of parts; text parts are joined."""
     if content is None:
         return ""
@@ -37,9 +53,11 @@ def _content_text(content) -> str:
         for p in content:
             if not isinstance(p, dict) or p.get("type") != "text":
                 raise ValueError("only text content parts are supported")
+            if not isinstance(p.get("text", ""), str):
+                raise ValueError(f"messages[{i}].content: a text part's text must be a string")
             parts.append(p.get("text", ""))
         return "".join(parts)
-    raise ValueError("message content must be a string or a list of text parts")
+    raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
 
 
 @dataclass

@@ -5,10 +5,14 @@ client share one event loop with little per-request cost. No torch anywhere belo
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve.config import RouterConfig
 from pdserve.router.instances import ROLES, normalize_url
@@ -17,6 +21,7 @@ from pdserve.router.proxy import Router
 from pdserve.router.upstream import ClientError
 
 ROUTER = web.AppKey("router", Router)
+log = logging.getLogger("pdserve.router")
 
 
 def _err(status: int, message: str, param: str | None = None) -> web.Response:
@@ -24,21 +29,55 @@ def _err(status: int, message: str, param: str | None = None) -> web.Response:
 
 
 @web.middleware
+async def errors(request: web.Request, handler):
+    """Every answer that is not a success is OpenAI's error JSON, aiohttp's own (404, 405,
+    413, a body it cannot decode) and our bugs (500) included."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _err(e.status, e.reason if e.text is None or e.text.startswith(f"{e.status}:") else e.text)
+    except RecursionError:
+        return _err(400, "the request body nests too deeply")
+    except (RequestPayloadError, HttpProcessingError) as e:
+        return _err(400, f"cannot read the request body: {e}")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:
+        log.exception("unhandled error on %s", request.path)
+        return _err(500, f"internal error: {type(e).__name__}: {e}"[:500])
+
+
+@web.middleware
 async def auth(request: web.Request, handler):
-    key = request.app[ROUTER].cfg.api_key
-    # as vLLM: the OpenAI routes need the key; so do the admin routes that change the pools
-    if key and (request.path.startswith("/v1") or request.path.startswith("/instances")):
+    cfg = request.app[ROUTER].cfg
+    # every path but /health (and /metrics if asked): the pools, /status and the metrics say
+    # who the workers are and what they do
+    open_paths = ("/health", "/metrics") if cfg.metrics_no_auth else ("/health",)
+    if cfg.api_key and request.path not in open_paths:
         given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {cfg.api_key}".encode()):
             return _err(401, "Unauthorized: a valid API key is needed (Authorization: Bearer ...)")
+    length = request.content_length
+    if length is not None and length > cfg.max_request_bytes:
+        return _err(413, f"the request body is larger than this router's limit of {cfg.max_request_bytes} bytes "
+                         "(--max-request-bytes)")
     return await handler(request)
 
 
 async def _read_json(request: web.Request) -> dict:
     try:
         body = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise ClientError.of(413, f"the request body is larger than this router's limit of "
+                                  f"{request.app[ROUTER].cfg.max_request_bytes} bytes (--max-request-bytes)")
     except (ValueError, UnicodeDecodeError) as e:
         raise ClientError.of(400, f"request body is not valid JSON: {e}")
+    except RecursionError:
+        raise ClientError.of(400, "the request body nests too deeply")
+    except (RequestPayloadError, HttpProcessingError) as e:   # e.g. a Content-Encoding that does not decode
+        raise ClientError.of(400, f"cannot read the request body: {e}")
     if not isinstance(body, dict):
         raise ClientError.of(400, "request body must be a JSON object")
     return body
@@ -119,7 +158,11 @@ async def _instance_arg(request: web.Request) -> tuple[str | None, str | None]:
     if request.can_read_body:
         body = await _read_json(request)
     q = {**request.query, **body}
-    return q.get("url") or q.get("instance"), q.get("role") or q.get("type"), q.get("meta")
+    url, role, meta = q.get("url") or q.get("instance"), q.get("role") or q.get("type"), q.get("meta")
+    for name, v in (("url", url), ("role", role)):
+        if v is not None and not isinstance(v, str):
+            raise ClientError.of(400, f"{name} must be a string")
+    return url, role, meta
 
 
 async def add_instance(request: web.Request) -> web.Response:
@@ -169,8 +212,29 @@ async def list_instances(request: web.Request) -> web.Response:
     return web.json_response([i.status() for i in request.app[ROUTER].pools.instances.values()])
 
 
+def _json_protocol_errors() -> None:
+    """aiohttp answers what it cannot even parse (a Content-Encoding it cannot decode, a bad
+    request line or header) itself, before any middleware, in plain text: make that OpenAI's
+    error JSON too. aiohttp has no hook for it, so its one method is wrapped, once."""
+    from aiohttp.web_protocol import RequestHandler
+    orig = RequestHandler.handle_error
+    if getattr(orig, "pdserve_json", False):
+        return
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        plain = orig(self, request, status, exc, message)
+        text = (message if status != 500 else None) or "internal error"
+        resp = web.json_response(error_body(str(text).strip()[:500], status), status=status)
+        if plain.keep_alive is False:
+            resp.force_close()
+        return resp
+    handle_error.pdserve_json = True
+    RequestHandler.handle_error = handle_error
+
+
 def make_app(cfg: RouterConfig, **router_kwargs) -> web.Application:
-    app = web.Application(middlewares=[auth], client_max_size=64 << 20)
+    _json_protocol_errors()
+    app = web.Application(middlewares=[errors, auth], client_max_size=cfg.max_request_bytes)
     router = app[ROUTER] = Router(cfg, **router_kwargs)
     app.router.add_post("/v1/completions", _openai(COMPLETIONS))
     app.router.add_post("/v1/chat/completions", _openai(CHAT))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
-from pdserve.config import RouterConfig
+from pdserve.api_key import add_api_key_args, resolve_api_key
+from pdserve.config import RouterConfig, parse_size
 from pdserve.router.instances import split_addrs
 from pdserve.router.policies import POLICIES
 
@@ -24,9 +24,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "router") -> None:
     p.add_argument("--local-prefill-max-tokens", type=int, default=0, metavar="N",
                    help="prefill on the decode worker when the prompt, less what that worker likely has "
                         "cached, is at most N tokens (0: always remote while a prefill worker is healthy)")
-    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
-                   help="clients must send it as a Bearer token; the router sends it to the workers too "
-                        "(default: $PDSERVE_API_KEY, else none)")
+    add_api_key_args(p, "the router sends it to the workers too")
+    p.add_argument("--max-request-bytes", type=parse_size, default=8 << 20, metavar="SIZE",
+                   help="refuse larger request bodies with 413 (default 8MiB)")
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a worker may stay silent during a call before it counts as failed")
@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "router") -> None:
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     cfg = RouterConfig(prefill=split_addrs(args.prefill), decode=split_addrs(args.decode), host=args.host,
                        port=args.port, policy=args.policy, local_prefill_max_tokens=args.local_prefill_max_tokens,
-                       api_key=args.api_key)
+                       api_key=resolve_api_key(args), max_request_bytes=args.max_request_bytes,
+                       metrics_no_auth=args.metrics_no_auth)
     if cfg.local_prefill_max_tokens < 0:
         raise ValueError("--local-prefill-max-tokens must be >= 0")
     return cfg

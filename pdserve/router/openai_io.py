@@ -14,7 +14,8 @@ COMPLETIONS, CHAT = "completions", "chat"
 
 def error_body(message: str, status: int, type_: str | None = None, param: str | None = None) -> dict:
     type_ = type_ or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                      429: "RateLimitError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
+                      405: "MethodNotAllowedError", 413: "RequestTooLargeError", 429: "RateLimitError",
+                      503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
@@ -32,7 +33,9 @@ def prompt_key(kind: str, body: dict) -> tuple[list | str | None, int]:
         for m in body.get("messages") or []:
             c = m.get("content") if isinstance(m, dict) else None
             if isinstance(c, list):  # content parts: only text counts
-                c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
+                c = "".join(t for p in c if isinstance(p, dict) and isinstance(t := p.get("text"), str))
+            if not isinstance(c, str):   # the worker says what is wrong with it; here it only has no size
+                c = ""
             parts.append(f"<{m.get('role', '') if isinstance(m, dict) else ''}>{c or ''}\n")
         text = "".join(parts)
         return text, -(-len(text) // CHARS_PER_TOKEN)
@@ -80,15 +83,14 @@ def max_tokens(kind: str, body: dict) -> int | None:
 
 
 def prefill_body(kind: str, body: dict) -> dict:
-    """The same request cut to its first token, asking the worker to hold the KV for a puller."""
+    """The same request, not streamed, asking the worker to hold the KV for a puller. The
+    client's max_tokens, min_tokens and stream_options stay: a pdserve prefill worker stops a
+    do_remote_decode request after its first token whatever max_tokens says, and so checks the
+    whole request (prompt + max_tokens within the context, stream_options well formed) before
+    the router has sent the client anything; a request the decode worker would refuse is
+    refused with a plain HTTP status, not in the middle of a stream."""
     pb = dict(body)
-    pb["max_tokens"] = 1
-    if kind == CHAT and "max_completion_tokens" in pb:
-        pb["max_completion_tokens"] = 1
-    if pb.get("min_tokens"):
-        pb["min_tokens"] = 1   # still forbids a first-token EOS, as the full request does
     pb["stream"] = False
-    pb.pop("stream_options", None)
     pb["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
     return pb
 

@@ -233,6 +233,12 @@ class Router:
     # ---- one request -------------------------------------------------------------------
     async def handle(self, request: web.Request, kind: str, body: dict) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        if body.get("kv_transfer_params") is not None:
+            # a contract between pdserve's processes: a client's own would have a decode worker
+            # pull whatever KV a host it names sends, into its prefix cache
+            return web.json_response(error_body("kv_transfer_params are set by the router, not by clients", 400,
+                                                param="kv_transfer_params"),
+                                     status=400, headers={"X-Request-Id": rid})
         key, est = prompt_key(kind, body)
         job = Job(kind, body, rid, key, est, ("chatcmpl-" if kind == CHAT else "cmpl-") + rid)
         self.metrics.running.inc()
@@ -333,6 +339,12 @@ class Router:
                         if finished:
                             return await out.finish()
                 return await out.finish()
+            except ClientError as e:   # the decode worker refused the request
+                if not out.started:
+                    raise
+                # the client has the prefill's first token and a 200: an HTTP status cannot follow
+                await out.send(sse(e.body) + SSE_DONE)
+                return await out.finish()
             except UpstreamError as e:
                 if produced:  # the client already has part of this worker's answer
                     self._failed(dec, e, "decode")
@@ -345,6 +357,12 @@ class Router:
                         raise
                     await out.send(sse(ce.body) + SSE_DONE)
                     return await out.finish()
+            except Exception as e:   # a bug of ours: still an answer the client can read
+                if not out.started:
+                    raise
+                log.exception("stream %s failed", job.rid)
+                await out.send(sse(error_body(f"router error: {type(e).__name__}: {e}"[:500], 500)) + SSE_DONE)
+                return await out.finish()
 
 
 class Relay:

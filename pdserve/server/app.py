@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from pdserve.engine.engine import check_text
 from pdserve.server import errors, serving
 from pdserve.server.errors import APIError, error_response
 from pdserve.server.tokenizer_info import tokenizer_info
@@ -17,10 +18,11 @@ from pdserve.server.protocol import (ChatCompletionRequest, CompletionRequest, D
 
 class RequestIdAndAuth:
     """Pure ASGI middleware (a BaseHTTPMiddleware would hide client disconnects from the
-    endpoints): X-Request-Id in and out, and the API key on /v1 paths."""
+    endpoints): X-Request-Id in and out, the API key on every path but the open ones, and the
+    request body held to max_body bytes (413), from Content-Length and while it is read."""
 
-    def __init__(self, app, api_key: str | None):
-        self.app, self.key = app, api_key
+    def __init__(self, app, api_key: str | None, max_body: int | None = None, open_paths=("/health",)):
+        self.app, self.key, self.max_body, self.open_paths = app, api_key, max_body, frozenset(open_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -28,18 +30,51 @@ class RequestIdAndAuth:
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        if self.key and scope["path"].startswith("/v1"):
+        if self.key and scope["path"] not in self.open_paths:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {self.key}".encode()):
                 resp = error_response(401, "Unauthorized: a valid API key is needed (Authorization: Bearer ...)",
                                       headers={"X-Request-Id": rid})
                 return await resp(scope, receive, send)
+        if self.max_body is not None:
+            receive = await self._limited_body(scope, receive, send, headers, rid)
+            if receive is None:
+                return
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
         await self.app(scope, receive, send_with_id)
+
+    async def _limited_body(self, scope, receive, send, headers, rid):
+        """Read the whole body (the endpoints would anyway) within the limit; hand the app a
+        receive that replays it, then passes through (disconnects). None: answered already."""
+        async def too_large():
+            resp = error_response(413, f"the request body is larger than this server's limit of {self.max_body} "
+                                  "bytes (--max-request-bytes)", headers={"X-Request-Id": rid})
+            await resp(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await too_large()
+            return None
+        chunks, n, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":   # the client left
+                return None
+            chunk = msg.get("body", b"")
+            n += len(chunk)
+            if n > self.max_body:
+                await too_large()
+                return None
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+        return replayed
 
 
 def build_app(worker) -> FastAPI:
@@ -53,7 +88,9 @@ def build_app(worker) -> FastAPI:
     app = FastAPI(title="pdserve worker", lifespan=lifespan)
     errors.install(app)
 
-    app.add_middleware(RequestIdAndAuth, api_key=worker.server_config.api_key)
+    sc = worker.server_config
+    app.add_middleware(RequestIdAndAuth, api_key=sc.api_key, max_body=sc.max_request_bytes,
+                       open_paths=("/health", "/metrics") if sc.metrics_no_auth else ("/health",))
 
     @app.get("/health")
     async def health():
@@ -88,11 +125,14 @@ def build_app(worker) -> FastAPI:
         serving._check_model(worker, req.model)
         eng = worker.engine
         if req.messages is not None:
-            ids = eng.chat_prompt_ids(req.messages)
+            work = lambda: eng.chat_prompt_ids(req.messages, add_generation_prompt=req.add_generation_prompt)
         elif req.prompt is not None:
-            ids = eng.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            eng.check_prompt_chars(len(req.prompt))   # before any tokenizing
+            check_text(req.prompt, "prompt")
+            work = lambda: eng.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             raise APIError(400, "send a prompt or messages", "prompt")
+        ids = await worker.off_loop(work)
         return {"count": len(ids), "max_model_len": eng.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -101,7 +141,7 @@ def build_app(worker) -> FastAPI:
         vocab = worker.engine.runner.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
-        return {"prompt": worker.engine.tokenizer.decode(req.tokens)}
+        return {"prompt": await worker.off_loop(lambda: worker.engine.tokenizer.decode(req.tokens))}
 
     @app.get("/tokenizer_info")
     async def get_tokenizer_info():

@@ -6,7 +6,8 @@ import logging
 import signal
 
 from pdserve.cli_args import add_engine_args, engine_config_from_args
-from pdserve.config import KVTransferConfig
+from pdserve.api_key import add_api_key_args, resolve_api_key
+from pdserve.config import KVTransferConfig, parse_size
 from pdserve.kv.select import TRANSPORTS
 from pdserve.kv.spec import default_lease
 
@@ -21,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                         "pull it and generate the rest; both: a whole request alone")
     s.add_argument("--host", default="127.0.0.1", help="bind address")
     s.add_argument("--port", type=int, default=8000, help="HTTP port")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    add_api_key_args(s, "the router sends it too")
+    s.add_argument("--max-request-bytes", type=parse_size, default=8 << 20, metavar="SIZE",
+                   help="refuse larger request bodies with 413 (default 8MiB)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat_template in requests (rendered in a sandbox with a size and time budget)")
     s.add_argument("--register", default=None, metavar="ROUTER_URL",
                    help="add this worker to a pdserve router's pools once it is up (and leave them on exit)")
     from pdserve import cpu_threads
@@ -74,14 +79,18 @@ def run(args: argparse.Namespace) -> int:
                           kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout,
                           kv_secret=args.kv_secret, kv_allowed_peers=args.kv_allowed_peers,
                           kv_max_connections=args.kv_max_connections)
-    worker = Worker(ec, kc, ServerConfig(args.host, args.port, args.api_key, args.kv_advertise_host,
-                                         args.enable_auto_tool_choice, args.tool_call_parser)).start()
+    api_key = resolve_api_key(args)
+    sc = ServerConfig(args.host, args.port, api_key, args.kv_advertise_host,
+                      enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+                      max_request_bytes=args.max_request_bytes, metrics_no_auth=args.metrics_no_auth,
+                      trust_request_chat_template=args.trust_request_chat_template, exit_on_engine_death=True)
+    worker = Worker(ec, kc, sc).start()
     reg = None
     if args.register:
         from pdserve.server.register import Registration
         # a wildcard bind is not an address the router can call: advertise loopback or --kv-advertise-host
         host = args.kv_advertise_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
-        reg = Registration(args.register, args.role, f"http://{host}:{args.port}", args.api_key).start()
+        reg = Registration(args.register, args.role, f"http://{host}:{args.port}", api_key).start()
     try:
         info = worker.info()
         kv = (f"KV server {info['kv_host']}:{info['kv_port']} offers {', '.join(info['kv_transports'])}"
@@ -100,4 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if reg is not None:
             reg.stop()
         worker.stop()
+    if worker.died is not None:
+        log.critical("exiting: the engine loop died: %r", worker.died)
+        return 1
     return 0

@@ -1,6 +1,8 @@
 """OpenAI error JSON: {"error": {"message", "type", "param", "code"}} with the HTTP status."""
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -8,8 +10,11 @@ from starlette.exceptions import HTTPException
 
 from pdserve.engine.engine import RequestError
 
+log = logging.getLogger("pdserve.server")
+
 TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-         405: "MethodNotAllowedError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+         405: "MethodNotAllowedError", 413: "RequestTooLargeError", 429: "RateLimitError",
+         500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):
@@ -19,6 +24,8 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
+    # a message may quote the client's own text: lone surrogates in it must not break the JSON
+    message = str(message).encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": TYPES.get(status, "InternalServerError"),
                       "param": param, "code": status}}
 
@@ -47,3 +54,12 @@ def install(app) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):
         return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RecursionError)
+    async def _deep(request: Request, e: RecursionError):
+        return error_response(400, "the request body nests too deeply")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):   # still OpenAI-shaped, never plain text
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}"[:500])

@@ -22,6 +22,7 @@ from pdserve.server.outputs import (chat_logprobs, completion_logprobs, echo_log
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT, COMPLETION = "chat", "completion"
+MAX_CHOICES = 256   # engine requests one HTTP request may make (prompts x n)
 
 
 @dataclass
@@ -69,11 +70,21 @@ def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], list, bool, o
         raise RequestError(str(e), getattr(e, "param", None)) from e
     plan = None
     if kind == CHAT:
+        if req.chat_template is not None and not worker.server_config.trust_request_chat_template:
+            raise RequestError("chat_template in a request is not accepted by this server (start it with "
+                               "--trust-request-chat-template to allow it)", "chat_template")
         prompts, params, plan = _chat_prompt(worker, req, params)
     else:
         prompts = req.prompts()
         if not prompts:
             raise RequestError("prompt must not be empty", "prompt")
+        if len(prompts) > MAX_CHOICES:
+            raise RequestError(f"at most {MAX_CHOICES} prompts per request", "prompt")
+        for p in prompts:   # every prompt's size before any of them is tokenized
+            if isinstance(p, str):
+                engine.check_prompt_chars(len(p))
+    if len(prompts) * params.n > MAX_CHOICES:
+        raise RequestError(f"prompts x n must be at most {MAX_CHOICES}", "n")
     remote_decode = wants_remote_decode(kvp) or worker.role == "prefill"
     rps = RemotePrefill.all_from_params(kvp) if wants_remote_prefill(kvp) else []
     if rps:
@@ -136,7 +147,9 @@ async def create(worker, request: Request, req: CompletionRequest | ChatCompleti
     base = req.request_id or request.state.request_id   # vLLM's request_id field names the answer
     rid = f"{base}-{secrets.token_hex(4)}"   # engine ids stay unique whatever the client sends
     fields.check(req, kind)
-    children, pulls, remote_decode, plan = _build(worker, req, kind, rid)
+    # tokenizing and chat templates run in a thread: a big or hostile prompt never holds up the
+    # event loop (health checks, other streams)
+    children, pulls, remote_decode, plan = await worker.off_loop(_build, worker, req, kind, rid)
     for seq_id, rp in pulls:
         worker.connector.expect(seq_id, rp)
     run = _Run(worker, request, req, kind, base, children, pulls, remote_decode, plan)
@@ -308,8 +321,8 @@ class _Run:
                     break
                 try:
                     item = await self._next()
-                except APIError as e:
-                    yield _sse(error_body(e.status, e.message, e.param))
+                except Exception as e:   # after the 200 an error is an event, then [DONE]
+                    yield _sse(_stream_error(e))
                     break
             if opts is not None and opts.include_usage:
                 yield self._chunk([], usage=usage(self.children))
@@ -385,6 +398,15 @@ def chosen(children: list[Child], n: int) -> list[Child]:
     for i, c in enumerate(out):
         c.index = i
     return out
+
+
+def _stream_error(e: Exception) -> dict:
+    from pdserve.engine.async_engine import EngineDeadError
+    if isinstance(e, APIError):
+        return error_body(e.status, e.message, e.param)
+    if isinstance(e, RequestError):
+        return error_body(400, str(e), e.param)
+    return error_body(503 if isinstance(e, EngineDeadError) else 500, f"{type(e).__name__}: {e}"[:500])
 
 
 def _sse(obj) -> bytes:

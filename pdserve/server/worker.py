@@ -2,9 +2,13 @@
 stopped together. The HTTP app (app.py) only talks to this object."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +30,11 @@ class ServerConfig:
     advertise_host: str | None = None   # host put in kv_transfer_params (default: the KV bind host)
     enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of the output
     tool_call_parser: str | None = None    # with which parser (server/tools.py: hermes, llama3_json)
+    max_request_bytes: int | None = 8 << 20   # larger bodies get a 413
+    metrics_no_auth: bool = False       # /metrics open without the API key (for a scraper)
+    # chat_template in a request: refused unless trusted (as vLLM); even then rendered in a budgeted sandbox
+    trust_request_chat_template: bool = False
+    exit_on_engine_death: bool = False  # `pdserve serve`: a dead engine loop ends the process (non-zero)
 
 
 @dataclass
@@ -47,7 +56,13 @@ class Worker:
         # the grammar engine's token trie takes a second or two to build: not on the first
         # constrained request's path (it would stall the event loop), but beside startup
         threading.Thread(target=self.engine.grammars.warm_up, name="grammar-tokenizer", daemon=True).start()
-        self.async_engine = AsyncEngine(self.engine).start()
+        # tokenizing and chat templates: CPU work that must not hold up the event loop
+        self.cpu_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-tokenize")
+        self.died: BaseException | None = None
+        self.async_engine = AsyncEngine(self.engine)
+        if self.server_config.exit_on_engine_death:
+            self.async_engine.on_dead = self._engine_died
+        self.async_engine.start()
         try:
             self.connector = KVConnector(self.async_engine, kc, self.server_config.host, self.shm,
                                          self.server_config.advertise_host, self.server_config.api_key)
@@ -57,6 +72,20 @@ class Worker:
         self.metrics = Metrics(self.engine, self.model_name)
         self.connector.on_event = self.metrics.on_kv_event
         return self
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
+
+    def _engine_died(self, e: BaseException) -> None:
+        """The step loop is gone: a process that answers 503 forever hides that from its
+        supervisor. Stop gracefully (SIGTERM to ourselves: shared memory unlinked, router
+        pools left), exit non-zero; force the exit if the graceful path hangs."""
+        log.critical("engine loop died (%r): stopping the worker", e)
+        self.died = e
+        os.kill(os.getpid(), signal.SIGTERM)
+        t = threading.Timer(30.0, os._exit, (70,))
+        t.daemon = True
+        t.start()
 
     @property
     def role(self) -> str:
@@ -88,3 +117,5 @@ class Worker:
             self.async_engine.shutdown()
         if getattr(self, "shm", None) is not None:
             self.shm.close()
+        if getattr(self, "cpu_pool", None) is not None:
+            self.cpu_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,28 @@
+"""A tiny random-weight Llama that speaks the default model's tokenizer and chat template:
+loads in a second, so servers built on it start fast. Its text is noise; tests that use it
+check behaviour (validation, errors, limits, trust), never what the model says."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "special_tokens_map.json")
+
+
+def make_tiny_model(out: Path, default_model_dir: str, max_positions: int = 2048) -> str:
+    import torch
+    import transformers
+    src = Path(default_model_dir)
+    ref = json.loads((src / "config.json").read_text())
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=ref["vocab_size"], hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=max_positions, tie_word_embeddings=True,
+                                   bos_token_id=ref.get("bos_token_id"), eos_token_id=ref.get("eos_token_id"))
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return str(out)
