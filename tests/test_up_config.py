@@ -170,5 +170,27 @@ def test_gpu_worker_env(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "Proc", lambda cmd, log_path, name, cpus=None, env=None: seen.update(env=env))
     dep = load_deployment(parse("--prefill", "0", "--decode", "1"))
     dep.workers[0].gpu = "2"
-    launch.Cluster(dep, str(tmp_path))._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1", name="decode0"))
-    assert seen["env"] == {"CUDA_VISIBLE_DEVICES": "2"}
+    monkeypatch.delenv("PDSERVE_KV_SECRET", raising=False)
+    c = launch.Cluster(dep, str(tmp_path))
+    c._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1", name="decode0"))
+    assert seen["env"] == {"CUDA_VISIBLE_DEVICES": "2", "PDSERVE_KV_SECRET": c.kv_secret}
+
+
+def test_workers_of_one_deployment_share_a_kv_secret_in_their_environment(tmp_path, monkeypatch):
+    """No API key to derive it from: one random secret per deployment, never on argv; with a
+    key, the workers derive it from the key (which goes in the environment too)."""
+    envs, cmds = [], []
+    monkeypatch.setattr(launch, "Proc", lambda cmd, log_path, name, cpus=None, env=None: (envs.append(env),
+                                                                                        cmds.append(cmd)))
+    monkeypatch.delenv("PDSERVE_KV_SECRET", raising=False)
+    dep = load_deployment(parse("--prefill", "1", "--decode", "1"))
+    c = launch.Cluster(dep, str(tmp_path))
+    for i, spec in enumerate(dep.workers):
+        c._spawn(launch.Worker(spec, 9000 + i, "127.0.0.1", name=f"w{i}"))
+    assert envs[0]["PDSERVE_KV_SECRET"] == envs[1]["PDSERVE_KV_SECRET"] == c.kv_secret
+    assert len(c.kv_secret) == 32 and launch.Cluster(dep, str(tmp_path)).kv_secret != c.kv_secret
+    assert not any(c.kv_secret in " ".join(cmd) for cmd in cmds)
+    envs.clear()
+    dep = load_deployment(parse("--prefill", "1", "--decode", "1", "--api-key", "k"))
+    launch.Cluster(dep, str(tmp_path))._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1", name="w0"))
+    assert envs[0] == {"PDSERVE_API_KEY": "k"}
