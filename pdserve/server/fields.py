@@ -10,7 +10,11 @@ from pdserve.engine.engine import RequestError
 CHAT, COMPLETION = "chat", "completion"
 
 # Accepted, with no effect on the answer (metadata about the caller), as OpenAI and vLLM do.
-NO_EFFECT = {"metadata", "safety_identifier", "prompt_cache_key"}
+NO_EFFECT = {"metadata", "safety_identifier", "prompt_cache_key",
+             # SGLang's (vllm-router sends them on every chat request): they act only with a
+             # server-side reasoning parser, which pdserve has none of, so the content is the
+             # whole output, as SGLang's without --reasoning-parser
+             "separate_reasoning", "stream_reasoning"}
 
 _STRUCTURED = ("not implemented: structured output is llguidance's, with its own whitespace rules "
                "(response_format, structured_outputs or guided_*)")
@@ -51,6 +55,10 @@ REFUSED: dict[str, tuple] = {
     "cache_salt": ((None,), "the prefix cache is not partitioned"),
     "vllm_xargs": ((None, {}), "not implemented"),
     "prompt_embeds": ((None,), "prompts are text or token ids"),
+    "include_reasoning": ((None, True), "pdserve has no reasoning parser: reasoning stays in the content"),
+    # SGLang's, which vllm-router fills in with these defaults on every request it forwards
+    "no_stop_trim": ((None, False), "the stop string is trimmed: send include_stop_str_in_output"),
+    "return_hidden_states": ((None, False), "hidden states are not returned"),
 }
 
 
