@@ -127,3 +127,18 @@ def test_streamed_completion_equal_colocated(cluster):
     assert_close(lps, ref.logprobs.token_logprobs)
     assert chunks[-1].usage.completion_tokens == MAX_TOKENS
     assert choices[-1].finish_reason == ref.finish_reason
+
+
+@pytest.mark.parametrize("case", [{"n": 2, **SAMPLING["seeded"]}, {"prompt": [PROMPT, "One plus one is"], "temperature": 0.0}])
+def test_n_and_prompt_lists_equal_colocated(cluster, case):
+    """vllm-router sends n and prompt lists through unchanged: P prefills each prompt once,
+    D pulls and forks."""
+    body = {"prompt": f"[n] {PROMPT}", "max_tokens": MAX_TOKENS, "logprobs": 0, **case}
+    ref = client(cluster, "ref").completions.create(model=MODEL, **body)
+    before = pulled_bytes(cluster)
+    out = client(cluster, "router").completions.create(model=MODEL, **body)
+    assert pulled_bytes(cluster) > before
+    assert len(out.choices) == len(ref.choices) == 2
+    for got, want in zip(sorted(out.choices, key=lambda c: c.index), sorted(ref.choices, key=lambda c: c.index)):
+        assert got.text == want.text and got.logprobs.tokens == want.logprobs.tokens
+        assert_close(got.logprobs.token_logprobs, want.logprobs.token_logprobs)
