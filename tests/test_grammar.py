@@ -40,7 +40,7 @@ def run(compiler, tok, spec: SO, seed: int, max_tokens: int = 200, temperature: 
     for pos in range(max_tokens):
         logits = torch.randn(1, len(tok), generator=g) * 3
         logits[0, EOS] -= 4   # unconstrained, random text would end at once; the grammar must say when
-        (t,), _ = sampler(logits, [SampleRow(params, pos, (), m)])
+        (t,), _ = sampler(logits, [SampleRow(params, pos, (), grammar=m)])
         if t == EOS:
             return tok.decode(out), True
         out.append(t)
@@ -95,7 +95,7 @@ def test_unconstrained_rows_untouched(compiler, tok):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, len(tok), generator=g)
     greedy = SamplingParams(temperature=0.0)
-    rows = [SampleRow(greedy, 0), SampleRow(greedy, 0, (), compiler.matcher(SO(choice=["zebra"]))),
+    rows = [SampleRow(greedy, 0), SampleRow(greedy, 0, (), grammar=compiler.matcher(SO(choice=["zebra"]))),
             SampleRow(SamplingParams(temperature=0.0, logprobs=2), 0)]
     tokens, lps = sampler(logits.clone(), rows)
     assert tokens[0] == logits[0].argmax().item() and tokens[2] == logits[2].argmax().item()
@@ -120,5 +120,5 @@ def test_min_tokens_yields_to_a_finished_grammar(compiler, tok):
     m = compiler.matcher(SO(choice=["ok"]))
     ids = tok.encode("ok")
     assert m.advance(ids) is None
-    (t,), _ = sampler(torch.randn(1, len(tok)), [SampleRow(SamplingParams(temperature=0.0), 5, (EOS,), m)])
+    (t,), _ = sampler(torch.randn(1, len(tok)), [SampleRow(SamplingParams(temperature=0.0), 5, (EOS,), grammar=m)])
     assert t == EOS

@@ -97,7 +97,7 @@ def test_sampler_greedy_follows_controlled_logits_and_reports_raw_logprobs():
     p = SamplingParams(temperature=0, logit_bias={target: 100.0}, logprobs=1)
     seq = Sequence("a", [1, 2, 3], p)
     plain = SamplingParams(temperature=0, logprobs=1)
-    tokens, lps = Sampler()(logits.clone(), [SampleRow(p, 3, (), seq), SampleRow(plain, 3, (), Sequence("b", [1], plain))])
+    tokens, lps = Sampler()(logits.clone(), [SampleRow(p, 3, (), seq=seq), SampleRow(plain, 3, (), seq=Sequence("b", [1], plain))])
     assert tokens == [target, int(logits[1].argmax())]
     raw = torch.log_softmax(logits[0], -1)
     assert abs(lps[0].logprob - raw[target].item()) < 1e-6

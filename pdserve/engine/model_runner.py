@@ -136,8 +136,8 @@ class ModelRunner:
                 meta.prefill_context_lens.append(c + n)
                 meta.prefill_block_tables.append(torch.tensor(table[:-(-(c + n) // bs)], device=self.device))
             if c + n == seq.num_tokens:
-                sample_at.append((i, len(ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq), seq,
-                                                             seq.grammar)))
+                sample_at.append((i, len(ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq), seq=seq,
+                                                             grammar=seq.grammar)))
         if (self.decode_graphs is not None and dec_tables and not meta.prefill_query_lens
                 and self.decode_graphs.fits(dec_tables, dec_lens)):
             hidden = self.decode_graphs.forward(ids, pos, slots, dec_tables, dec_lens)
