@@ -7,6 +7,12 @@ import pytest
 
 # keep the two cores for the work under test, not for oversubscribed BLAS threads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# as every pdserve process does (pdserve.cpu_threads): idle OpenMP threads sleep instead of
+# spinning, before any test module imports torch; in-process engines on a busy machine then
+# slow down in proportion instead of stalling
+from pdserve.cpu_threads import prepare_env  # noqa: E402  (no torch import)
+
+prepare_env()
 
 
 @pytest.fixture(scope="session")
