@@ -200,6 +200,7 @@ def main() -> int:
     ap.add_argument("--up-args", default="--prefill 1 --decode 1 --kv-cache-memory 256MiB",
                     help="arguments of `pdserve up`")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop `up` too
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
