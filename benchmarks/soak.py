@@ -188,6 +188,10 @@ def plot(samples: list, fault_log: list, results: list, t0: float, path: str) ->
     fig.savefig(path, dpi=110)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="how long traffic runs")
@@ -200,7 +204,7 @@ def main() -> int:
     ap.add_argument("--up-args", default="--prefill 1 --decode 1 --kv-cache-memory 256MiB",
                     help="arguments of `pdserve up`")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop `up` too
+    signal.signal(signal.SIGTERM, _interrupt)   # a killed soak stops its deployment too
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
