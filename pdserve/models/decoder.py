@@ -2,7 +2,8 @@
 
 They differ only in a few switches read from the Hugging Face config: bias on q/k/v (Qwen2),
 per-head RMSNorm on q and k (Qwen3), rope scaling (Llama 3.1), tied embeddings. Module names
-follow the Hugging Face checkpoints so a state dict loads as it is.
+follow the Hugging Face checkpoints; q/k/v and gate/up run as one merged matmul each, and the
+loader fills the merged weights from the checkpoint's separate tensors.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from pdserve.models.attention import AttentionMetadata, paged_attention
-from pdserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from pdserve.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding
 
 # architecture -> (qkv bias, q/k norm); None: read attention_bias from the config
 ARCHITECTURES = {
@@ -83,9 +84,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": self.nh * self.hd, "k_proj": self.nkv * self.hd,
+                                                       "v_proj": self.nkv * self.hd}, cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -95,9 +95,8 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.nh, self.hd)
-        k = self.k_proj(x).view(t, self.nkv, self.hd)
-        v = self.v_proj(x).view(t, self.nkv, self.hd)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, k, v = q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd), v.view(t, self.nkv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)

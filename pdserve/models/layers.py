@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, gated MLP."""
+"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, gated MLP, and the
+merged linear that runs several projections of one input as one matmul."""
 from __future__ import annotations
 
 import math
@@ -18,15 +19,37 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
+class MergedLinear(nn.Linear):
+    """Several projections of the same input stacked along the output dimension (q/k/v, gate/up):
+    one matmul and one pass over the input instead of several. The checkpoint keeps them as
+    separate tensors; `shards` names them (siblings of this module) and `sizes` their output
+    rows, so the loader copies each into its slice of the merged weight."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(shards.values()), bias=bias)
+        self.shards = dict(shards)
+
+    def shard_slice(self, name: str) -> slice:
+        start = 0
+        for n, size in self.shards.items():
+            if n == name:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(name)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(list(self.shards.values()), dim=-1)
+
+
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.gate_up_proj = MergedLinear(hidden, {"gate_proj": intermediate, "up_proj": intermediate}, bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
