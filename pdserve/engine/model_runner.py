@@ -16,6 +16,7 @@ from pdserve.engine.request import Sequence
 from pdserve.engine.sampler import SampleRow, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.models.attention import AttentionMetadata, plan_decode_groups
+from pdserve.models.cpu_kernels import paged_decode_op
 from pdserve.models.decoder import CausalLM, ModelConfig
 from pdserve.models.loader import load_weights
 
@@ -75,6 +76,8 @@ class ModelRunner:
         self.kv_shape = (mc.num_layers, 2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
         alloc = kv_allocator or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
         self.kv_cache = alloc(self.kv_shape, self.dtype, self.device)
+        # CPU decode attention from the cache in place (no gathered copy), where the kernel builds
+        self.decode_kernel = self.device.type == "cpu" and paged_decode_op() is not None
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size,
@@ -159,7 +162,8 @@ class ModelRunner:
                 rows_tables = [(t + [0] * w)[:w] for t in dec_tables[start:start + rows]]   # padded with block 0
                 tables = torch.tensor(rows_tables, device=dev)
                 lens = meta.decode_context_lens[start:start + rows]
-                mask = (torch.arange(w * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-                meta.decode_groups.append((rows, tables, mask))
+                mask = None if self.decode_kernel else \
+                    (torch.arange(w * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+                meta.decode_groups.append((rows, tables, mask, lens))
                 start += rows
         return self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)
