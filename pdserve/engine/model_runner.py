@@ -40,12 +40,32 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((ln for ln in f if ln.startswith("flags")), "").partition(":")[2].split())
+    except OSError:
+        return set()
+
+
+# CPU instructions that run a dtype's matmuls natively; without them oneDNN emulates (slowly)
+NATIVE_CPU_DTYPE_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU is opt-in: faster where the CPU
+    has the instructions, 2-3x on this machine's AMX, but not the reference's numerics)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    dtype = DTYPES[name]
+    native = NATIVE_CPU_DTYPE_FLAGS.get(dtype)
+    if device.type == "cpu" and native and not native & cpu_flags():
+        import sys
+        print(f"pdserve: this CPU has none of {sorted(native)}: {name} matmuls are emulated and "
+              f"likely slower than float32", file=sys.stderr)
+    return dtype
 
 
 class ModelRunner:
