@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pdserve.models.attention import AttentionMetadata, paged_attention
-from pdserve.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding
+from pdserve.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 
 # architecture -> (qkv bias, q/k norm); None: read attention_bias from the config
 ARCHITECTURES = {
@@ -93,13 +93,17 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.scale = self.hd ** -0.5
 
-    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
-        t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q, k, v = q.view(t, self.nh, self.hd), k.view(t, self.nkv, self.hd), v.view(t, self.nkv, self.hd)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache, meta: AttentionMetadata):
+        t, nh = x.shape[0], self.nh
+        qkv = self.qkv_proj(x)
+        v = qkv[:, (nh + self.nkv) * self.hd:].view(t, self.nkv, self.hd)
+        if self.qk_norm:   # per-head norms of their own: q and k rotate apart
+            q, k, _ = self.qkv_proj.split(qkv)
+            q = apply_rotary(self.q_norm(q.view(t, nh, self.hd)), *rope)
+            k = apply_rotary(self.k_norm(k.view(t, self.nkv, self.hd)), *rope)
+        else:              # q and k heads side by side in qkv: one rotation for both
+            qk = apply_rotary(qkv[:, :(nh + self.nkv) * self.hd].view(t, nh + self.nkv, self.hd), *rope)
+            q, k = qk[:, :nh], qk[:, nh:]
         o = paged_attention(q, k, v, kv_cache[self.layer], meta, self.scale)
         return self.o_proj(o.reshape(t, self.nh * self.hd))
 
@@ -112,8 +116,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -140,8 +144,9 @@ class CausalLM(nn.Module):
         """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, head_dim].
         Returns final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rope(positions)
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
