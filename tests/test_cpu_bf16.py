@@ -1,5 +1,6 @@
 """bfloat16 weights and KV on CPU (opt-in with dtype="bfloat16"): logits stay within bfloat16's
-precision of transformers' float32 ones, through prefill and the decode kernel."""
+precision of transformers' float32 ones, through prefill, the decode kernel and the
+oneDNN-packed linears."""
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import SamplingParams, Sequence
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.models.layers import Linear
 from pdserve.models.loader import read_hf_config
 from engine_drive import drive_with_logits
 
@@ -24,6 +26,8 @@ def test_bf16_logits_close_to_float32_reference(tmp_path):
     ecfg = EngineConfig(model=d, device="cpu", dtype="bfloat16", block_size=4, kv_cache_memory=1 << 22)
     runner = ModelRunner(ecfg, d, read_hf_config(d), 128)
     assert runner.kv_cache.dtype == torch.bfloat16 and runner.model.lm_head.weight.dtype == torch.bfloat16
+    linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is not None and m.weight is None for m in linears)   # oneDNN-packed
     sched = Scheduler(SchedulerConfig(max_model_len=128), BlockManager(runner.num_blocks, 4))
     g = torch.Generator().manual_seed(1)
     seqs = [Sequence(str(i), torch.randint(0, 256, (n,), generator=g).tolist(),

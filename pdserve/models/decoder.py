@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pdserve.models.attention import AttentionMetadata, paged_attention
-from pdserve.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from pdserve.models.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 
 # architecture -> (qkv bias, q/k norm); None: read attention_bias from the config
 ARCHITECTURES = {
@@ -86,7 +86,7 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": self.nh * self.hd, "k_proj": self.nkv * self.hd,
                                                        "v_proj": self.nkv * self.hd}, cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)

@@ -19,7 +19,33 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear that can run from a oneDNN-packed copy of its weight on CPU (pack_for_cpu)."""
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def pack_for_cpu(self, batch_hint: int = 64) -> None:
+        """Reorder the weight once into oneDNN's blocked layout: the matmul no longer re-packs
+        it on every call. The plain weight is dropped (same bytes, never two copies)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        self.weight = None
+
+
+def pack_linears_for_cpu(model: nn.Module) -> int:
+    """Pack every Linear of model (after its weights are loaded); returns how many."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    mods = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in mods:
+        m.pack_for_cpu()
+    return len(mods)
+
+
+class MergedLinear(Linear):
     """Several projections of the same input stacked along the output dimension (q/k/v, gate/up):
     one matmul and one pass over the input instead of several. The checkpoint keeps them as
     separate tensors; `shards` names them (siblings of this module) and `sizes` their output
@@ -45,7 +71,7 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden, {"gate_proj": intermediate, "up_proj": intermediate}, bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
