@@ -5,7 +5,8 @@ tokens) come first, each attended on its own; decode sequences (one query token)
 sorted by context length, and are attended in padded groups: one group pads every row to
 the longest context, so one long sequence among short ones would multiply the work of the
 whole batch; `plan_decode_groups` splits the rows where a group's padding costs more than
-another gather and attention call.
+another gather and attention call. On CPU, decode rows are attended by a kernel that reads
+the cache in place instead (pdserve.models.cpu_kernels): no gather, no padding.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None   # [B, max_blocks], padded with 0
     decode_context_lens: torch.Tensor | None = None   # [B]
     decode_mask: torch.Tensor | None = None           # [B, 1, 1, max_blocks*block_size], True = attend
-    # several groups instead: (rows, block tables [rows, width], mask) in row order
-    decode_groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+    # several groups instead: (rows, block tables [rows, width], mask, context lens [rows]) in row
+    # order; mask is None where the CPU kernel attends (it reads each row up to its own length)
+    decode_groups: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -66,9 +68,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         start += qlen
     groups = meta.decode_groups
     if groups is None and meta.decode_block_tables is not None:
-        groups = [(meta.decode_block_tables.shape[0], meta.decode_block_tables, meta.decode_mask)]
-    for rows, tables, mask in groups or ():
-        out[start:start + rows] = _decode_attention(q[start:start + rows], cache, tables, mask, scale)
+        groups = [(meta.decode_block_tables.shape[0], meta.decode_block_tables, meta.decode_mask,
+                   meta.decode_context_lens)]
+    for rows, tables, mask, lens in groups or ():
+        if mask is None:
+            from pdserve.models.cpu_kernels import paged_decode_op
+            out[start:start + rows] = paged_decode_op()(q[start:start + rows], cache, tables, lens, scale)
+        else:
+            out[start:start + rows] = _decode_attention(q[start:start + rows], cache, tables, mask, scale)
         start += rows
     return out
 

@@ -2,7 +2,8 @@
 
 They differ only in a few switches read from the Hugging Face config: bias on q/k/v (Qwen2),
 per-head RMSNorm on q and k (Qwen3), rope scaling (Llama 3.1), tied embeddings. Module names
-follow the Hugging Face checkpoints so a state dict loads as it is.
+follow the Hugging Face checkpoints; q/k/v and gate/up run as one merged matmul each, and the
+loader fills the merged weights from the checkpoint's separate tensors.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from pdserve.models.attention import AttentionMetadata, paged_attention
-from pdserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from pdserve.models.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 
 # architecture -> (qkv bias, q/k norm); None: read attention_bias from the config
 ARCHITECTURES = {
@@ -83,24 +84,26 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": self.nh * self.hd, "k_proj": self.nkv * self.hd,
+                                                       "v_proj": self.nkv * self.hd}, cfg.qkv_bias)
+        self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.scale = self.hd ** -0.5
 
-    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.nh, self.hd)
-        k = self.k_proj(x).view(t, self.nkv, self.hd)
-        v = self.v_proj(x).view(t, self.nkv, self.hd)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache, meta: AttentionMetadata):
+        t, nh = x.shape[0], self.nh
+        qkv = self.qkv_proj(x)
+        v = qkv[:, (nh + self.nkv) * self.hd:].view(t, self.nkv, self.hd)
+        if self.qk_norm:   # per-head norms of their own: q and k rotate apart
+            q, k, _ = self.qkv_proj.split(qkv)
+            q = apply_rotary(self.q_norm(q.view(t, nh, self.hd)), *rope)
+            k = apply_rotary(self.k_norm(k.view(t, self.nkv, self.hd)), *rope)
+        else:              # q and k heads side by side in qkv: one rotation for both
+            qk = apply_rotary(qkv[:, :(nh + self.nkv) * self.hd].view(t, nh + self.nkv, self.hd), *rope)
+            q, k = qk[:, :nh], qk[:, nh:]
         o = paged_attention(q, k, v, kv_cache[self.layer], meta, self.scale)
         return self.o_proj(o.reshape(t, self.nh * self.hd))
 
@@ -113,8 +116,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -141,8 +144,9 @@ class CausalLM(nn.Module):
         """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, head_dim].
         Returns final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rope(positions)
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, gated MLP."""
+"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, gated MLP, and the
+merged linear that runs several projections of one input as one matmul."""
 from __future__ import annotations
 
 import math
@@ -18,15 +19,63 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can run from a oneDNN-packed copy of its weight on CPU (pack_for_cpu)."""
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def pack_for_cpu(self, batch_hint: int = 64) -> None:
+        """Reorder the weight once into oneDNN's blocked layout: the matmul no longer re-packs
+        it on every call. The plain weight is dropped (same bytes, never two copies)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        self.weight = None
+
+
+def pack_linears_for_cpu(model: nn.Module) -> int:
+    """Pack every Linear of model (after its weights are loaded); returns how many."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    mods = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in mods:
+        m.pack_for_cpu()
+    return len(mods)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked along the output dimension (q/k/v, gate/up):
+    one matmul and one pass over the input instead of several. The checkpoint keeps them as
+    separate tensors; `shards` names them (siblings of this module) and `sizes` their output
+    rows, so the loader copies each into its slice of the merged weight."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(shards.values()), bias=bias)
+        self.shards = dict(shards)
+
+    def shard_slice(self, name: str) -> slice:
+        start = 0
+        for n, size in self.shards.items():
+            if n == name:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(name)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(list(self.shards.values()), dim=-1)
+
+
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_proj = MergedLinear(hidden, {"gate_proj": intermediate, "up_proj": intermediate}, bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -50,22 +99,23 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding (rotate halves), cos/sin cached up to max_positions."""
+    """Neox-style rotary embedding (rotate halves). The tables hold cos twice and (-sin, sin) per
+    position, so a rotation is x * cos + roll(x, half) * sin: one fused multiply-add instead of
+    chunk, four products and a concatenation. Looked up once per step for all layers."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
         inv = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), -1), persistent=False)
+        self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, heads, head_dim], k: [T, kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows [T, 1, head_dim] for the step's positions (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; q and k heads may come in one tensor (they share positions)."""
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)

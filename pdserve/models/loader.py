@@ -117,27 +117,51 @@ def read_hf_config(model_dir: str) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
 
 
+def merged_targets(module: torch.nn.Module) -> dict[str, tuple[str, slice]]:
+    """Checkpoint name -> (parameter name, rows) for the shards of every merged linear:
+    "layers.0.self_attn.k_proj.weight" -> ("layers.0.self_attn.qkv_proj.weight", rows of k)."""
+    from pdserve.models.layers import MergedLinear
+    out = {}
+    for path, m in module.named_modules():
+        if isinstance(m, MergedLinear):
+            parent = path.rpartition(".")[0]
+            for shard in m.shards:
+                for p in ("weight", "bias") if m.bias is not None else ("weight",):
+                    out[f"{parent}.{shard}.{p}".lstrip(".")] = (f"{path}.{p}", m.shard_slice(shard))
+    return out
+
+
 def load_weights(module: torch.nn.Module, model_dir: str) -> None:
-    """Load every *.safetensors file of model_dir into module; names must match exactly."""
+    """Load every *.safetensors file of model_dir into module. Names must match exactly, except
+    the separate tensors of a merged linear (q/k/v, gate/up), each copied into its rows."""
     from safetensors import safe_open
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
     params = dict(module.named_parameters())
+    merged = merged_targets(module)
     tied = getattr(module.config, "tie_word_embeddings", False)
     loaded = set()
     for f in files:
         with safe_open(f, framework="pt") as sf:
             for name in sf.keys():
-                if name not in params:
-                    if tied and name == "lm_head.weight":
-                        continue
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
+                if name in merged:
+                    target, rows = merged[name]
+                    dest = params[target][rows]
+                elif name in params:
+                    dest = params[name]
+                elif tied and name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
+                    continue
+                else:
                     raise ValueError(f"unexpected weight {name!r} in {f}")
+                w = sf.get_tensor(name)
+                if w.shape != dest.shape:
+                    raise ValueError(f"weight {name!r} in {f} has shape {tuple(w.shape)}, "
+                                     f"the model expects {tuple(dest.shape)}")
                 with torch.no_grad():
-                    params[name].copy_(sf.get_tensor(name))
+                    dest.copy_(w)
                 loaded.add(name)
-    missing = set(params) - loaded - ({"lm_head.weight"} if tied else set())
+    expected = (set(params) - {t for t, _ in merged.values()}) | set(merged)
+    missing = expected - loaded - ({"lm_head.weight"} if tied else set())
     if missing:
         raise ValueError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
