@@ -264,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(c.log_dir, ignore_errors=True)
 
 
-def _serve(c: Cluster, args: argparse.Namespace) -> int:
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGINT become one KeyboardInterrupt in the main thread (a second signal
+    while stopping is ignored): the supervisor's `finally` stops every child."""
     stopping = []
 
     def on_signal(signum, frame):
@@ -273,6 +275,10 @@ def _serve(c: Cluster, args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+def _serve(c: Cluster, args: argparse.Namespace) -> int:
+    interrupt_on_signals()
     kept = "" if args.log_dir else ", removed on exit; --log-dir DIR keeps them"
     print(f"pdserve up: starting {len(c.workers)} worker(s) and the router (logs in {c.log_dir}{kept}) ...",
           flush=True)

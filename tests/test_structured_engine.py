@@ -14,21 +14,10 @@ from pdserve.engine.engine import RequestError
 from pdserve.engine.request import SamplingParams, StructuredOutputsParams as SO
 from pdserve.llm import LLM
 
+from json_schemas import SCHEMAS
+
 pytestmark = pytest.mark.slow
 
-SCHEMAS = {
-    "person": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
-                                                "age": {"type": "integer", "minimum": 0, "maximum": 150}},
-               "required": ["name", "age"], "additionalProperties": False},
-    "enum": {"type": "object", "properties": {"mood": {"enum": ["happy", "sad", "calm"]}}, "required": ["mood"],
-             "additionalProperties": False},
-    "array": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 2, "maxItems": 3},
-    "nested": {"type": "object", "properties": {"city": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
-        "required": ["name", "population"], "additionalProperties": False}},
-        "required": ["city"], "additionalProperties": False},
-}
 
 
 @pytest.fixture(scope="module")

@@ -15,25 +15,14 @@ import pytest
 
 from pdserve import procs
 
+from json_schemas import SCHEMAS
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ENGINE = ["--kv-cache-memory", "64MiB", "--max-model-len", "1024"]
 TOOLS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 ENV = {"OMP_NUM_THREADS": "1"}
 
-SCHEMAS = {
-    "person": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
-                                                "age": {"type": "integer", "minimum": 0, "maximum": 150}},
-               "required": ["name", "age"], "additionalProperties": False},
-    "enum": {"type": "object", "properties": {"mood": {"enum": ["happy", "sad", "calm"]}}, "required": ["mood"],
-             "additionalProperties": False},
-    "array": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 2, "maxItems": 3},
-    "nested": {"type": "object", "properties": {"city": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
-        "required": ["name", "population"], "additionalProperties": False}},
-        "required": ["city"], "additionalProperties": False},
-}
 WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
                   "required": ["city", "unit"], "additionalProperties": False}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -23,16 +24,10 @@ def run_up(args: argparse.Namespace) -> int:
     ray = connect(args.ray, settings.namespace)
     from pdserve.ray_cluster.driver import RayDeployment, ready_message
 
+    from pdserve.launch import interrupt_on_signals
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-")
     os.makedirs(log_dir, exist_ok=True)
-    stopping = []
-
-    def on_signal(signum, frame):
-        if not stopping:
-            stopping.append(signum)
-            raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    interrupt_on_signals()
     print(f"pdserve up: starting {len(dep.workers)} worker actor(s) on Ray {args.ray} and the router "
           f"(router log in {log_dir}) ...", flush=True)
     rd = RayDeployment(dep, settings, log_dir, say=lambda s: print(s, flush=True))
@@ -57,6 +52,8 @@ def run_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         rd.stop()
         ray.shutdown()
+        if not args.log_dir:   # as the local `up`: the router's log goes unless asked to keep it
+            shutil.rmtree(log_dir, ignore_errors=True)
         print("pdserve up: stopped", flush=True)
 
 
