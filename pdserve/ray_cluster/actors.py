@@ -58,21 +58,39 @@ class WorkerActor:
 
 class Controller:
     """What the running `pdserve up --ray` should have, and what it has: `pdserve scale`
-    writes the counts, the driver reconciles towards them and reports its state here."""
+    writes the counts, the driver reconciles towards them and reports its state here.
 
-    def __init__(self, counts: dict[str, int], router_url: str):
+    A role with an autoscaling rule keeps its count within the rule's [min, max]: `pdserve
+    scale` may set any count in it (the rule goes on from there), and is refused outside it."""
+
+    def __init__(self, counts: dict[str, int], router_url: str, ranges: dict[str, tuple[int, int]] | None = None):
         self.counts, self.router_url, self.state = dict(counts), router_url, {}
+        self.ranges = dict(ranges or {})
 
     def set_counts(self, counts: dict[str, int]) -> dict[str, int]:
         new = dict(self.counts)
         for role, n in counts.items():
             if role not in new or int(n) < 0:
                 raise ValueError(f"unknown role {role!r} or negative count {n}")
+            lo, hi = self.ranges.get(role, (0, None))
+            if not lo <= int(n) <= (hi if hi is not None else int(n)):
+                raise ValueError(f"{role}: {n} is outside its autoscale rule's min {lo}, max {hi} "
+                                 f"(change the rule in the config to go beyond)")
             new[role] = int(n)
         if new.get("decode", 0) + new.get("both", 0) < 1:
             raise ValueError("at least one decode (or colocated) worker must stay")
         self.counts = new
         return dict(new)
+
+    def autoscale(self, role: str, was: int, want: int) -> bool:
+        """The rule's step, unless the count changed meanwhile (a `pdserve scale` wins)."""
+        if self.counts.get(role) != was:
+            return False
+        try:
+            self.set_counts({role: want})
+        except ValueError:   # e.g. the last decode worker of a `decode: {min: 0}` rule
+            return False
+        return True
 
     def get(self) -> dict:
         return {"counts": dict(self.counts), "router_url": self.router_url, "state": self.state}

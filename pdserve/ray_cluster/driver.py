@@ -5,6 +5,8 @@ where its worker serves, registers that URL with the router once it answers /hea
 (POST /instances, with the Ray node in `meta`), re-registers when a restarted actor comes
 back on a new URL, and drains a worker (POST /instances/drain, wait until nothing is routed
 to it or running on it) before it kills the actor. Ray does the placing and restarting.
+A role's autoscaling rule (autoscale.py) moves the controller's wanted count, the same count
+`pdserve scale` sets, so adding and removing (draining first) go the same way.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pdserve.launch_config import Deployment, WorkerSpec
 from pdserve.launch_procs import Proc
 from pdserve.procs import free_port, wait_healthy
 from pdserve.ray_cluster.actors import Controller, WorkerActor
+from pdserve.ray_cluster.autoscale import METRICS, Clock, decide
 from pdserve.ray_cluster.settings import RaySettings
 
 log = logging.getLogger("pdserve.up")
@@ -72,6 +75,8 @@ class RayDeployment:
         self.router_url = ""
         self.controller = None
         self.has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        self.clocks = {r: Clock() for r in ROLES}    # the autoscaling rules' state
+        self.sampled = {r: 0.0 for r in ROLES}
 
     # ---- actors ------------------------------------------------------------------------
     def worker_argv(self, spec: WorkerSpec) -> list[str]:
@@ -216,7 +221,8 @@ class RayDeployment:
             self.controller = ray.remote(Controller).options(
                 name=CONTROLLER, namespace=self.s.namespace, num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-            ).remote(self.counts(), self.router_url)
+            ).remote(self.counts(), self.router_url,
+                     {r: (p.autoscale.min, p.autoscale.max) for r, p in self.s.roles.items() if p.autoscale})
             ray.get(self.controller.get.remote(), timeout=max(1.0, deadline - time.monotonic()))
             while True:
                 self.step()
@@ -241,12 +247,39 @@ class RayDeployment:
         except GetTimeoutError:
             counts = None
         if counts is not None:
+            self.autoscale(counts)
             self.reconcile(counts)
         for m in list(self.members):
             self.poll(m)
             if m.draining_since is not None:
                 self.drain(m)
         self.controller.report.remote(self.state())
+
+    def autoscale(self, counts: dict[str, int]) -> None:
+        """Each rule's decision on its role's metrics, written to the controller (counts too)."""
+        now = time.monotonic()
+        for role in ROLES:
+            rule = self.s.roles[role].autoscale
+            if rule is None or now - self.sampled[role] < 1.0:
+                continue
+            self.sampled[role] = now
+            mine = [m for m in self.members if m.role == role]
+            if len(mine) != counts[role] or not all(m.registered and m.draining_since is None for m in mine):
+                self.clocks[role] = Clock()   # a worker on its way in or out: judge once it settles
+                continue
+            values = [worker_metrics(m.registered).get(METRICS[rule.metric]) for m in mine]
+            if None in values:   # a worker not answering: no decision on part of the load
+                continue
+            want, self.clocks[role], why = decide(rule, counts[role], values, now, self.clocks[role])
+            if want != counts[role]:
+                try:
+                    done = ray.get(self.controller.autoscale.remote(role, counts[role], want), timeout=30)
+                except GetTimeoutError:
+                    done = False
+                self.say(f"pdserve up: autoscale {role} {why}" + ("" if done else ": not applied (count "
+                                                                  "changed meanwhile or refused)"))
+                if done:
+                    counts[role] = want
 
     def state(self) -> dict:
         return {r: [{"name": m.name, "url": m.registered, "node_id": (m.info or {}).get("node_id"),
@@ -284,15 +317,26 @@ def healthy(url: str) -> bool:
         return False
 
 
-def worker_load(url: str) -> float | None:
-    """Requests running, waiting or holding KV on a worker (None: it does not answer)."""
+def worker_metrics(url: str) -> dict[str, float]:
+    """A worker's Prometheus samples, summed over labels, by name ({}: it does not answer)."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
+        return {}
+    out: dict[str, float] = {}
+    for name, v in re.findall(r"^([A-Za-z_:][\w:]*)(?:\{[^}]*\})? (\S+)$", text, re.M):
+        out[name] = out.get(name, 0.0) + float(v)
+    return out
+
+
+def worker_load(url: str) -> float | None:
+    """Requests running, waiting or holding KV on a worker (None: it does not answer)."""
+    got = worker_metrics(url)
+    if not got:
         return None
-    names = ("num_requests_running", "num_requests_waiting", "num_requests_held")
-    return sum(float(v) for n in names for v in re.findall(rf"^pdserve:{n}\{{[^}}]*\}} (\S+)$", text, re.M))
+    return sum(got.get(f"pdserve:{n}", 0.0) for n in ("num_requests_running", "num_requests_waiting",
+                                                       "num_requests_held"))
 
 
 def ready_message(rd: RayDeployment, address: str) -> str:

@@ -12,6 +12,10 @@ deployment itself is read by pdserve.launch_config (same flags, same file).
       ray_resources: {prefill_node: 1}   # custom node resources steer a role onto its nodes
       ray_num_cpus: 1
       ray_num_gpus: 1                # default: tensor_parallel_size when the cluster has GPUs, else 0
+    decode:
+      count: 1
+      autoscale: {min: 1, max: 3, metric: waiting, target: 4, up_after_s: 10, down_after_s: 60}
+                                     # see pdserve/ray_cluster/autoscale.py; metric: waiting|running|kv_usage
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pdserve.launch_config import Deployment, load_deployment
+from pdserve.ray_cluster.autoscale import Rule, parse_rule
 
 ROLE_KEYS = {"ray_resources": "resources", "ray_num_cpus": "num_cpus", "ray_num_gpus": "num_gpus"}
 TOP_KEYS = {"namespace", "max_restarts", "max_task_retries", "scheduling_strategy", "drain_timeout"}
@@ -35,6 +40,7 @@ class RolePlacement:
     resources: dict = field(default_factory=dict)
     num_cpus: float = 1.0
     num_gpus: float | None = None    # None: decided from the cluster's resources
+    autoscale: Rule | None = None
 
 
 @dataclass
@@ -71,6 +77,8 @@ def split(data: dict) -> tuple[dict, RaySettings]:
                         isinstance(x, (int, float)) for x in v.values())):
                     raise ValueError(f"{key}.ray_resources: a mapping of resource name to amount")
                 setattr(s.roles[role], attr, v if k == "ray_resources" else float(v))
+        if "autoscale" in pool:
+            s.roles[role].autoscale = parse_rule(pool.pop("autoscale"), f"{key}.autoscale")
     return data, s
 
 
@@ -113,4 +121,8 @@ def load(args: argparse.Namespace) -> tuple[Deployment, RaySettings]:
             dep = load_deployment(argparse.Namespace(**{**vars(args), "config": f.name}))
     finally:
         os.unlink(f.name)
+    for role, key in (("prefill", "prefill"), ("decode", "decode"), ("both", "colocated")):
+        rule, n = settings.roles[role].autoscale, sum(w.role == role for w in dep.workers)
+        if rule and not rule.min <= n <= rule.max:
+            raise ValueError(f"{key}.autoscale: starts with {n} worker(s), outside min {rule.min}, max {rule.max}")
     return dep, settings
