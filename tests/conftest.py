@@ -20,3 +20,12 @@ def default_model_dir() -> str:
     """The default model (SmolLM2-135M-Instruct), converted from its GGUF once and cached."""
     from pdserve.models.loader import resolve_model
     return resolve_model(None)[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Build the CPU decode-attention op once, before any test starts a server: on a fresh
+    machine the build takes a minute or two, which must not land inside a server's start-up
+    timeout. Cached afterwards; where it cannot build, the torch backend serves."""
+    from pdserve.models.cpu_kernels import paged_decode_op
+    paged_decode_op()
