@@ -163,7 +163,8 @@ def main() -> int:
                "log": str(log)}
     Path(args.json).write_text(json.dumps(summary, indent=2))
     lines = ["| step | command | seconds | exit |", "|---|---|---:|---:|"]
-    lines += [f"| {r['step']} | `{r['command'][:90]}` | {r['seconds']} | {r['rc']} |" for r in results]
+    lines += [f"| {r['step']} | `{' '.join(r['command'].split())[:90]}` | {r['seconds']} | {r['rc']} |"
+              for r in results]
     print("\n".join(lines))
     if args.md:
         with open(args.md, "a") as f:
