@@ -265,6 +265,10 @@ def test_killed_decode_actor_restarts_and_router_recovers(up):
     wait_for(lambda: all_workers_idle(router), "KV usage back to 0 everywhere")
 
 
+@pytest.mark.skipif(not os.environ.get("PDSERVE_TEST_RAY_NODE_LOSS"),
+                    reason="flaky: in 1 of 3 runs the decode actor of a removed raylet was not placed again "
+                           "within 300 s and its processes outlived the node; set PDSERVE_TEST_RAY_NODE_LOSS=1 "
+                           "to run it (issue 15)")
 def test_lost_node_worker_replaced_on_another(up):
     c, router = up["cluster"], up["router"]
     spare = c.add_node(num_cpus=2, resources={"decode_node": 4}, node_ip_address="127.0.0.1")
