@@ -277,6 +277,12 @@ def interrupt_on_signals() -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
+def ignore_signals() -> None:
+    """While the children are being stopped: a second Ctrl+C must not cut that short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _serve(c: Cluster, args: argparse.Namespace) -> int:
     interrupt_on_signals()
     kept = "" if args.log_dir else ", removed on exit; --log-dir DIR keeps them"
@@ -298,7 +304,6 @@ def _serve(c: Cluster, args: argparse.Namespace) -> int:
         print("pdserve up: stopping ...", flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_signals()
         c.stop()
         print("pdserve up: stopped", flush=True)

@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 
@@ -24,7 +23,7 @@ def run_up(args: argparse.Namespace) -> int:
     ray = connect(args.ray, settings.namespace)
     from pdserve.ray_cluster.driver import RayDeployment, ready_message
 
-    from pdserve.launch import interrupt_on_signals
+    from pdserve.launch import ignore_signals, interrupt_on_signals
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-")
     os.makedirs(log_dir, exist_ok=True)
     interrupt_on_signals()
@@ -48,8 +47,7 @@ def run_up(args: argparse.Namespace) -> int:
         print("pdserve up: stopping ...", flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_signals()
         rd.stop()
         ray.shutdown()
         if not args.log_dir:   # as the local `up`: the router's log goes unless asked to keep it
