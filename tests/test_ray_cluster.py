@@ -20,15 +20,13 @@ import openai
 import psutil
 import pytest
 
-# a loopback-only cluster: Ray would otherwise resolve 127.0.0.1 to the machine's external
-# address (read when ray is imported, so before that)
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from pdserve.procs import free_port, pdserve_command, start, stop, wait_healthy  # noqa: E402
+from pdserve.ray_cluster.cli import connect  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -61,7 +59,7 @@ def cluster():
     nodes = {"prefill": c.add_node(num_cpus=2, resources={"prefill_node": 4}, node_ip_address="127.0.0.1"),
              "decode": c.add_node(num_cpus=2, resources={"decode_node": 4}, node_ip_address="127.0.0.1")}
     c.wait_for_nodes()
-    ray.init(address=c.address, namespace="pdserve", log_to_driver=False)
+    connect(c.address, "pdserve")
     try:
         yield c, nodes
     finally:

@@ -12,7 +12,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def connect(address: str, namespace: str):
+    """ray.init on `address`. Ray rewrites a loopback address to this host's outward IP before
+    dialling, which a cluster started with --node-ip-address 127.0.0.1 does not listen on; keep
+    loopback as given (a one-host cluster, and every test)."""
     import ray
+    host = address.rsplit(":", 1)[0].strip("[]") if address not in ("auto", "local") else ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        from ray._private import ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False   # read at call time by services.get_node_ip_address
     ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="WARNING")
     return ray
 
