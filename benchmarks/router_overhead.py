@@ -146,8 +146,8 @@ def fake_setup(logs: str):
 
 
 def real_setup(logs: str):
-    from pdserve.launch import Cluster
-    from pdserve.launch_config import Deployment, WorkerSpec
+    from pdserve.launch.cluster import Cluster
+    from pdserve.launch.config import Deployment, WorkerSpec
     eng = {"kv_cache_memory": "256MiB"}
     c = Cluster(Deployment(port=0, workers=[WorkerSpec("prefill", eng), WorkerSpec("decode", eng)]), logs)
     c.start()

@@ -101,7 +101,7 @@ def merge_profiles(paths: list[Path], out: Path) -> None:
 def add_pd_overhead(path: Path) -> None:
     """What `--pd-calibration` measures, added to an existing profile (the grid is not re-run)."""
     from pdserve.sim.models import get_model
-    from pdserve.sim.pd_calibration import calibrate, pd_lengths
+    from pdserve.profile.pd_calibration import calibrate, pd_lengths
     from pdserve.sim.perf import ProfilePerf
     prof = json.loads(path.read_text())
     m = get_model(MODEL)
@@ -146,8 +146,8 @@ def _ours() -> float:
 
 
 def run_real(name: str, spec: dict, trace: Path, n: int, attempt: int) -> dict:
-    from pdserve.launch import Cluster
-    from pdserve.launch_config import load_deployment
+    from pdserve.launch.cluster import Cluster
+    from pdserve.launch.config import load_deployment
     cfg = OUT / f"up_{name}.json"
     cfg.write_text(json.dumps({"port": free_port(), **spec}))
     dep = load_deployment(argparse.Namespace(config=str(cfg)))

@@ -12,10 +12,10 @@ COMMANDS = {
     "chat": ("pdserve.cli_generate", "chat with the model in the terminal"),
     "serve": ("pdserve.server.cli", "serve one worker (role prefill, decode or both) with the OpenAI API"),
     "sim": ("pdserve.sim.cli_sim", "simulate a P/D cluster on a request trace (LLMServingSim configs)"),
-    "profile": ("pdserve.sim.profiler", "measure the engine's step time over a grid -> PROFILE.json"),
+    "profile": ("pdserve.profile.cli", "measure the engine's step time over a grid -> PROFILE.json"),
     "plan": ("pdserve.sim.planner", "search prefill:decode counts and tp_size for the best goodput"),
     "router": ("pdserve.router.cli", "OpenAI endpoint in front of prefill and decode workers"),
-    "up": ("pdserve.launch", "start prefill + decode workers and the router on this machine"),
+    "up": ("pdserve.launch.cluster", "start prefill + decode workers and the router on this machine"),
     "scale": ("pdserve.ray_cluster.cli", "change the worker counts of a `pdserve up --ray` deployment"),
     "bench": ("pdserve.bench.cli", "benchmark a serving endpoint (TTFT, ITL, goodput); compare deployments"),
 }

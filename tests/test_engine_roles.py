@@ -8,7 +8,8 @@ import torch
 from pdserve import SamplingParams
 from pdserve.config import EngineConfig
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.engine import LLMEngine, RequestError
+from pdserve.engine.engine import LLMEngine
+from pdserve.errors import RequestError
 
 pytestmark = pytest.mark.slow  # loads the default model
 

@@ -10,7 +10,8 @@ import math
 import pytest
 
 from pdserve.engine.async_engine import AsyncEngine, EngineDeadError
-from pdserve.engine.engine import LLMEngine, RequestError
+from pdserve.engine.engine import LLMEngine
+from pdserve.errors import RequestError
 from pdserve.engine.request import SamplingParams, Sequence
 from tiny_model import make_tiny_model
 

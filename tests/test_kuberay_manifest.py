@@ -5,7 +5,6 @@ are what pdserve itself accepts: the deployment file and the `pdserve up --ray` 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def test_kubernetes_objects_and_pod_templates_validate():
 def test_pdserve_parts_are_what_pdserve_accepts(tmp_path, monkeypatch):
     import json
 
-    from pdserve.launch import add_arguments
+    from pdserve.launch.cluster import add_arguments
     from pdserve.ray_cluster.settings import load
     d = docs()
     rc = d["RayCluster"]

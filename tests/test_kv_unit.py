@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.kv import cuda_ipc
 from pdserve.kv.client import KVClient, KVPullError
 from pdserve.kv.layout import BlockPool

@@ -5,7 +5,6 @@ accuracy, and every choice's loglikelihood within 1e-3. Offline: the dataset is 
 file, the tokenizer the model directory's."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -10,10 +10,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 import httpx
 import openai

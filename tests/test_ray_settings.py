@@ -1,4 +1,4 @@
-"""The Ray keys of a deployment file are split off; the rest is read by launch_config exactly
+"""The Ray keys of a deployment file are split off; the rest is read by launch.config exactly
 as `pdserve up` reads it (same flags, same file), and what is wrong is refused by name."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from pdserve.launch import add_arguments
-from pdserve.launch_config import load_deployment
+from pdserve.launch.cluster import add_arguments
+from pdserve.launch.config import load_deployment
 from pdserve.ray_cluster.settings import load
 
 
@@ -50,7 +50,7 @@ def test_same_deployment_as_without_the_ray_keys(tmp_path):
     ("ray: {max_restart: 1}\ndecode: 1\n", "max_restart"),
     ("ray: {scheduling_strategy: STRICT_PACK}\ndecode: 1\n", "scheduling_strategy"),
     ("decode: {count: 1, ray_resources: [a]}\n", "ray_resources"),
-    ("decode: {count: 1, ray_cpus: 1}\n", "ray_cpus"),   # a typo reaches launch_config, which names it
+    ("decode: {count: 1, ray_cpus: 1}\n", "ray_cpus"),   # a typo reaches launch.config, which names it
     ("decode: {count: 1, autoscale: {min: 1, max: 3, metric: waiting, target: 4, up_after: 1}}\n", "up_after"),
     ("decode: {count: 1, autoscale: {min: 1, max: 3, metric: queue, target: 4}}\n", "metric"),
     ("decode: {count: 1, autoscale: {min: 1, max: 3, metric: waiting}}\n", "target"),

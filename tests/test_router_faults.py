@@ -1,5 +1,5 @@
 """Faults against a real deployment (1 prefill + 2 decode workers and the router, started by
-pdserve.launch.Cluster, the code behind `pdserve up`): a decode worker killed and restarted, the
+pdserve.launch.cluster.Cluster, the code behind `pdserve up`): a decode worker killed and restarted, the
 prefill worker killed under load. Every request must end with its answer or a clear error."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from pdserve.launch import Cluster, add_arguments
-from pdserve.launch_config import load_deployment
+from pdserve.launch.cluster import Cluster, add_arguments
+from pdserve.launch.config import load_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -142,7 +142,7 @@ def test_prefill_worker_killed_under_load(cluster):
 
 def test_worker_registers_itself_and_leaves(cluster, tmp_path):
     """After the prefill worker died: a new one started with --register brings remote prefill back."""
-    from pdserve.launch import engine_flags
+    from pdserve.launch.cluster import engine_flags
     from pdserve.procs import free_port, pdserve_command, start, stop
     c = cluster
     port = free_port()

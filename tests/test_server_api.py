@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from openai import APIStatusError, AuthenticationError, NotFoundError, OpenAI
+from openai import AuthenticationError, OpenAI
 
 from pdserve import procs
 

@@ -58,7 +58,7 @@ def test_prefill_export_and_pull_do_not_wait_for_the_step_started_meanwhile():
 
 
 def test_pd_calibration_uses_the_profiles_own_prefill_points():
-    from pdserve.sim.pd_calibration import pd_lengths
+    from pdserve.profile.pd_calibration import pd_lengths
     prof = {"prefill": [{"tokens": n, "time_s": 0.1} for n in (16, 64, 256, 512, 1024)]}
     assert pd_lengths(prof) == [64, 256, 512]
     assert pd_lengths({"prefill": [{"tokens": 16, "time_s": 0.1}]}) == [16]

@@ -83,7 +83,7 @@ def test_plan_cli_writes_cluster_config_up_file_and_plot(tmp_path):
     assert ranked[0]["per_device"] == max(r["per_device"] for r in ranked)
     assert (out / "goodput_vs_ratio.png").read_bytes()[:4] == b"\x89PNG"
     up = (out / "up.yaml").read_text()
-    launch_config = pytest.importorskip("pdserve.launch_config")
+    launch_config = pytest.importorskip("pdserve.launch.config")
     dep = launch_config.load_deployment(argparse.Namespace(config=str(out / "up.yaml")))
     roles = sorted(w.role for w in dep.workers)
     assert roles == sorted(i.role for i in c.instances)

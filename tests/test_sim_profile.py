@@ -43,7 +43,7 @@ def test_profile_the_default_model_then_simulate_with_it(tmp_path):
 def test_serve_calibration_streams_from_a_real_worker():
     """--serve-calibration starts one worker on 127.0.0.1, streams from it and fits a line
     through (batch, served step - engine step)."""
-    from pdserve.sim.serve_calibration import calibrate
+    from pdserve.profile.serve_calibration import calibrate
     cal = calibrate(["--device", "cpu", "--kv-cache-memory", "64MiB", "--max-model-len", "256"], [1, 3], 24,
                     lambda b, c: 0.0, vocab=49152, max_tokens=12)
     served = {p["batch"]: p["served_step_s"] for p in cal["points"]}

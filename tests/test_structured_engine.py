@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import torch
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.engine.request import SamplingParams, StructuredOutputsParams as SO
 from pdserve.llm import LLM
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import jsonschema
 import pytest
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.server import tools
 from pdserve.server.structured import from_request
 

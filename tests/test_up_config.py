@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from pdserve import launch, launch_config
+from pdserve.launch import cluster as launch, config as launch_config
 from pdserve.cli_args import add_engine_args
-from pdserve.launch_config import WorkerSpec, load_deployment, parse_cpus, pin_evenly, place_on_gpus
+from pdserve.launch.config import WorkerSpec, load_deployment, parse_cpus, pin_evenly, place_on_gpus
 
 
 @pytest.fixture(autouse=True)
 def no_gpus(monkeypatch):
     """The same answers on any machine; GPU placement is tested with explicit GPU lists."""
-    monkeypatch.setattr("pdserve.launch_config.gpu_ids", lambda: [])
+    monkeypatch.setattr("pdserve.launch.config.gpu_ids", lambda: [])
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def test_json_config_and_errors(tmp_path):
 def test_cpu_pinning(monkeypatch):
     assert parse_cpus("0-2,5") == [0, 1, 2, 5] and parse_cpus(3) == [3] and parse_cpus([1, 2]) == [1, 2]
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("pdserve.launch.config.cgroup_cpu_limit", lambda: None)
     dep = load_deployment(parse("--pin-cpus"))
     assert [w.cpus for w in dep.workers] == [[0, 1], [2, 3]]          # disjoint, even shares
     dep = load_deployment(parse("--pin-cpus", "--prefill", "3", "--decode", "3"))
@@ -117,7 +117,7 @@ def test_command_lines(tmp_path):
 def test_cpu_workers_get_their_own_cores_by_default(tmp_path, monkeypatch):
     """On CPU each worker gets its own cores unless told otherwise; explicit settings win."""
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("pdserve.launch.config.cgroup_cpu_limit", lambda: None)
     assert [w.cpus for w in load_deployment(parse()).workers] == [[0, 1], [2, 3]]
     assert [w.cpus for w in load_deployment(parse("--no-pin-cpus")).workers] == [None, None]
     cfg = tmp_path / "d.yaml"
@@ -129,17 +129,17 @@ def test_cpu_workers_get_their_own_cores_by_default(tmp_path, monkeypatch):
     assert [w.cpus for w in load_deployment(parse()).workers] == [[0, 1], [2]]   # no core left idle
     # a cgroup quota of 2 cores on 4: the workers share 2 cores' worth, one core each
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: 2.0)
+    monkeypatch.setattr("pdserve.launch.config.cgroup_cpu_limit", lambda: 2.0)
     assert [w.cpus for w in load_deployment(parse()).workers] == [[0], [1]]
     # workers on GPUs are not pinned by default (their CPU threads hardly matter), only when asked
-    monkeypatch.setattr("pdserve.launch_config.gpu_ids", lambda: ["0", "1"])
+    monkeypatch.setattr("pdserve.launch.config.gpu_ids", lambda: ["0", "1"])
     assert [w.cpus for w in load_deployment(parse()).workers] == [None, None]
     assert [w.cpus for w in load_deployment(parse("--pin-cpus")).workers] == [[0], [1]]
 
 
 def test_pin_evenly_keeps_explicit_cpus(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr("pdserve.launch_config.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("pdserve.launch.config.cgroup_cpu_limit", lambda: None)
     ws = [WorkerSpec("prefill", cpus=[1]), WorkerSpec("decode")]
     pin_evenly(ws)
     assert [w.cpus for w in ws] == [[1], [0]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pdserve import launch
-from pdserve.launch_config import load_deployment
+from pdserve.launch import cluster as launch
+from pdserve.launch.config import load_deployment
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "deploy.yaml"
 

@@ -8,8 +8,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from pdserve.launch_procs import Proc
-from pdserve.launch_supervise import Supervisor
+from pdserve.launch.procs import Proc
+from pdserve.launch.supervise import Supervisor
 
 EXITS = [sys.executable, "-c", "import sys; sys.exit(3)"]
 SLEEPS = ["sleep", "300"]

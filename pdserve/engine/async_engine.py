@@ -63,7 +63,7 @@ class AsyncEngine:
     async def submit(self, seq: Sequence, text: str | None = None) -> AsyncIterator[RequestOutput]:
         rid = seq.request_id
         if rid in self._streams:
-            from pdserve.engine.engine import RequestError
+            from pdserve.errors import RequestError
             raise RequestError(f"request id {rid!r} is already in use", "request_id")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from pdserve.errors import RequestError
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.logits_controls import bad_words_token_ids
@@ -30,13 +31,6 @@ from pdserve.models.loader import read_hf_config, resolve_model
 
 log = logging.getLogger("pdserve.engine")
 DEFAULT_MAX_MODEL_LEN = 4096
-
-
-class RequestError(ValueError):
-    """Bad input: the server answers 400 with this message and `param`."""
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 def check_text(s: str, param: str) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pdserve.config import KVTransferConfig
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.kv import auth
 from pdserve.kv.client import KVClient
 from pdserve.kv.cuda_ipc import export_pool

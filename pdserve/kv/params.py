@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.engine.sampler import TokenLogprobs
 
 PARAM = "kv_transfer_params"

@@ -40,9 +40,21 @@ def pack_linears_for_cpu(model: nn.Module) -> int:
     if not torch.backends.mkldnn.is_available():
         return 0
     mods = [m for m in model.modules() if isinstance(m, Linear)]
+    if mods and not _packable(mods[0].weight.dtype):
+        return 0
     for m in mods:
         m.pack_for_cpu()
     return len(mods)
+
+
+def _packable(dtype: torch.dtype) -> bool:
+    """oneDNN packs 16-bit weights only on CPUs with native 16-bit support (AVX512-BF16/FP16 or
+    AVX-NE-CONVERT); elsewhere (an AVX2-only host) those run unpacked."""
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return True
 
 
 class MergedLinear(Linear):

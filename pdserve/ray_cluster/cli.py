@@ -30,7 +30,7 @@ def run_up(args: argparse.Namespace) -> int:
     ray = connect(args.ray, settings.namespace)
     from pdserve.ray_cluster.driver import RayDeployment, ready_message
 
-    from pdserve.launch import ignore_signals, interrupt_on_signals
+    from pdserve.launch.cluster import ignore_signals, interrupt_on_signals
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-")
     os.makedirs(log_dir, exist_ok=True)
     interrupt_on_signals()

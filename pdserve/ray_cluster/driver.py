@@ -23,9 +23,9 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pdserve.launch import engine_flags
-from pdserve.launch_config import Deployment, WorkerSpec
-from pdserve.launch_procs import Proc
+from pdserve.launch.cluster import engine_flags
+from pdserve.launch.config import Deployment, WorkerSpec
+from pdserve.launch.procs import Proc
 from pdserve.procs import free_port, wait_healthy
 from pdserve.ray_cluster.actors import Controller, WorkerActor
 from pdserve.ray_cluster.autoscale import METRICS, Clock, decide

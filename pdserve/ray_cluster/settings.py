@@ -1,5 +1,5 @@
 """The Ray part of a deployment file: what `pdserve up` would refuse, split off before the
-deployment itself is read by pdserve.launch_config (same flags, same file).
+deployment itself is read by pdserve.launch.config (same flags, same file).
 
     ray:                             # all optional
       namespace: pdserve
@@ -27,7 +27,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pdserve.launch_config import Deployment, load_deployment
+from pdserve.launch.config import Deployment, load_deployment
 from pdserve.ray_cluster.autoscale import Rule, parse_rule
 
 ROLE_KEYS = {"ray_resources": "resources", "ray_num_cpus": "num_cpus", "ray_num_gpus": "num_gpus"}
@@ -106,7 +106,7 @@ def _no_local_gpus():
 
 
 def load(args: argparse.Namespace) -> tuple[Deployment, RaySettings]:
-    """launch_config.load_deployment on the file less its Ray keys, plus the Ray settings."""
+    """launch.config.load_deployment on the file less its Ray keys, plus the Ray settings."""
     if not getattr(args, "config", None):
         with _no_local_gpus():
             return load_deployment(args), RaySettings()

@@ -16,7 +16,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve.config import RouterConfig
 from pdserve.router.instances import ROLES, normalize_url
-from pdserve.router.openai_io import CHAT, COMPLETIONS, error_body
+from pdserve.errors import error_body
+from pdserve.router.openai_io import CHAT, COMPLETIONS
 from pdserve.router.proxy import Router
 from pdserve.router.upstream import ClientError
 
@@ -25,7 +26,7 @@ log = logging.getLogger("pdserve.router")
 
 
 def _err(status: int, message: str, param: str | None = None) -> web.Response:
-    return web.json_response(error_body(message, status, param=param), status=status)
+    return web.json_response(error_body(status, message, param), status=status)
 
 
 @web.middleware
@@ -224,7 +225,7 @@ def _json_protocol_errors() -> None:
     def handle_error(self, request, status=500, exc=None, message=None):
         plain = orig(self, request, status, exc, message)
         text = (message if status != 500 else None) or "internal error"
-        resp = web.json_response(error_body(str(text).strip()[:500], status), status=status)
+        resp = web.json_response(error_body(status, str(text).strip()[:500]), status=status)
         if plain.keep_alive is False:
             resp.force_close()
         return resp

@@ -12,13 +12,6 @@ CHARS_PER_TOKEN = 4
 COMPLETIONS, CHAT = "completions", "chat"
 
 
-def error_body(message: str, status: int, type_: str | None = None, param: str | None = None) -> dict:
-    type_ = type_ or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                      405: "MethodNotAllowedError", 413: "RequestTooLargeError", 429: "RateLimitError",
-                      503: "ServiceUnavailableError"}.get(status, "InternalServerError")
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
-
-
 def sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 

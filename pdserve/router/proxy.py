@@ -22,7 +22,8 @@ from aiohttp import web
 from pdserve.config import RouterConfig
 from pdserve.router.instances import Instance, Pools, health_loop
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.openai_io import (CHAT, CHARS_PER_TOKEN, SSE_DONE, TextSkipper, early_first_token, error_body,
+from pdserve.errors import error_body
+from pdserve.router.openai_io import (CHAT, CHARS_PER_TOKEN, SSE_DONE, TextSkipper, early_first_token,
                                       first_chunk, first_text, prefill_body, prompt_key, sse, why_not_remote)
 from pdserve.router.policies import make_policy
 from pdserve.router.upstream import ClientError, UpstreamError, post_json, stream_sse
@@ -236,7 +237,7 @@ class Router:
         if body.get("kv_transfer_params") is not None:
             # a contract between pdserve's processes: a client's own would have a decode worker
             # pull whatever KV a host it names sends, into its prefix cache
-            return web.json_response(error_body("kv_transfer_params are set by the router, not by clients", 400,
+            return web.json_response(error_body(400, "kv_transfer_params are set by the router, not by clients",
                                                 param="kv_transfer_params"),
                                      status=400, headers={"X-Request-Id": rid})
         key, est = prompt_key(kind, body)
@@ -348,7 +349,7 @@ class Router:
             except UpstreamError as e:
                 if produced:  # the client already has part of this worker's answer
                     self._failed(dec, e, "decode")
-                    await out.send(sse(error_body(f"decode worker failed mid-stream: {e}", 503)) + SSE_DONE)
+                    await out.send(sse(error_body(503, f"decode worker failed mid-stream: {e}")) + SSE_DONE)
                     return await out.finish()
                 try:
                     dec = self._next_decode(job, dec, e)
@@ -361,7 +362,7 @@ class Router:
                 if not out.started:
                     raise
                 log.exception("stream %s failed", job.rid)
-                await out.send(sse(error_body(f"router error: {type(e).__name__}: {e}"[:500], 500)) + SSE_DONE)
+                await out.send(sse(error_body(500, f"router error: {type(e).__name__}: {e}"[:500])) + SSE_DONE)
                 return await out.finish()
 
 

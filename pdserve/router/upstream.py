@@ -9,7 +9,7 @@ from typing import AsyncIterator
 import aiohttp
 
 from pdserve.router.instances import Instance
-from pdserve.router.openai_io import error_body
+from pdserve.errors import error_body
 
 
 class UpstreamError(Exception):
@@ -30,7 +30,7 @@ class ClientError(Exception):
 
     @classmethod
     def of(cls, status: int, message: str) -> "ClientError":
-        return cls(status, error_body(message, status))
+        return cls(status, error_body(status, message))
 
 
 # Errors that mean the instance is gone or wedged, not that this request was bad.
@@ -45,7 +45,7 @@ async def _raise_for_status(r: aiohttp.ClientResponse, inst: Instance) -> None:
     try:
         body = json.loads(raw)
     except ValueError:
-        body = error_body(raw.decode(errors="replace")[:500] or r.reason or "error", r.status)
+        body = error_body(r.status, raw.decode(errors="replace")[:500] or r.reason or "error")
     if r.status >= 500:
         msg = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
         raise UpstreamError(f"{inst.url} answered {r.status}: {msg or body}"[:500], down=False)

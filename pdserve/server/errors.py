@@ -8,26 +8,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError, error_body
 
 log = logging.getLogger("pdserve.server")
-
-TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-         405: "MethodNotAllowedError", 413: "RequestTooLargeError", 429: "RateLimitError",
-         500: "InternalServerError", 503: "ServiceUnavailableError"}
-
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    # a message may quote the client's own text: lone surrogates in it must not break the JSON
-    message = str(message).encode("utf-8", "backslashreplace").decode("utf-8")
-    return {"error": {"message": message, "type": TYPES.get(status, "InternalServerError"),
-                      "param": param, "code": status}}
 
 
 def error_response(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:

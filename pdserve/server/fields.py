@@ -5,7 +5,7 @@ lists every OpenAI and vLLM field and what pdserve does with it.
 """
 from __future__ import annotations
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 
 CHAT, COMPLETION = "chat", "completion"
 

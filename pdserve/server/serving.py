@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.kv.params import PARAM, RemotePrefill, wants_remote_decode, wants_remote_prefill
 from pdserve.kv.params import pack_params
 from pdserve.llm import child_params
 from pdserve.server import fields, tools
-from pdserve.server.errors import APIError, error_body
+from pdserve.errors import error_body
+from pdserve.server.errors import APIError
 from pdserve.server.outputs import (chat_logprobs, completion_logprobs, echo_logprobs, finish_reason, text_end,
                                     usage, usage as _usage, vllm_prompt_logprobs)
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest

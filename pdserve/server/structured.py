@@ -4,7 +4,7 @@ and its older `guided_json | guided_regex | guided_choice | guided_grammar` fiel
 one of them per request; anything not understood is a 400 naming the field."""
 from __future__ import annotations
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.engine.request import StructuredOutputsParams
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}

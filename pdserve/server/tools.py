@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import secrets
 from dataclasses import dataclass
 
-from pdserve.engine.engine import RequestError
+from pdserve.errors import RequestError
 from pdserve.engine.request import StructuredOutputsParams
 
 PARSERS = ("hermes", "llama3_json")

@@ -106,7 +106,7 @@ def measure_mixed(engine, n: int, batch: int, context: int, repeats: int, rng: r
 
 def _calibrate(args, result: dict, engine) -> dict:
     from pdserve.sim.perf import ProfilePerf
-    from pdserve.sim.serve_calibration import calibrate
+    from pdserve.profile.serve_calibration import calibrate
     perf = ProfilePerf(result)
     flags = ["--device", args.device, "--dtype", args.dtype, "--block-size", str(args.block_size),
              "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
@@ -123,7 +123,7 @@ def _calibrate(args, result: dict, engine) -> dict:
 
 def _pd_calibrate(args, result: dict, engine) -> dict:
     from pdserve.sim.models import get_model
-    from pdserve.sim.pd_calibration import calibrate, pd_lengths
+    from pdserve.profile.pd_calibration import calibrate, pd_lengths
     from pdserve.sim.perf import ProfilePerf
     eng = {"max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
            "block_size": engine.config.block_size, "dtype": args.dtype, "device": args.device}

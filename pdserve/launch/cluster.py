@@ -2,9 +2,9 @@
 processes on free ports; ready when all answer /health; every child stopped on exit.
 
 Every port is checked before anything loads (a taken one fails in one line); on CPU each
-worker gets cores of its own by default (launch_config.pin_evenly; the worker sets its torch
+worker gets cores of its own by default (launch.config.pin_evenly; the worker sets its torch
 threads from them, pdserve.cpu_threads); processes that exit are restarted
-(launch_supervise); the logs go to a temp dir removed on exit unless --log-dir is given.
+(launch.supervise); the logs go to a temp dir removed on exit unless --log-dir is given.
 
 Children run in sessions of their own (a worker's own children go with it when its group is
 killed) and are asked by the kernel to die with this process (PR_SET_PDEATHSIG), so not
@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.cpu_threads import format_cpu_list
-from pdserve.launch_config import Deployment, WorkerSpec, load_deployment
-from pdserve.launch_procs import Proc
-from pdserve.launch_supervise import Supervisor
+from pdserve.launch.config import Deployment, WorkerSpec, load_deployment
+from pdserve.launch.procs import Proc
+from pdserve.launch.supervise import Supervisor
 from pdserve.procs import check_port, distinct_free_ports, wait_healthy as _wait_healthy
 
 log = logging.getLogger("pdserve.up")

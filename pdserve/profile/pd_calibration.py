@@ -51,7 +51,7 @@ def pd_lengths(profile: dict, lo: int = 64, hi: int = 512) -> list[int]:
 
 
 def _deployment(engine: dict, cores: list[int], model: str | None):
-    from pdserve.launch_config import load_deployment
+    from pdserve.launch.config import load_deployment
     pc, dc = str(cores[0]), str(cores[1 % len(cores)])
     spec = {"port": 0, **({"model": model} if model else {}), "prefill": {"count": 1, "cpus": [pc], "engine": engine},
             "decode": {"count": 1, "cpus": [dc], "engine": engine}}
@@ -66,7 +66,7 @@ def _deployment(engine: dict, cores: list[int], model: str | None):
 def calibrate(engine: dict, lengths: list[int], perf, vocab: int, kv_bytes_per_token: int,
               repeats: int = 3, max_tokens: int = 4, model: str | None = None) -> dict:
     """perf: a ProfilePerf built from this profile's engine-only measurements."""
-    from pdserve.launch import Cluster
+    from pdserve.launch.cluster import Cluster
     cores = sorted(os.sched_getaffinity(0))
     all_cores = sorted(range(os.cpu_count() or 1))
     dep = _deployment(engine, all_cores if len(cores) < 2 else cores, model)

@@ -9,7 +9,6 @@ per-sequence cost, which ProfilePerf adds to every simulated step.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import statistics
