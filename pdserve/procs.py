@@ -1,7 +1,12 @@
-"""Start, watch and stop local server processes (workers, routers): a command line in, a
-Popen out. Used by the tests, `pdserve up` and the benchmarks."""
+"""The one place that starts, watches and stops local processes (workers, routers, a whole
+`pdserve up`): free ports, a command in its own session with its output in a log file,
+optionally dying with its parent (PR_SET_PDEATHSIG) and pinned to cores, waiting for /health,
+and stopping with TERM then KILL for the whole group. `start()` gives a bare Popen (the tests,
+one-off workers); `Proc` wraps one for a long-lived supervisor (`pdserve up`, the Ray actors);
+`pdserve.bench.deploy.UpProcess` runs a whole `pdserve up` on top of them. Linux semantics."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -57,12 +62,34 @@ def pdserve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pdserve.cli", *map(str, args)]
 
 
-def start(cmd: list[str], log_path: str | Path | None = None, env: dict | None = None) -> subprocess.Popen:
-    """Start cmd in its own process group (so stop() reaches its children), output to log_path."""
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(die_with_parent: bool, cpus: list[int] | None) -> None:
+    """Runs in the child between fork and exec: die with the parent, stay on the given cores."""
+    if die_with_parent:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass   # not Linux: the signal handlers of `pdserve up` still stop the children
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def start(cmd: list[str], log_path: str | Path | None = None, env: dict | None = None, *,
+          die_with_parent: bool = False, cpus: list[int] | None = None,
+          header: bool = False) -> subprocess.Popen:
+    """Start cmd in its own session and process group (so stop() reaches its children), output
+    to log_path (appended; `header` writes the command line first). die_with_parent: SIGTERM
+    when this process dies, even by SIGKILL; cpus: the cores it may run on."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
+        if header and log_path:
+            out.write(f"$ {' '.join(map(str, cmd))}\n".encode())
+            out.flush()
+        setup = (lambda: _child_setup(die_with_parent, cpus)) if die_with_parent or cpus else None
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=setup)
     finally:
         if log_path:
             out.close()
@@ -80,7 +107,7 @@ def log_tail(proc: subprocess.Popen, n: int = 3000) -> str:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0,
-                 path: str = "/health") -> None:
+                 path: str = "/health", interval: float = 0.2) -> None:
     """Poll url+path until it answers 200; fail early (with the log's tail) if proc exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,21 +120,27 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
                     return
         except OSError:
             pass
-        time.sleep(0.2)
+        time.sleep(interval)
     raise TimeoutError(f"{url}{path} not healthy after {timeout:.0f}s:\n" + (log_tail(proc) if proc else ""))
 
 
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    """SIGTERM the process group (graceful shutdown), SIGKILL it if it lingers; reap."""
+def stop(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM,
+         kill_timeout: float | None = None, group: bool = True) -> int | None:
+    """Send sig (graceful shutdown) to the process group, or to the main process alone when it
+    stops its own children (`pdserve up`); wait up to timeout; then SIGKILL whatever is left of
+    the group, grandchildren included, and reap (up to kill_timeout, default timeout)."""
     if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
+        if group:
+            signal_group(proc, sig)
+        else:
+            proc.send_signal(sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-    _signal_group(proc, signal.SIGKILL)  # children left behind (e.g. a resource tracker)
+    signal_group(proc, signal.SIGKILL)  # children left behind (e.g. a resource tracker)
     try:
-        proc.wait(timeout)
+        proc.wait(timeout if kill_timeout is None else kill_timeout)
     except subprocess.TimeoutExpired:
         pass
     return proc.returncode
@@ -120,8 +153,42 @@ def kill(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)   # start() made the process its group leader
     except (ProcessLookupError, PermissionError):
         pass
+
+
+class Proc:
+    """A long-lived child of a supervisor (`pdserve up`, a Ray actor): started by start() with
+    its command line at the top of its log, dying with its parent, optionally pinned to cores."""
+
+    def __init__(self, cmd: list[str], log_path: str, name: str, cpus: list[int] | None = None,
+                 env: dict | None = None):
+        self.cmd, self.log_path, self.name, self.cpus = cmd, log_path, name, cpus
+        self.reported = False
+        self.popen = start(cmd, log_path, env, die_with_parent=True, cpus=cpus, header=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def send(self, sig: int) -> None:
+        signal_group(self.popen, sig)   # its own session: the group is the worker and its children
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        stop(self.popen, timeout, sig, kill_timeout=5)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"".join(f.readlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""

@@ -22,6 +22,17 @@ def default_model_dir() -> str:
     return resolve_model(None)[1]
 
 
+@pytest.fixture(scope="module")
+def bench_server():
+    """tests/bench_fake_server.py in a thread: (the server, its URL)."""
+    from bench_fake_server import start_in_thread
+    from helpers import free_port
+    port = free_port()
+    srv, stop = start_in_thread(port)
+    yield srv, f"http://127.0.0.1:{port}"
+    stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_kernels_built():
     """Build the CPU decode-attention op once, before any test starts a server: on a fresh
@@ -29,3 +40,28 @@ def cpu_kernels_built():
     timeout. Cached afterwards; where it cannot build, the torch backend serves."""
     from pdserve.models.cpu_kernels import paged_decode_op
     paged_decode_op()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `slow` marker, kept honest: a test that needs the default model (converting it is
+    minutes on a fresh machine) must be marked slow, so that `-m "not slow"` stays quick."""
+    unmarked = [it.nodeid for it in items if "default_model_dir" in it.fixturenames and it.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("needs the default model but is not marked slow: " + ", ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_python_process(request, monkeypatch):
+    """A test not marked slow must not start a Python process (a worker, a router, a CLI run):
+    it fails at once, naming itself. (A quick probe of a tool, e.g. nvidia-smi, is let through.)"""
+    if request.node.get_closest_marker("slow") is None:
+        import subprocess
+        import sys
+        popen_init = subprocess.Popen.__init__
+
+        def guarded(self, args, *a, **kw):
+            prog = args if isinstance(args, (str, bytes)) else (list(args) or [""])[0]
+            if os.path.basename(str(prog)).startswith(("python", "pdserve")) or str(prog) == sys.executable:
+                raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+            popen_init(self, args, *a, **kw)
+        monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

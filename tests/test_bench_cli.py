@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ from pdserve.bench.compare import run_deployments, write_report
 from pdserve.bench.runner import RunConfig
 from pdserve.bench.workloads import BenchRequest
 from bench_fake_server import start_in_thread
+from helpers import free_port
 
 pytestmark = pytest.mark.slow  # starts processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cli_writes_result_json_and_plots_and_shows_failures(tmp_path):

@@ -7,7 +7,6 @@ cannot change it (requests go one at a time for that; the workload tests cover c
 """
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -15,26 +14,13 @@ import pytest
 from pdserve.bench.metrics import parse_slo, summarize
 from pdserve.bench.runner import RunConfig, run
 from pdserve.bench.workloads import BenchRequest
-from bench_fake_server import SCRIPTS, LockstepClock, start_in_thread
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    srv, stop = start_in_thread(port)
-    yield srv, f"http://127.0.0.1:{port}"
-    stop()
+from bench_fake_server import SCRIPTS, LockstepClock
+from helpers import free_port
 
 
 @pytest.fixture
-def clock(server):
-    srv, _ = server
+def clock(bench_server):
+    srv, _ = bench_server
     srv.clock = LockstepClock()
     yield srv.clock
     srv.clock = None
@@ -59,8 +45,8 @@ def expected(name: str) -> dict:
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
-def test_per_request_metrics_match_the_script(server, clock, endpoint):
-    srv, url = server
+def test_per_request_metrics_match_the_script(bench_server, clock, endpoint):
+    srv, url = bench_server
     names = list(SCRIPTS)
     records, _, model = bench(url, [req(n) for n in names], clock, endpoint=endpoint)
     assert model == "fake-model"
@@ -79,8 +65,8 @@ def test_per_request_metrics_match_the_script(server, clock, endpoint):
     assert ("messages" in body) == endpoint.endswith("chat/completions")
 
 
-def test_summary_percentiles_and_throughput(server, clock):
-    _, url = server
+def test_summary_percentiles_and_throughput(bench_server, clock):
+    _, url = bench_server
     names = list(SCRIPTS)
     records, duration, _ = bench(url, [req(n) for n in names], clock)
     s = summarize(records, duration, percentiles=(50, 90, 99))
@@ -98,8 +84,8 @@ def test_summary_percentiles_and_throughput(server, clock):
     assert s["request_throughput"] == pytest.approx(len(names) / duration)
 
 
-def test_goodput_counts_only_requests_meeting_every_slo(server, clock):
-    _, url = server
+def test_goodput_counts_only_requests_meeting_every_slo(bench_server, clock):
+    _, url = bench_server
     names = list(SCRIPTS) + ["http500"]
     records, duration, _ = bench(url, [req(n) for n in names], clock)
     # by hand from the scripts: slow_first breaks TTFT (300 > 200 ms), stall breaks TPOT
@@ -124,8 +110,8 @@ def test_bad_slo_is_refused():
         parse_slo(["ttft_ms=-1"])
 
 
-def test_failures_are_counted_with_their_messages(server, clock):
-    _, url = server
+def test_failures_are_counted_with_their_messages(bench_server, clock):
+    _, url = bench_server
     names = ["http500", "http400", "drop", "fast"]
     records, duration, _ = bench(url, [req(n) for n in names], clock)
     by = dict(zip(names, records))

@@ -6,7 +6,6 @@ the client measured from sending it.
 """
 from __future__ import annotations
 
-import re
 import urllib.request
 
 import pytest
@@ -16,14 +15,13 @@ from pdserve.bench.runner import RunConfig, run
 from pdserve.bench.text import PromptText
 from pdserve.bench.workloads import random_workload
 from pdserve.procs import free_port, pdserve_command, start, stop, wait_healthy
+from helpers import metric_value
 
 pytestmark = pytest.mark.slow
 
 
 def metric(text: str, name: str) -> float:
-    m = re.search(rf"^pdserve:{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    return metric_value(text, "pdserve:" + name)
 
 
 def test_bench_against_a_real_worker(tmp_path, default_model_dir):

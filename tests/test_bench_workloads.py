@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import numpy as np
@@ -11,21 +10,7 @@ import pytest
 from pdserve.bench.runner import RunConfig, arrival_times, run
 from pdserve.bench.text import PromptText, load_tokenizer
 from pdserve.bench import workloads
-from bench_fake_server import SteppedClock, start_in_thread
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    srv, stop = start_in_thread(port)
-    yield srv, f"http://127.0.0.1:{port}"
-    stop()
+from bench_fake_server import SteppedClock
 
 
 def echo(n: int, out: int = 2, **kw) -> list[workloads.BenchRequest]:
@@ -75,8 +60,8 @@ def test_poisson_and_burstiness_arrivals():
     assert arrival_times(reqs[:3], float("inf"), 1.0, 0) == [0.0, 0.0, 0.0]
 
 
-def test_request_rate_paces_the_sends(server):
-    _, url = server
+def test_request_rate_paces_the_sends(bench_server):
+    _, url = bench_server
     reqs = echo(12)
     clock = SteppedClock()  # virtual time: each start is exactly when the runner chose to send
     records, duration, _ = run(reqs, RunConfig(url, request_rate=8.0, seed=5, progress=False, num_warmups=0,
@@ -87,8 +72,8 @@ def test_request_rate_paces_the_sends(server):
         assert r.success and r.start == pytest.approx(t)
 
 
-def test_max_concurrency_is_respected(server):
-    srv, url = server
+def test_max_concurrency_is_respected(bench_server):
+    srv, url = bench_server
     srv.max_in_flight = 0
     srv.hold_until_in_flight = 3  # the first streams wait for the third: overlap does not rest on timing
     try:
@@ -99,8 +84,8 @@ def test_max_concurrency_is_respected(server):
     assert srv.max_in_flight == 3
 
 
-def test_trace_with_llmservingsim_fields(server, tmp_path):
-    srv, url = server
+def test_trace_with_llmservingsim_fields(bench_server, tmp_path):
+    srv, url = bench_server
     path = tmp_path / "trace.jsonl"
     rows = [{"input_toks": 30, "output_toks": 3, "arrival_time_ns": 2_000_000_000},
             {"input_toks": 60, "output_toks": 4, "arrival_time_ns": 2_300_000_000},
@@ -118,8 +103,8 @@ def test_trace_with_llmservingsim_fields(server, tmp_path):
     assert sorted(b["max_tokens"] for b in srv.received[n0:]) == [2, 3, 4]
 
 
-def test_prefix_multiturn_carries_history(server):
-    srv, url = server
+def test_prefix_multiturn_carries_history(bench_server):
+    srv, url = bench_server
     reqs = workloads.prefix_workload(6, prefix_len=40, num_prefixes=2, suffix_len=5, turns=3,
                                      output_len=2, text=PromptText(None, 0), seed=0)
     assert [(r.conv, r.turn) for r in reqs] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
@@ -154,8 +139,8 @@ def test_sharegpt_first_turns(tmp_path):
     assert workloads.sharegpt_workload(str(path), 10, PromptText(None, 0), 0, output_len=7)[0].output_len == 7
 
 
-def test_warmup_is_untimed_and_cannot_prime_the_prefix_cache(server):
-    srv, url = server
+def test_warmup_is_untimed_and_cannot_prime_the_prefix_cache(bench_server):
+    srv, url = bench_server
     n0 = len(srv.received)
     records, _, _ = run(echo(2), RunConfig(url, progress=False, num_warmups=1))
     sent = [b["prompt"] for b in srv.received[n0:]]

@@ -98,6 +98,7 @@ def probe(cpus=None, num_threads=None, env=None) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # starts processes
 def test_real_process_gets_its_threads_and_cores():
     mine = sorted(os.sched_getaffinity(0))
     got = probe()

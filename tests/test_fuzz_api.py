@@ -5,10 +5,8 @@ error is OpenAI-shaped, and afterwards every worker is healthy and holds no KV."
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
-import urllib.request
 
 import httpx
 import pytest
@@ -17,11 +15,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from schemathesis.generation import GenerationMode
 
 from pdserve.procs import free_port, pdserve_command, start, stop, wait_healthy
+from helpers import MODEL, metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ENGINE = ["--kv-cache-memory", "64MiB", "--max-model-len", "256", "--max-num-batched-tokens", "256"]
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 OPS = [("/v1/completions", "POST"), ("/v1/chat/completions", "POST"), ("/tokenize", "POST"), ("/detokenize", "POST")]
 TIMEOUT = 120.0     # a request slower than this is a hang: cases ask for at most a few tokens
 
@@ -177,12 +175,6 @@ def test_router_instances_with_bad_url(cluster):
     assert r.status_code == 400
 
 
-def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def test_after_the_fuzz_every_worker_is_healthy_and_holds_no_kv(cluster):
     """Runs last in this module (pytest keeps file order): whatever the cases above did."""
     for name in ("prefill", "decode", "router"):
@@ -192,7 +184,7 @@ def test_after_the_fuzz_every_worker_is_healthy_and_holds_no_kv(cluster):
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
     deadline = time.monotonic() + 60     # aborted pulls and releases settle on the workers' own threads
     while time.monotonic() < deadline and any(
-            _metric(cluster[n], "pdserve:kv_cache_usage_perc") for n in ("prefill", "decode")):
+            metric(cluster[n], "pdserve:kv_cache_usage_perc", required=False) for n in ("prefill", "decode")):
         time.sleep(0.5)
     for n in ("prefill", "decode"):
-        assert _metric(cluster[n], "pdserve:kv_cache_usage_perc") == 0.0, n
+        assert metric(cluster[n], "pdserve:kv_cache_usage_perc", required=False) == 0.0, n

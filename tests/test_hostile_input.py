@@ -15,6 +15,8 @@ from pdserve.errors import RequestError
 from pdserve.engine.request import SamplingParams, Sequence
 from tiny_model import make_tiny_model
 
+pytestmark = pytest.mark.slow  # the default model's tokenizer
+
 MAX_LEN = 256
 
 

@@ -8,7 +8,6 @@ each, every worker's KV usage (read from /metrics) returns to zero.
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,8 @@ import pytest
 from openai import APIStatusError, OpenAI
 
 from pdserve import procs
+import helpers
+from helpers import MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +56,7 @@ def client(w, name) -> OpenAI:
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    total, found = 0.0, False
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
-        if m and labels in (m.group(1) or ""):
-            total, found = total + float(m.group(2)), True
-    assert found or name.endswith("_total"), f"{name} missing from {url}/metrics"
-    return total
+    return helpers.metric(url, name, labels, required=not name.endswith("_total"))   # a counter may have no samples yet
 
 
 def wait_zero_usage(w, names, timeout: float = 15.0) -> None:
@@ -87,7 +81,6 @@ def decode(w, name, kvp, max_tokens, **kw):
                                               extra_body={"kv_transfer_params": kvp}, **kw)
 
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = ("Prefill and decode run on different workers. The prefill worker reads the prompt and "
           "hands its KV cache to the decode worker, which then writes the answer one token at a time. ")
 SAMPLING = {"greedy": {"temperature": 0.0}, "seeded": {"temperature": 0.9, "top_p": 0.95, "seed": 1234}}

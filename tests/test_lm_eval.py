@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pdserve import procs
+import helpers
+from helpers import MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 lm_eval = pytest.importorskip("lm_eval")
@@ -17,20 +18,13 @@ lm_eval = pytest.importorskip("lm_eval")
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "lm_eval_tasks"
 TASK = "pdserve_mc_tiny"
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"   # the default model's served name
 
 
 @pytest.fixture(scope="module")
 def worker(default_model_dir, tmp_path_factory):
-    port = procs.free_port()
-    log = tmp_path_factory.mktemp("lmeval") / "worker.log"
-    p = procs.start(procs.pdserve_command("serve", "--port", port, "--kv-cache-memory", "128MiB", "--dtype", "float32",
-                                          "--max-model-len", "1024"), log, env={"OMP_NUM_THREADS": "1"})
-    try:
-        procs.wait_healthy(f"http://127.0.0.1:{port}", p, timeout=300)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        procs.stop(p)
+    with helpers.serving(tmp_path_factory.mktemp("lmeval"), "--kv-cache-memory", "128MiB", "--dtype", "float32",
+                         "--max-model-len", "1024", env={"OMP_NUM_THREADS": "1"}, timeout=300) as u:
+        yield u
 
 
 def evaluate(model: str, model_args: str) -> tuple[float, list[list[float]]]:

@@ -19,10 +19,10 @@ from openai import OpenAI
 
 from pdserve import procs
 from test_openai_fields import refused_rows
+from helpers import MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BASE = ["--kv-cache-memory", "128MiB", "--max-num-batched-tokens", "64", "--dtype", "float32",
         "--max-model-len", "1024"]
 # longer than a KV block (16 tokens): forks of n > 1 on D reuse pulled blocks

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from pdserve.procs import free_port, log_tail, pdserve_command, start, stop, wait_healthy
+from helpers import MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -22,7 +23,6 @@ ENGINE = ["--kv-cache-memory", "128MiB", "--max-num-batched-tokens", "512"]
 LONG = ("Prefill and decode are the two phases of serving a language model. Explain, in plain words, why "
         "a serving system might run them on different machines, and what it must send between them.")
 SHORT = "Hi!"
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"   # the default model's served name
 
 
 def _pids(line: str) -> int:

@@ -14,11 +14,11 @@ import pytest
 
 from pdserve.launch.cluster import Cluster, add_arguments
 from pdserve.launch.config import load_deployment
+from helpers import MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ENGINE = {"kv_cache_memory": "128MiB", "max_num_batched_tokens": 512}
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "Write two sentences about rivers and the sea, and why rivers end in the sea."
 
 

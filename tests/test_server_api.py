@@ -2,31 +2,24 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from pdserve import procs
+import helpers
+from helpers import MODEL
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-key"
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
 def url(default_model_dir, tmp_path_factory):
-    port = procs.free_port()
-    log = tmp_path_factory.mktemp("api") / "worker.log"
-    p = procs.start(procs.pdserve_command("serve", "--port", port, "--api-key", KEY, "--kv-cache-memory", "128MiB",
-                                          "--max-model-len", "1024"), log, env={"OMP_NUM_THREADS": "1"})
-    try:
-        procs.wait_healthy(f"http://127.0.0.1:{port}", p, timeout=240)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        procs.stop(p)
+    with helpers.serving(tmp_path_factory.mktemp("api"), "--api-key", KEY, "--kv-cache-memory", "128MiB",
+                         "--max-model-len", "1024", env={"OMP_NUM_THREADS": "1"}, timeout=240) as u:
+        yield u
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +32,7 @@ def http(url) -> httpx.Client:
 
 
 def metric(url: str, name: str) -> float:
-    text = http(url).get("/metrics").text
-    vals = [float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M)]
-    assert vals, f"{name} missing"
-    return sum(vals)
+    return helpers.metric(url, name, headers={"Authorization": f"Bearer {KEY}"})
 
 
 def wait_idle(url: str, timeout: float = 20.0) -> None:

@@ -16,9 +16,9 @@ import pytest
 from pdserve import procs
 
 from json_schemas import SCHEMAS
+from helpers import MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ENGINE = ["--kv-cache-memory", "64MiB", "--max-model-len", "1024"]
 TOOLS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 
-from pdserve.bench.deploy import Deployment
+import pytest
+
+from pdserve.bench.deploy import UpProcess
 from pdserve.procs import pdserve_command
 
 
@@ -17,6 +19,7 @@ def run_up(*args, tmpdir, timeout=300):
     return subprocess.run(pdserve_command("up", *args), capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow  # starts processes
 def test_taken_port_fails_in_one_line_before_any_worker(tmp_path):
     tmpdir, logs = tmp_path / "tmp", tmp_path / "logs"
     tmpdir.mkdir()
@@ -33,6 +36,7 @@ def test_taken_port_fails_in_one_line_before_any_worker(tmp_path):
     assert r2.returncode == 2 and "Traceback" not in r2.stderr and not list(tmpdir.iterdir())
 
 
+@pytest.mark.slow  # starts processes
 def test_failed_start_leaves_no_temp_dir_and_keeps_asked_logs(tmp_path):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
@@ -49,9 +53,9 @@ def test_failed_start_leaves_no_temp_dir_and_keeps_asked_logs(tmp_path):
 
 
 def test_bench_deployments_keep_up_logs_beside_their_own(tmp_path):
-    d = Deployment("up --prefill 1 --decode 1", str(tmp_path / "A.log"))
+    d = UpProcess("up --prefill 1 --decode 1", str(tmp_path / "A.log"))
     cmd = d.command()
     assert cmd[cmd.index("--log-dir") + 1] == str(tmp_path / "A-logs")
-    mine = Deployment("up --log-dir /x", str(tmp_path / "B.log")).command()
+    mine = UpProcess("up --log-dir /x", str(tmp_path / "B.log")).command()
     assert mine.count("--log-dir") == 1 and "/x" in mine              # the spec's own wins
-    assert "--log-dir" not in Deployment("--spawn-child", str(tmp_path / "C.log")).command()   # not `up`
+    assert "--log-dir" not in UpProcess("--spawn-child", str(tmp_path / "C.log")).command()   # not `up`

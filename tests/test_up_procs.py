@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # starts processes
 def test_children_die_with_a_killed_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", f"""
 import time
-from pdserve.launch.procs import Proc
+from pdserve.procs import Proc
 p = Proc(["sleep", "300"], {str(tmp_path / 'c.log')!r}, "child", cpus=[0])
 print(p.pid, flush=True)
 time.sleep(300)

@@ -16,11 +16,11 @@ import pytest
 
 from pdserve.cpu_threads import parse_cpu_list
 from pdserve.procs import pdserve_command
+from helpers import MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ENGINE = ["--kv-cache-memory", "128MiB", "--max-num-batched-tokens", "512"]
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class Up:

@@ -8,8 +8,12 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from pdserve.launch.procs import Proc
+import pytest
+
 from pdserve.launch.supervise import Supervisor
+from pdserve.procs import Proc
+
+pytestmark = pytest.mark.slow  # starts processes
 
 EXITS = [sys.executable, "-c", "import sys; sys.exit(3)"]
 SLEEPS = ["sleep", "300"]

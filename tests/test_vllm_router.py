@@ -18,10 +18,10 @@ import pytest
 from openai import OpenAI
 
 from pdserve import procs
+from helpers import MODEL
 
 pytestmark = pytest.mark.slow
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ENGINE = ["--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "512"]
 PROMPT = "The prefill worker reads the prompt and hands its KV cache to the decode worker, which"
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from pdserve.bench.deploy import Deployment
+from pdserve.bench.deploy import UpProcess
 from pdserve.bench.metrics import summarize
 from pdserve.bench.runner import RunConfig, run as run_workload
 
@@ -27,8 +27,8 @@ def rate_label(rate: float | None) -> str:
 
 def run_deployments(deployments: list[tuple], requests: list | Callable[[float | None], list], cfg_for: Callable[[str, float | None], RunConfig],
                     rates: list[float | None], slo: dict, out_dir: str, ready_timeout: float = 300.0,
-                    on_ready: Callable[[str, Deployment], None] | None = None,
-                    after_run: Callable[[str, str, Deployment], None] | None = None,
+                    on_ready: Callable[[str, UpProcess], None] | None = None,
+                    after_run: Callable[[str, str, UpProcess], None] | None = None,
                     launcher: list[str] | None = None) -> dict:
     """results[label][rate_label] = {"summary": ..., "records": [...]}; one deployment up at a time.
 
@@ -39,7 +39,7 @@ def run_deployments(deployments: list[tuple], requests: list | Callable[[float |
     for label, spec, *env in deployments:
         print(f"== {label}: pdserve {spec}", file=sys.stderr)
         log = os.path.join(out_dir, f"{_slug(label)}.log")
-        with Deployment(spec, log, ready_timeout, launcher=launcher, env=env[0] if env else None) as dep:
+        with UpProcess(spec, log, ready_timeout, launcher=launcher, env=env[0] if env else None) as dep:
             if on_ready:
                 on_ready(label, dep)
             for rate in rates:

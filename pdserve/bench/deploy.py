@@ -1,7 +1,7 @@
 """Start a local deployment (`pdserve up ...`) as a child process, wait until it answers, stop it.
 
-The child gets its own process group and every descendant is remembered while it runs, so
-stopping it leaves no orphan workers even if `pdserve up` itself dies badly.
+The child gets its own process group (pdserve.procs) and every descendant is remembered while it
+runs, so stopping it leaves no orphan workers even if `pdserve up` itself dies badly.
 """
 from __future__ import annotations
 
@@ -9,18 +9,12 @@ import json
 import os
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pdserve import procs
 
 
 def _descendants(pid: int) -> list:
@@ -32,17 +26,18 @@ def _descendants(pid: int) -> list:
         return []
 
 
-class Deployment:
-    """`with Deployment("up --prefill 1 --decode 1", log_path) as d:` -> d.url answers completions."""
+class UpProcess:
+    """A running `pdserve up` (not launch.config's Deployment, which describes one):
+    `with UpProcess("up --prefill 1 --decode 1", log_path) as d:` -> d.url answers completions."""
 
     def __init__(self, spec: str, log_path: str, ready_timeout: float = 300.0, port: int | None = None,
                  launcher: list[str] | None = None, env: dict[str, str] | None = None):
         self.spec, self.log_path, self.ready_timeout = spec, log_path, ready_timeout
-        self.env = {**os.environ, **(env or {})}
+        self.env = env or {}
         self.launcher = launcher or [sys.executable, "-m", "pdserve.cli"]
-        self.port = port or free_port()
+        self.port = port or procs.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
+        self.proc = None
         self.seen: dict[int, object] = {}  # pid -> psutil.Process of every descendant seen
 
     def command(self) -> list[str]:
@@ -52,14 +47,12 @@ class Deployment:
             args += ["--log-dir", os.path.splitext(os.path.abspath(self.log_path))[0] + "-logs"]
         return [*self.launcher, *args, "--port", str(self.port)]
 
-    def start(self) -> "Deployment":
+    def start(self) -> "UpProcess":
         cmd = self.command()
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self._log.write("$ " + shlex.join(cmd) + "\n")
-        self._log.flush()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=self.env)
+        with open(self.log_path, "w") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+        self.proc = procs.start(cmd, self.log_path, self.env)
         self.wait_ready()
         return self
 
@@ -96,12 +89,8 @@ class Deployment:
         if self.proc is None:
             return
         self.children()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # `pdserve up` stops its children on SIGTERM
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
+        # `pdserve up` stops its children on SIGTERM: to it alone, then SIGKILL to its group
+        procs.stop(self.proc, grace_s, signal.SIGTERM, group=False)
         # anything left (a hung `up`, or a worker it lost) is ours to end
         for p in self.seen.values():
             try:
@@ -109,12 +98,7 @@ class Deployment:
                     p.kill()
             except Exception:  # gone meanwhile
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.proc.wait()
-        self._log.close()
         self.proc = None
 
     def log_tail(self, n: int = 30) -> str:

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 
 from pdserve.cpu_threads import format_cpu_list
 from pdserve.launch.config import Deployment, WorkerSpec, load_deployment
-from pdserve.launch.procs import Proc
 from pdserve.launch.supervise import Supervisor
-from pdserve.procs import check_port, distinct_free_ports, wait_healthy as _wait_healthy
+from pdserve.procs import Proc, check_port, distinct_free_ports, wait_healthy as _wait_healthy
 
 log = logging.getLogger("pdserve.up")
 

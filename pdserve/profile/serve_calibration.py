@@ -12,32 +12,9 @@ import asyncio
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"calibration worker exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("calibration worker did not become healthy")
+from pdserve import procs
 
 
 async def _stream_gaps(url: str, prompts: list[list[int]], max_tokens: int) -> list[float]:
@@ -62,12 +39,11 @@ async def _stream_gaps(url: str, prompts: list[list[int]], max_tokens: int) -> l
 def calibrate(engine_args: list[str], batches: list[int], context: int, decode_time, vocab: int,
               max_tokens: int = 40) -> dict:
     """decode_time(batch, context) -> engine-only seconds per step, from the same profile."""
-    port = _free_port()
+    port = procs.free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)] + engine_args
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = procs.start(procs.pdserve_command("serve", "--host", "127.0.0.1", "--port", port, *engine_args))
     try:
-        _wait_healthy(proc, url)
+        procs.wait_healthy(url, proc, timeout=300.0, interval=0.5)
         # the client parses the streams; keep it off the worker's core where it can
         cores = sorted(os.sched_getaffinity(0))
         all_cores = sorted(range(os.cpu_count() or 1))
@@ -82,11 +58,7 @@ def calibrate(engine_args: list[str], batches: list[int], context: int, decode_t
             points.append({"batch": b, "served_step_s": served, "engine_step_s": decode_time(b, context + max_tokens // 2)})
         os.sched_setaffinity(0, cores)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        procs.stop(proc, timeout=20)
     xs = [p["batch"] for p in points]
     ys = [p["served_step_s"] - p["engine_step_s"] for p in points]
     if len(xs) > 1:

@@ -8,14 +8,13 @@ import threading
 
 import ray
 
-from pdserve.launch.procs import Proc
-from pdserve.procs import free_port, pdserve_command
+from pdserve.procs import Proc, free_port, pdserve_command
 
 
 class WorkerActor:
     """`pdserve serve` as a child of this actor, on this node's address (never a wildcard).
 
-    The child dies with the actor (launch.procs' PR_SET_PDEATHSIG): a ray.kill or a lost node
+    The child dies with the actor (pdserve.procs' PR_SET_PDEATHSIG): a ray.kill or a lost node
     leaves no orphan. The actor dies with the child: Ray then restarts the pair (max_restarts),
     possibly on another node, on new ports; the driver reads the new URL from info().
     """

@@ -25,8 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.launch.cluster import engine_flags
 from pdserve.launch.config import Deployment, WorkerSpec
-from pdserve.launch.procs import Proc
-from pdserve.procs import free_port, wait_healthy
+from pdserve.procs import Proc, free_port, wait_healthy
 from pdserve.ray_cluster.actors import Controller, WorkerActor
 from pdserve.ray_cluster.autoscale import METRICS, Clock, decide
 from pdserve.ray_cluster.settings import RaySettings
