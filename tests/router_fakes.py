@@ -46,6 +46,7 @@ class FakeWorker:
         self.fail_status: int | None = None  # answer every generation call with this status
         self.unhealthy = False
         self.gate: asyncio.Event | None = None  # a stream starts only once the test sets it
+        self.prefill_gate: asyncio.Event | None = None  # a remote prefill answers only once the test sets it
         self.die_after: int | None = None    # drop the connection after this many token chunks
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -87,6 +88,8 @@ class FakeWorker:
 
                 async def prefill():
                     await asyncio.sleep(self.first_delay)
+                    if self.prefill_gate is not None:
+                        await self.prefill_gate.wait()
                     self.issued.append(f"t{len(self.issued)}" if self.finish_abandoned else "t")
                     return self.issued[-1]
                 job = asyncio.ensure_future(prefill())

@@ -102,11 +102,15 @@ def test_role_mismatch_is_refused(engines):
 
 def test_held_blocks_expire(default_model_dir):
     p = engine(default_model_dir, "prefill", kv_lease_duration=0.2)
+    now = [1000.0]
+    p.clock = lambda: now[0]   # an injected clock: the lease runs out exactly when the test says
     p.add_request(PROMPT, SamplingParams(max_tokens=1), "h")
     run_to_end(p, "h")
     assert p.block_manager.num_used_blocks > 0
-    import time
-    time.sleep(0.3)
+    now[0] += 0.19
+    p.step()
+    assert p.block_manager.num_used_blocks > 0 and "h" in p.scheduler.held   # still inside its lease
+    now[0] += 0.02
     p.step()
     assert p.block_manager.num_used_blocks == 0 and not p.scheduler.held
 

@@ -25,7 +25,8 @@ def test_meta_shown_in_status_and_checked():
 def test_drained_instance_gets_no_new_requests_but_finishes_its_own():
     async def go():
         async with cluster(n_prefill=0, n_decode=2, policy="round_robin") as (s, url, _, (d1, d2)):
-            p = await FakeWorker("prefill", first_delay=5.0).start()   # a long prefill phase
+            p = await FakeWorker("prefill").start()
+            p.prefill_gate = asyncio.Event()   # the prefill phase lasts until the drain is done
             await s.post(url + "/instances", json={"role": "prefill", "url": p.url})
             first = asyncio.ensure_future(s.post(url + "/v1/completions", json=COMP_BODY))
             while not p.calls:
@@ -35,6 +36,7 @@ def test_drained_instance_gets_no_new_requests_but_finishes_its_own():
             other = d2 if chosen == d1.url else d1
             r = await s.post(url + "/instances/drain", json={"url": chosen})
             assert r.status == 200 and (await r.json())["draining"] is True
+            p.prefill_gate.set()
             resp = await first   # the request picked before the drain ends on the drained worker
             assert resp.status == 200
             worker = d1 if chosen == d1.url else d2
