@@ -183,12 +183,12 @@ def sim_cluster(name: str) -> dict:
 
 def run_sim(name: str, trace: Path, prof: Path) -> dict:
     from pdserve.sim.cluster_config import parse_cluster_config
-    from pdserve.sim.instance import EngineDefaults
+    from pdserve.config import EngineConfig
     from pdserve.sim.runner import simulate
     cfg = sim_cluster(name)
     (OUT / f"cluster_{name}.json").write_text(json.dumps(cfg, indent=1))
-    engine = EngineDefaults(max_num_seqs=ENGINE["max_num_seqs"], max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
-                            enable_prefix_caching=True, dtype_bytes=4)
+    engine = EngineConfig(max_num_seqs=ENGINE["max_num_seqs"], max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
+                          enable_prefix_caching=True, dtype="float32")
     summary, sim = simulate(parse_cluster_config(cfg), str(trace), engine, profile=str(prof),
                             csv_path=str(OUT / f"sim_{name}.csv"))
     # throughput over the same window the bench uses: from the first arrival (t=0) to the last end

@@ -6,6 +6,7 @@ import json
 import sys
 from dataclasses import fields
 
+from pdserve.config import SIM_FIELDS, EngineConfig
 from pdserve.sim.tracegen import GenConfig
 
 
@@ -23,16 +24,8 @@ def parse_slo(items: list[str] | None) -> dict[str, float]:
 
 def add_engine_sim_args(p: argparse.ArgumentParser) -> None:
     """Engine settings the simulated instances share (a cluster config may override them)."""
-    g = p.add_argument_group("simulated engine (defaults as `pdserve serve`)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    g.add_argument("--dtype", default="float16", help="weights and KV cache dtype")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step's batch")
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="most tokens computed in one step")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt plus output, in tokens (default: the model's)")
-    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
-                   help="prefill each prompt in one step instead of in chunks")
-    g.add_argument("--enable-prefix-caching", action="store_true", help="reuse the KV blocks of shared prompt prefixes")
+    from pdserve.cli_args import add_engine_args
+    g = add_engine_args(p, model_positional=False, only=SIM_FIELDS, title="simulated engine (defaults as `pdserve serve`)")
     g.add_argument("--profile", default=None, help="PROFILE.json from `pdserve profile` (else analytical); an instance's own "
                    "\"profile\" field in the cluster config (a path relative to it) wins")
     g.add_argument("--routing", default="round_robin", help="round_robin | least_loaded | prefix_aware")
@@ -64,14 +57,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     add_engine_sim_args(p)
 
 
-def engine_defaults(args):
-    from pdserve.sim.instance import EngineDefaults
-    from pdserve.sim.models import dtype_bytes
-    return EngineDefaults(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_chunked_prefill=args.enable_chunked_prefill,
-                          enable_prefix_caching=args.enable_prefix_caching, max_model_len=args.max_model_len,
-                          dtype_bytes=dtype_bytes(args.dtype))
+def engine_defaults(args) -> EngineConfig:
+    """The simulated engine's settings: EngineConfig's, less what the flags changed."""
+    return EngineConfig(**{k: getattr(args, k) for k in SIM_FIELDS})
 
 
 def run(args: argparse.Namespace) -> int:

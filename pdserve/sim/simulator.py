@@ -30,7 +30,8 @@ from typing import Callable
 from pdserve.engine.request import FinishReason, SamplingParams, Sequence
 from pdserve.router.policies import make_policy
 from pdserve.sim.cluster_config import ClusterConfig
-from pdserve.sim.instance import EngineDefaults, Instance
+from pdserve.config import EngineConfig
+from pdserve.sim.instance import Instance
 from pdserve.sim.perf import load_profile
 from pdserve.sim.trace import Session
 
@@ -71,12 +72,12 @@ class SimOptions:
 
 
 class ClusterSim:
-    def __init__(self, cluster: ClusterConfig, engine: EngineDefaults | None = None,
+    def __init__(self, cluster: ClusterConfig, engine: EngineConfig | None = None,
                  options: SimOptions | None = None, profile: dict | None = None,
                  on_log: Callable[[str], None] | None = None):
         self.cluster = cluster
         self.opts = options or SimOptions()
-        engine = engine or EngineDefaults()
+        engine = engine or EngineConfig()
         # an instance's own profile (cluster config) wins over the run-wide one; each file read once
         own = {s.profile: load_profile(s.profile) for s in cluster.instances if s.profile}
         self.instances = [Instance(s, engine, own.get(s.profile, profile)) for s in cluster.instances]
