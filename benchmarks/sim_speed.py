@@ -49,7 +49,7 @@ def main() -> int:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile_top)
     steps = sum(i.num_steps for i in sim.instances)
     print(f"{summary['completed']} requests, {summary['total_output_tokens']} output tokens, {steps} engine steps "
-          f"on {len(sim.instances)} instances, {summary['duration_s']:.0f} s simulated")
+          f"on {len(sim.instances)} instances, {summary['duration']:.0f} s simulated")
     print(f"CPU {summary['cpu_s']:.1f} s, wall {summary['wall_s']:.1f} s: "
           f"{summary['completed'] / summary['cpu_s']:.0f} requests/s, "
           f"{summary['total_output_tokens'] / summary['cpu_s'] / 1e3:.0f}k tokens/s, "

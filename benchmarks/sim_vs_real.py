@@ -196,10 +196,10 @@ def run_sim(name: str, trace: Path, prof: Path) -> dict:
     return summary
 
 
-METRICS = [("mean TTFT (ms)", lambda r: r["mean_ttft_ms"], lambda s: s["ttft_ms"]["mean"]),
-           ("p90 TTFT (ms)", lambda r: r["p90_ttft_ms"], lambda s: s["ttft_ms"]["p90"]),
-           ("mean TPOT (ms)", lambda r: r["mean_tpot_ms"], lambda s: s["tpot_ms"]["mean"]),
-           ("p90 TPOT (ms)", lambda r: r["p90_tpot_ms"], lambda s: s["tpot_ms"]["p90"]),
+METRICS = [("mean TTFT (ms)", lambda r: r["mean_ttft_ms"], lambda s: s["mean_ttft_ms"]),
+           ("p90 TTFT (ms)", lambda r: r["p90_ttft_ms"], lambda s: s["p90_ttft_ms"]),
+           ("mean TPOT (ms)", lambda r: r["mean_tpot_ms"], lambda s: s["mean_tpot_ms"]),
+           ("p90 TPOT (ms)", lambda r: r["p90_tpot_ms"], lambda s: s["p90_tpot_ms"]),
            ("output throughput (tok/s)", lambda r: r["output_throughput"], lambda s: s["output_throughput"])]
 
 

@@ -112,4 +112,4 @@ def test_csv_rows_and_goodput(tmp_path):
     assert 0 < good < 60, "the SLOs should split this workload"
     assert summary["slo_attainment"] == pytest.approx(good / 60, abs=1 / 60)
     span = max(int(r["end_time"]) for r in rows) / 1e9
-    assert summary["goodput"] == pytest.approx(good / span, rel=0.05, abs=1 / span)
+    assert summary["request_goodput"] == pytest.approx(good / span, rel=0.05, abs=1 / span)

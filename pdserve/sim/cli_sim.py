@@ -10,18 +10,6 @@ from pdserve.config import SIM_FIELDS, EngineConfig
 from pdserve.sim.tracegen import GenConfig
 
 
-def parse_slo(items: list[str] | None) -> dict[str, float]:
-    """['ttft_ms=200', 'tpot_ms=50'] -> {'ttft_ms': 200.0, 'tpot_ms': 50.0}"""
-    out = {}
-    for item in items or []:
-        for part in item.replace(",", " ").split():
-            k, sep, v = part.partition("=")
-            if not sep or k not in ("ttft_ms", "tpot_ms", "e2e_ms"):
-                raise ValueError(f"--slo takes ttft_ms=, tpot_ms= or e2e_ms=, got {part!r}")
-            out[k] = float(v)
-    return out
-
-
 def add_engine_sim_args(p: argparse.ArgumentParser) -> None:
     """Engine settings the simulated instances share (a cluster config may override them)."""
     from pdserve.cli_args import add_engine_args
@@ -50,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--output", default=None, help="CSV with one row per request")
     p.add_argument("--log-interval", type=float, default=1.0, help="seconds of simulated time; 0: no log")
     p.add_argument("--num-requests", type=int, default=None, help="only the first N trace lines")
-    p.add_argument("--slo", nargs="*", default=None, help="ttft_ms=... tpot_ms=... [e2e_ms=...]")
+    p.add_argument("--slo", nargs="*", default=None, help="ttft_ms=... tpot_ms=... [itl_ms=... e2el_ms=...]")
     p.add_argument("--summary-json", default=None, help="write the summary as JSON here")
     p.add_argument("--plot", default=None, help="PNG: KV memory per instance over time and latency CDFs")
     p.add_argument("--quiet", action="store_true", help="no periodic log lines")
@@ -69,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --cluster-config and --dataset (or `pdserve sim gen` to write a trace)")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from pdserve.bench.metrics import parse_slo
     from pdserve.sim.runner import simulate
     from pdserve.sim.metrics import format_summary
     with logging_redirect_tqdm():   # warnings go above the progress bar (tqdm.write), not through it

@@ -75,8 +75,7 @@ def evaluate(cluster: ClusterConfig, sessions: list[Session], slo: dict, engine:
              profile: dict | None, routing: str) -> tuple[float, dict]:
     from pdserve.sim.runner import simulate
     summary, _ = simulate(cluster, sessions, engine, routing=routing, profile=profile, slo=slo)
-    total = summary["completed"] + summary["failed"]
-    return (summary["slo_attainment"] * summary["completed"] / total if total else 0.0), summary
+    return summary.get("slo_attainment", 0.0), summary
 
 
 def max_rate(cluster: ClusterConfig, sessions: list[Session], slo: dict, attainment: float,
@@ -171,8 +170,8 @@ def format_table(results: list[PlanResult], slo: dict, attainment: float) -> str
     lines = [head]
     for i, r in enumerate(results, 1):
         s = r.summary
-        ttft = f"{s['ttft_ms']['p90']:.1f}" if s else "-"
-        tpot = f"{s['tpot_ms']['p90']:.1f}" if s else "-"
+        ttft = f"{s['p90_ttft_ms']:.1f}" if s else "-"
+        tpot = f"{s['p90_tpot_ms']:.1f}" if s else "-"
         lines.append(f"{i:>4}  {r.cand.label:<22}{r.cand.devices:>8}{r.rate:>10.2f}{r.per_device:>12.3f}"
                      f"{ttft:>10}{tpot:>10}")
     return "\n".join(lines)
@@ -231,7 +230,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--dataset", required=True, help="request trace (JSONL; `pdserve sim gen` writes one)")
     p.add_argument("--num-requests", type=int, default=1000,
                    help="trace lines used per simulation; the search's time grows with it (try 200 first)")
-    p.add_argument("--slo", nargs="+", required=True, help="ttft_ms=... tpot_ms=... [e2e_ms=...]")
+    p.add_argument("--slo", nargs="+", required=True, help="ttft_ms=... tpot_ms=... [itl_ms=... e2el_ms=...]")
     p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet every SLO")
     p.add_argument("--tp-sizes", type=int, nargs="*", default=None,
                    help="tensor-parallel sizes to search (default: those of 1 2 4 8 that divide the model's heads)")
@@ -255,7 +254,8 @@ def _template(args) -> tuple[InstanceSpec, int, float, float]:
 
 def run(args: argparse.Namespace) -> int:
     import os
-    from pdserve.sim.cli_sim import engine_defaults, parse_slo
+    from pdserve.bench.metrics import parse_slo
+    from pdserve.sim.cli_sim import engine_defaults
     from pdserve.sim.perf import load_profile
     slo = parse_slo(args.slo)
     template, devices, link_bw, link_latency = _template(args)
