@@ -112,7 +112,7 @@ def test_decode_kv_grows_while_prefill_kv_stays_bounded():
     bs = p.bm.block_size
 
     def used_blocks(inst, mem):
-        return round((mem - inst.weight_bytes) / inst.block_bytes)
+        return round((mem - inst.weight_bytes) / inst.kv_bytes_per_block)
 
     hist = [(at, used_blocks(p, m[0]), used_blocks(d, m[1])) for at, m in sim.mem_history]
     for at, p_used, _ in hist:

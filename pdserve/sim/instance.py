@@ -26,10 +26,10 @@ class Instance:
         self.model: ModelShape = get_model(spec.model_name)
         db = dtype_bytes(o["dtype"])
         self.kv_bytes_per_token = self.model.kv_bytes_per_token(db)
-        self.block_bytes = self.kv_bytes_per_token * o["block_size"]
+        self.kv_bytes_per_block = self.kv_bytes_per_token * o["block_size"]
         self.weight_bytes = self.model.weight_bytes(db)
         budget = spec.mem_size * spec.tp_size * spec.mem_util - self.weight_bytes
-        num_blocks = int(budget // self.block_bytes)
+        num_blocks = int(budget // self.kv_bytes_per_block)
         if num_blocks < 1:
             raise ValueError(
                 f"instance {spec.name}: {spec.model_name} needs {self.weight_bytes / 1e9:.1f} GB of weights, "
@@ -66,4 +66,4 @@ class Instance:
     @property
     def mem_used(self) -> float:
         """Bytes in use on the instance: weights plus referenced KV blocks."""
-        return self.weight_bytes + self.bm.num_used_blocks * self.block_bytes
+        return self.weight_bytes + self.bm.num_used_blocks * self.kv_bytes_per_block
