@@ -16,7 +16,7 @@ import sys
 import time
 
 from pdserve.sim.cluster_config import parse_cluster_config
-from pdserve.sim.instance import EngineDefaults
+from pdserve.config import EngineConfig
 from pdserve.sim.runner import simulate
 from pdserve.sim.tracegen import GenConfig, generate
 
@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--profile-top", type=int, default=0)
     args = ap.parse_args()
     sessions = generate(GenConfig(num_requests=args.requests, rate=args.rate, input_len=512, output_len=128, seed=1))
-    engine = EngineDefaults(max_num_seqs=256, max_num_batched_tokens=4096)
+    engine = EngineConfig(max_num_seqs=256, max_num_batched_tokens=4096)
     cfg = parse_cluster_config(cluster(args.colocated))
     prof = cProfile.Profile() if args.profile_top else None
     if prof:
@@ -49,7 +49,7 @@ def main() -> int:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile_top)
     steps = sum(i.num_steps for i in sim.instances)
     print(f"{summary['completed']} requests, {summary['total_output_tokens']} output tokens, {steps} engine steps "
-          f"on {len(sim.instances)} instances, {summary['duration_s']:.0f} s simulated")
+          f"on {len(sim.instances)} instances, {summary['duration']:.0f} s simulated")
     print(f"CPU {summary['cpu_s']:.1f} s, wall {summary['wall_s']:.1f} s: "
           f"{summary['completed'] / summary['cpu_s']:.0f} requests/s, "
           f"{summary['total_output_tokens'] / summary['cpu_s'] / 1e3:.0f}k tokens/s, "

@@ -183,12 +183,12 @@ def sim_cluster(name: str) -> dict:
 
 def run_sim(name: str, trace: Path, prof: Path) -> dict:
     from pdserve.sim.cluster_config import parse_cluster_config
-    from pdserve.sim.instance import EngineDefaults
+    from pdserve.config import EngineConfig
     from pdserve.sim.runner import simulate
     cfg = sim_cluster(name)
     (OUT / f"cluster_{name}.json").write_text(json.dumps(cfg, indent=1))
-    engine = EngineDefaults(max_num_seqs=ENGINE["max_num_seqs"], max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
-                            enable_prefix_caching=True, dtype_bytes=4)
+    engine = EngineConfig(max_num_seqs=ENGINE["max_num_seqs"], max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
+                          enable_prefix_caching=True, dtype="float32")
     summary, sim = simulate(parse_cluster_config(cfg), str(trace), engine, profile=str(prof),
                             csv_path=str(OUT / f"sim_{name}.csv"))
     # throughput over the same window the bench uses: from the first arrival (t=0) to the last end
@@ -196,10 +196,10 @@ def run_sim(name: str, trace: Path, prof: Path) -> dict:
     return summary
 
 
-METRICS = [("mean TTFT (ms)", lambda r: r["mean_ttft_ms"], lambda s: s["ttft_ms"]["mean"]),
-           ("p90 TTFT (ms)", lambda r: r["p90_ttft_ms"], lambda s: s["ttft_ms"]["p90"]),
-           ("mean TPOT (ms)", lambda r: r["mean_tpot_ms"], lambda s: s["tpot_ms"]["mean"]),
-           ("p90 TPOT (ms)", lambda r: r["p90_tpot_ms"], lambda s: s["tpot_ms"]["p90"]),
+METRICS = [("mean TTFT (ms)", lambda r: r["mean_ttft_ms"], lambda s: s["mean_ttft_ms"]),
+           ("p90 TTFT (ms)", lambda r: r["p90_ttft_ms"], lambda s: s["p90_ttft_ms"]),
+           ("mean TPOT (ms)", lambda r: r["mean_tpot_ms"], lambda s: s["mean_tpot_ms"]),
+           ("p90 TPOT (ms)", lambda r: r["p90_tpot_ms"], lambda s: s["p90_tpot_ms"]),
            ("output throughput (tok/s)", lambda r: r["output_throughput"], lambda s: s["output_throughput"])]
 
 

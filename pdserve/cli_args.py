@@ -1,38 +1,56 @@
-"""Command-line flags for the engine, shared by `generate`, `chat`, `serve` and `profile`."""
+"""Command-line flags for the engine, derived from EngineConfig's fields (as vLLM's
+EngineArgs.add_cli_args): `serve`, `up`, `generate`, `chat`, `profile`, `sim` and `plan` share them.
+No torch: the router's and the simulator's commands import this too."""
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields
+from dataclasses import MISSING, Field, fields
 
 from pdserve.config import EngineConfig
+# only a served worker has them: a role (`up` sets it per pool) and a lease on KV it holds for another
+WORKER_FIELDS = ("role", "kv_lease_duration")
 
 
-def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -> None:
-    if model_positional:
-        p.add_argument("model", nargs="?", default=None,
-                       help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    g.add_argument("--dtype", default="auto", help="auto (cpu: float32, cuda: bfloat16) | float32 | bfloat16 | float16")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt plus output, in tokens (default: the model's, at most 4096)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step's batch")
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="most tokens computed in one step (long prompts are prefilled in chunks of it)")
-    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
-                   help="prefill each prompt in one step instead of in chunks beside running decodes")
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV blocks of a prompt prefix computed before")
-    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: 1GiB on CPU)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: share of the GPU's memory for weights, activations and KV cache")
-    g.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests without their own)")
-    g.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")
-    g.add_argument("--served-model-name", default=None, help="model name in the API (default: the model's own)")
-    g.add_argument("--step-trace", default=os.environ.get("PDSERVE_STEP_TRACE"), metavar="PATH",
-                   help="append one JSON line per engine step (timings and batch shape) to PATH")
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_TYPES = {"int": int, "int | None": int, "float": float}   # field annotations are strings here
+
+
+def _type(f: Field):
+    return _TYPES.get(f.type)
+
+
+def _default(f: Field):
+    env = f.metadata["env"]
+    if env and os.environ.get(env):
+        conv = _type(f) or str
+        return conv(os.environ[env])
+    return f.default
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True, exclude: tuple[str, ...] = (),
+                    only: tuple[str, ...] | None = None, title: str = "engine") -> argparse._ArgumentGroup:
+    """One flag per EngineConfig field (`model` positional unless model_positional is False),
+    less `exclude`, or just `only`. Returns the group, for a command's own flags beside them."""
+    g = p.add_argument_group(title)
+    for f in fields(EngineConfig):
+        if f.name in exclude or (only is not None and f.name not in only):
+            continue
+        assert f.default is not MISSING, f.name
+        help_ = f.metadata["help"] + (f" (${f.metadata['env']} sets the default)" if f.metadata["env"] else "")
+        if f.name == "model" and model_positional:
+            p.add_argument("model", nargs="?", default=None, help=help_)
+            continue
+        kw = dict(f.metadata["argparse"], default=_default(f), help=help_)
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif _type(f):
+            kw["type"] = _type(f)
+        g.add_argument(flag(f.name), *f.metadata["flags"], dest=f.name, **kw)
+    return g
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from pdserve.cli_args import add_engine_args, engine_config_from_args
+from pdserve.cli_args import WORKER_FIELDS, add_engine_args, engine_config_from_args
 
 HISTORY = os.path.join(os.path.expanduser("~"), ".cache", "pdserve", "chat_history")
 
@@ -14,11 +14,10 @@ HISTORY = os.path.join(os.path.expanduser("~"), ".cache", "pdserve", "chat_histo
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     if name == "generate":
         p.add_argument("prompts", nargs="*", help="prompts (default: read one per line from stdin)")
-        p.add_argument("--model", default=None, help="model directory, .gguf file or hub id")
         p.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user chat message")
-        add_engine_args(p, model_positional=False)
+        add_engine_args(p, model_positional=False, exclude=WORKER_FIELDS)
     else:
-        add_engine_args(p)
+        add_engine_args(p, exclude=WORKER_FIELDS)
         p.add_argument("--system", default=None, help="system message")
         p.add_argument("--history-file", default=HISTORY, metavar="PATH",
                        help="line-editing history kept across sessions ('' for none)")

@@ -18,25 +18,45 @@ def parse_size(value: int | str | None) -> int | None:
     return int(float(m.group(1)) * mult)
 
 
+def setting(default, help: str, *, sim: bool = False, flags: tuple[str, ...] = (), env: str | None = None, **argparse_kw):
+    """An EngineConfig field and what its command-line flag needs (pdserve.cli_args reads it).
+    sim: the simulator models it (`pdserve sim` and `pdserve plan` have its flag too); flags:
+    option strings other than --field-name; env: a variable that overrides the default."""
+    return field(default=default, metadata={"help": help, "sim": sim, "flags": flags, "env": env,
+                                            "argparse": argparse_kw})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None            # None: the default model (SmolLM2-135M-Instruct GGUF)
-    device: str = "auto"                # auto | cpu | cuda[:N]
-    dtype: str = "auto"                 # auto (cpu: float32, cuda: bfloat16) | float32 | bfloat16 | float16
-    block_size: int = 16
-    max_model_len: int | None = None    # None: the model's, capped at 4096
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    kv_cache_memory: int | str | None = None  # bytes for the KV cache; None: from the device
-    gpu_memory_utilization: float = 0.9
-    role: str = "both"                  # both | prefill | decode
-    seed: int = 0
-    enforce_eager: bool = False         # CUDA: no CUDA graphs
-    kv_lease_duration: float = 30.0     # prefill role: free held blocks whose decode worker stopped renewing
-    served_model_name: str | None = None
-    step_trace: str | None = None       # JSONL file: one line per step (pdserve.engine.step_trace)
+    """The one definition of engine settings: `pdserve serve`, `up`, `generate`, `chat`, `profile`,
+    `sim` and `plan` derive their engine flags from these fields, the simulator its defaults."""
+    model: str | None = setting(None, "model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    dtype: str = setting("auto", "auto (cpu: float32, cuda: bfloat16; the simulator: bfloat16) | float32 | "
+                         "bfloat16 | float16", sim=True)
+    block_size: int = setting(16, "tokens per KV cache block (a power of two)", sim=True)
+    max_model_len: int | None = setting(None, "longest prompt plus output, in tokens (default: the model's; "
+                                        "a served model's at most 4096)", sim=True)
+    max_num_seqs: int = setting(64, "most sequences in one step's batch", sim=True)
+    max_num_batched_tokens: int = setting(1024, "most tokens computed in one step (long prompts are prefilled "
+                                          "in chunks of it)", sim=True)
+    enable_chunked_prefill: bool = setting(True, "prefill long prompts in chunks beside running decodes "
+                                           "(--no-enable-chunked-prefill: each prompt in one step)", sim=True)
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of a prompt prefix computed before",
+                                          sim=True)
+    kv_cache_memory: int | str | None = setting(None, "KV cache size, e.g. 2GiB (default: 1GiB on CPU, "
+                                                "what --gpu-memory-utilization leaves on CUDA)", metavar="SIZE")
+    gpu_memory_utilization: float = setting(0.9, "CUDA: share of the GPU's memory for weights, activations and "
+                                            "KV cache")
+    role: str = setting("both", "prefill: answer the first token and hold the KV for a decode worker; decode: "
+                        "pull it and generate the rest; both: a whole request alone", choices=ROLES)
+    seed: int = setting(0, "seed of the engine's sampler (requests without their own)")
+    enforce_eager: bool = setting(False, "CUDA: do not capture CUDA graphs")
+    kv_lease_duration: float = setting(30.0, "prefill role: seconds held KV outlives its decode worker's last "
+                                       "renewal", flags=("--kv-lease",), env="PDSERVE_KV_LEASE", metavar="SECONDS")
+    served_model_name: str | None = setting(None, "model name in the API (default: the model's own)")
+    step_trace: str | None = setting(None, "append one JSON line per engine step (timings and batch shape) to "
+                                     "PATH (pdserve.engine.step_trace)", env="PDSERVE_STEP_TRACE", metavar="PATH")
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -56,6 +76,9 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+SIM_FIELDS = tuple(f.name for f in fields(EngineConfig) if f.metadata["sim"])
 
 
 @dataclass

@@ -112,7 +112,7 @@ def test_decode_kv_grows_while_prefill_kv_stays_bounded():
     bs = p.bm.block_size
 
     def used_blocks(inst, mem):
-        return round((mem - inst.weight_bytes) / inst.block_bytes)
+        return round((mem - inst.weight_bytes) / inst.kv_bytes_per_block)
 
     hist = [(at, used_blocks(p, m[0]), used_blocks(d, m[1])) for at, m in sim.mem_history]
     for at, p_used, _ in hist:
@@ -136,8 +136,8 @@ def test_decode_prefix_cache_cuts_the_transfer():
     shared = list(range(5000, 5000 + 512))
     sessions = [Session(i * 2.0, [TraceRequest(640, 3, shared + list(range(i * 1000, i * 1000 + 128)))])
                 for i in range(3)]
-    from pdserve.sim.instance import EngineDefaults
-    sim = ClusterSim(pd_config(), EngineDefaults(enable_prefix_caching=True))
+    from pdserve.config import EngineConfig
+    sim = ClusterSim(pd_config(), EngineConfig(enable_prefix_caching=True))
     recs = []
     sim.run(sessions, recs.append)
     kv = [r.kv_bytes for r in sorted(recs, key=lambda r: r.arrival)]
@@ -194,12 +194,12 @@ def test_request_larger_than_any_kv_cache_fails_cleanly():
 def test_routing_policy_objects_pick_the_decode_instance(routing):
     """The router's own policies route the simulated requests: prefix-aware keeps a shared
     prefix on one decode instance, where its prefix cache then saves most of the transfer."""
-    from pdserve.sim.instance import EngineDefaults
+    from pdserve.config import EngineConfig
     from pdserve.sim.simulator import SimOptions
     prefix = list(range(10_000, 10_000 + 480))
     sessions = [Session(i * 0.5, [TraceRequest(512, 2, prefix + list(range(i * 100, i * 100 + 32)))])
                 for i in range(6)]
-    sim = ClusterSim(pd_config(n_decode=2), EngineDefaults(enable_prefix_caching=True), SimOptions(routing=routing))
+    sim = ClusterSim(pd_config(n_decode=2), EngineConfig(enable_prefix_caching=True), SimOptions(routing=routing))
     recs = []
     sim.run(sessions, recs.append)
     recs.sort(key=lambda r: r.arrival)
@@ -216,12 +216,12 @@ def test_routing_policy_objects_pick_the_decode_instance(routing):
 def test_local_prefill_threshold_as_the_router_decides():
     """--local-prefill-max-tokens: a call whose prompt is mostly on the decode instance already is
     prefilled there; a long new prompt goes to the prefill instance."""
-    from pdserve.sim.instance import EngineDefaults
+    from pdserve.config import EngineConfig
     from pdserve.sim.simulator import SimOptions
     first = list(range(20_000, 20_000 + 800))
     follow = first + list(range(30_000, 30_000 + 48))
     sessions = [Session(0.0, [TraceRequest(800, 4, first, tool_duration=0.1), TraceRequest(848, 4, follow)], "s")]
-    sim = ClusterSim(pd_config(), EngineDefaults(enable_prefix_caching=True),
+    sim = ClusterSim(pd_config(), EngineConfig(enable_prefix_caching=True),
                      SimOptions(routing="prefix_aware", local_prefill_max_tokens=100))
     recs = []
     sim.run(sessions, recs.append)

@@ -10,7 +10,7 @@ from pdserve.cli import main as cli_main
 from pdserve.sim.cluster_config import InstanceSpec, load_cluster_config
 from pdserve.sim.hardware import get_hardware
 from pdserve.sim.planner import build_cluster, candidates, evaluate, plan
-from pdserve.sim.instance import EngineDefaults
+from pdserve.config import EngineConfig
 from pdserve.sim.trace import time_scaled
 from pdserve.sim.tracegen import GenConfig, generate
 
@@ -48,7 +48,7 @@ def test_plan_finds_the_highest_rate_meeting_the_slo():
     base = len(sessions) / (sessions[-1].arrival - sessions[0].arrival)
 
     def holds(rate):
-        att, s = evaluate(cluster, time_scaled(sessions, rate / base), SLO, EngineDefaults(), None, "round_robin")
+        att, s = evaluate(cluster, time_scaled(sessions, rate / base), SLO, EngineConfig(), None, "round_robin")
         return att >= 0.9 and s["completion_rate"] >= 0.9 * rate
 
     assert holds(best.rate)

@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.cli import main as cli_main
 from pdserve.sim.cluster_config import parse_cluster_config
-from pdserve.sim.instance import EngineDefaults
+from pdserve.config import EngineConfig
 from pdserve.sim.runner import simulate
 from pdserve.sim.simulator import ClusterSim
 from pdserve.sim.trace import Session, TraceRequest, read_trace, write_trace
@@ -54,7 +54,7 @@ def test_later_session_calls_reuse_the_conversation_prefix():
     """Without token ids in the trace, a session's calls still share their prompt prefix, so
     with prefix caching the decode instance pulls only the new part of a later call."""
     sessions = [Session(0.0, [TraceRequest(320, 4, tool_duration=0.1), TraceRequest(480, 4)], "s")]
-    sim = ClusterSim(cluster(True), EngineDefaults(enable_prefix_caching=True))
+    sim = ClusterSim(cluster(True), EngineConfig(enable_prefix_caching=True))
     recs = []
     sim.run(sessions, recs.append)
     first, second = sorted(recs, key=lambda r: r.index)
@@ -112,4 +112,4 @@ def test_csv_rows_and_goodput(tmp_path):
     assert 0 < good < 60, "the SLOs should split this workload"
     assert summary["slo_attainment"] == pytest.approx(good / 60, abs=1 / 60)
     span = max(int(r["end_time"]) for r in rows) / 1e9
-    assert summary["goodput"] == pytest.approx(good / span, rel=0.05, abs=1 / span)
+    assert summary["request_goodput"] == pytest.approx(good / span, rel=0.05, abs=1 / span)

@@ -101,7 +101,6 @@ def percentiles(args) -> tuple[float, ...]:
 def run(args) -> int:
     slo = parse_slo(args.slo)
     if args.mode == "compare":
-        from pdserve.bench.compare import run_compare
         return run_compare(args, slo)
     if not args.base_url:
         raise ValueError("--base-url is required (or use `pdserve bench compare`)")
@@ -121,3 +120,21 @@ def run(args) -> int:
         for path in plot_runs({args.base_url: records}, args.plot, slo=slo):
             print(f"plot: {path}", file=sys.stderr)
     return 0 if summary["completed"] else 1
+
+
+def run_compare(args, slo: dict) -> int:
+    """`pdserve bench compare`: the same workloads against each deployment in turn (bench.compare)."""
+    from pdserve.bench import compare
+    rates = ([float(x) for x in args.sweep_rate.split(",")] if args.sweep_rate else [args.request_rate])
+    deployments = [(args.label_a or args.deploy_a, args.deploy_a), (args.label_b or args.deploy_b, args.deploy_b)]
+    workloads = {rate: build_workload(args, seed=args.seed + i) for i, rate in enumerate(rates)}
+    print(compare.cost_message(workloads, len(deployments)), file=sys.stderr)
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = compare.run_deployments(deployments, workloads.__getitem__,
+                                      lambda url, rate: run_config(args, url, rate),
+                                      rates, slo, args.out_dir, args.ready_timeout)
+    print(compare.write_report(results, args.out_dir, slo))
+    compare.save_records(results, args.out_dir)
+    print(f"report: {os.path.join(args.out_dir, 'compare.md')}", file=sys.stderr)
+    failed = sum(v["summary"]["failed"] for by in results.values() for v in by.values())
+    return 1 if failed else 0

@@ -110,22 +110,6 @@ def write_report(results: dict, out_dir: str, slo: dict, title: str = "pdserve b
     return text
 
 
-def run_compare(args, slo: dict) -> int:
-    from pdserve.bench.cli import build_workload, run_config
-    rates = ([float(x) for x in args.sweep_rate.split(",")] if args.sweep_rate else [args.request_rate])
-    deployments = [(args.label_a or args.deploy_a, args.deploy_a), (args.label_b or args.deploy_b, args.deploy_b)]
-    workloads = {rate: build_workload(args, seed=args.seed + i) for i, rate in enumerate(rates)}
-    print(cost_message(workloads, len(deployments)), file=sys.stderr)
-    os.makedirs(args.out_dir, exist_ok=True)
-    results = run_deployments(deployments, workloads.__getitem__, lambda url, rate: run_config(args, url, rate),
-                              rates, slo, args.out_dir, args.ready_timeout)
-    print(write_report(results, args.out_dir, slo))
-    _save_records(results, args.out_dir)
-    print(f"report: {os.path.join(args.out_dir, 'compare.md')}", file=sys.stderr)
-    failed = sum(v["summary"]["failed"] for by in results.values() for v in by.values())
-    return 1 if failed else 0
-
-
 def cost_message(workloads: dict, n_deployments: int) -> str:
     """What a compare run will send, and the least time it takes: each rate's schedule spans
     about n/rate seconds; start-up and a server slower than the rate come on top."""
@@ -142,7 +126,7 @@ def cost_message(workloads: dict, n_deployments: int) -> str:
             "Fewer: --num-prompts, fewer --sweep-rate values.")
 
 
-def _save_records(results: dict, out_dir: str) -> None:
+def save_records(results: dict, out_dir: str) -> None:
     recs = {lb: {r: [x.to_json() for x in v["records"]] for r, v in by.items()} for lb, by in results.items()}
     with open(os.path.join(out_dir, "compare_requests.json"), "w") as f:
         json.dump(recs, f)

@@ -1,4 +1,6 @@
 """Per-request records and the summary, with latency terms as `vllm bench serve` defines them.
+The one summary (keys as vLLM's `bench serve --save-result`) of measured (pdserve bench) and
+simulated (pdserve sim) requests: `latency_summary`, `meets` and `parse_slo` serve both.
 
 TTFT: request sent -> first streamed chunk carrying text. ITL: every gap between such
 chunks. TPOT: (E2E - TTFT) / (output tokens - 1), only for requests with more than one
@@ -58,22 +60,22 @@ def parse_slo(items: list[str] | None) -> dict[str, float]:
     return slo
 
 
+def meets(slo: dict[str, float], ttft: float, tpot: float | None, max_itl: float | None, e2el: float) -> bool:
+    """Whether a completed request's latencies (seconds; tpot and max_itl None for one output
+    token) meet every SLO given."""
+    inf = float("inf")
+    return (ttft * 1e3 <= slo.get("ttft_ms", inf)
+            and (tpot is None or tpot * 1e3 <= slo.get("tpot_ms", inf))
+            and (max_itl is None or max_itl * 1e3 <= slo.get("itl_ms", inf))
+            and e2el * 1e3 <= slo.get("e2el_ms", inf))
+
+
 def meets_slo(r: RequestRecord, slo: dict[str, float]) -> bool:
-    if not r.success:
-        return False
-    if "ttft_ms" in slo and r.ttft * 1e3 > slo["ttft_ms"]:
-        return False
-    if "tpot_ms" in slo and r.tpot is not None and r.tpot * 1e3 > slo["tpot_ms"]:
-        return False
-    if "itl_ms" in slo and r.itl and max(r.itl) * 1e3 > slo["itl_ms"]:
-        return False
-    if "e2el_ms" in slo and r.e2el * 1e3 > slo["e2el_ms"]:
-        return False
-    return True
+    return r.success and meets(slo, r.ttft, r.tpot, max(r.itl) if r.itl else None, r.e2el)
 
 
-def _stats(name: str, values_s: list[float], percentiles: list[float]) -> dict:
-    a = np.asarray(values_s, dtype=float) * 1e3 if values_s else np.zeros(1)
+def _stats(name: str, values_s, percentiles: tuple[float, ...]) -> dict:
+    a = np.asarray(values_s, dtype=float) * 1e3 if len(values_s) else np.zeros(1)
     out = {f"mean_{name}_ms": float(a.mean()), f"median_{name}_ms": float(np.median(a)),
            f"std_{name}_ms": float(a.std())}
     for p in percentiles:
@@ -81,30 +83,37 @@ def _stats(name: str, values_s: list[float], percentiles: list[float]) -> dict:
     return out
 
 
+def latency_summary(duration: float, completed: int, failed: int, n_in: int, n_out: int, ttft, tpot, itl, e2el,
+                    slo: dict[str, float] | None = None, good: int = 0,
+                    percentiles: tuple[float, ...] = (50, 90, 99)) -> dict:
+    """The summary from totals and per-request latencies in seconds (ttft, tpot, e2el: one per
+    completed request, tpot only where defined; itl: every gap). good: requests meeting `slo`."""
+    duration = max(duration, 1e-9)
+    total = completed + failed
+    s = {
+        "duration": duration, "completed": completed, "failed": failed, "num_prompts": total,
+        "total_input_tokens": n_in, "total_output_tokens": n_out,
+        "request_throughput": completed / duration,
+        "input_throughput": n_in / duration, "output_throughput": n_out / duration,
+        "total_token_throughput": (n_in + n_out) / duration,
+    }
+    if slo:
+        s.update(slo=slo, good_requests=good, request_goodput=good / duration, slo_attainment=good / max(1, total))
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        s.update(_stats(name, values, percentiles))
+    return s
+
+
 def summarize(records: list[RequestRecord], duration: float, slo: dict[str, float] | None = None,
               percentiles: tuple[float, ...] = (50, 90, 99)) -> dict:
     ok = [r for r in records if r.success]
     failed = [r for r in records if not r.success]
-    duration = max(duration, 1e-9)
-    n_in = sum(r.prompt_len for r in ok)
-    n_out = sum(r.output_tokens for r in ok)
-    s = {
-        "duration": duration, "completed": len(ok), "failed": len(failed), "num_prompts": len(records),
-        "total_input_tokens": n_in, "total_output_tokens": n_out,
-        "request_throughput": len(ok) / duration,
-        "input_throughput": n_in / duration, "output_throughput": n_out / duration,
-        "total_token_throughput": (n_in + n_out) / duration,
-        "max_output_tokens_per_s": _peak_tokens_per_s(ok),
-    }
-    if slo:
-        good = sum(meets_slo(r, slo) for r in records)
-        s.update(slo=slo, good_requests=good, request_goodput=good / duration,
-                 slo_attainment=good / max(1, len(records)))
-    s.update(_stats("ttft", [r.ttft for r in ok], percentiles))
-    s.update(_stats("tpot", [r.tpot for r in ok if r.tpot is not None], percentiles))
-    s.update(_stats("itl", [g for r in ok for g in r.itl], percentiles))
-    s.update(_stats("e2el", [r.e2el for r in ok], percentiles))
-    s["error_counts"] = _error_counts(failed)
+    s = latency_summary(duration, len(ok), len(failed), sum(r.prompt_len for r in ok), sum(r.output_tokens for r in ok),
+                        [r.ttft for r in ok], [r.tpot for r in ok if r.tpot is not None],
+                        [g for r in ok for g in r.itl], [r.e2el for r in ok], slo,
+                        sum(meets_slo(r, slo) for r in records) if slo else 0, percentiles)
+    s["max_output_tokens_per_s"] = _peak_tokens_per_s(ok)
+    s["error_counts"] = error_counts(r.error for r in failed)
     return s
 
 
@@ -116,10 +125,10 @@ def _peak_tokens_per_s(ok: list[RequestRecord]) -> float:
     return float(np.bincount(np.floor(np.asarray(times)).astype(int)).max())
 
 
-def _error_counts(failed: list[RequestRecord]) -> dict[str, int]:
+def error_counts(errors) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for r in failed:
-        counts[r.error or "unknown error"] = counts.get(r.error or "unknown error", 0) + 1
+    for e in errors:
+        counts[e or "unknown error"] = counts.get(e or "unknown error", 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 

@@ -10,7 +10,9 @@ METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (exc
            ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency"))
 
 
-def format_summary(s: dict, title: str = "Serving Benchmark Result") -> str:
+def format_summary(s: dict, title: str = "Serving Benchmark Result", duration_label: str = "Benchmark duration (s):",
+                   extra: dict[str, str] | None = None) -> str:
+    """vLLM's table; `extra` rows (label -> value) go in a section of their own before the end."""
     w = 50
     lines = [f"{' ' + title + ' ':=^{w}}"]
 
@@ -19,7 +21,7 @@ def format_summary(s: dict, title: str = "Serving Benchmark Result") -> str:
 
     row("Successful requests:", s["completed"])
     row("Failed requests:", s["failed"])
-    row("Benchmark duration (s):", f"{s['duration']:.2f}")
+    row(duration_label, f"{s['duration']:.2f}")
     row("Total input tokens:", s["total_input_tokens"])
     row("Total generated tokens:", s["total_output_tokens"])
     row("Request throughput (req/s):", f"{s['request_throughput']:.2f}")
@@ -38,6 +40,10 @@ def format_summary(s: dict, title: str = "Serving Benchmark Result") -> str:
         row(f"Median {key.upper()} (ms):", f"{s[f'median_{key}_ms']:.2f}")
         for p in pcts:
             row(f"{p.upper()} {key.upper()} (ms):", f"{s[f'{p}_{key}_ms']:.2f}")
+    if extra:
+        lines.append(f"{' ' + title.split()[0] + ' ':-^{w}}")
+        for label, value in extra.items():
+            row(label, value)
     if s["error_counts"]:
         lines.append(f"{' Failures ':-^{w}}")
         for msg, n in s["error_counts"].items():

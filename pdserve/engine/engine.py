@@ -86,10 +86,7 @@ class LLMEngine:
         self._fit_max_model_len()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
-            role=config.role), self.block_manager)
+        self.scheduler = Scheduler(SchedulerConfig.of(config, self.max_model_len), self.block_manager)
         self.eos_token_ids = self._eos_ids(hf)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.model_config.vocab_size, self.eos_token_ids)
         self.runner.sampler.grammars = self.grammars

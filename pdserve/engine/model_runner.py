@@ -111,9 +111,9 @@ class ModelRunner:
                                                    config.max_num_seqs, max_positions, self.scratch_block)
 
     @property
-    def block_bytes(self) -> int:
+    def kv_bytes_per_block(self) -> int:
         """Bytes of one block across all layers, K and V."""
-        return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+        return self.model_config.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
 
     def _num_blocks(self) -> int:
         budget = self.config.kv_cache_memory
@@ -124,7 +124,7 @@ class ModelRunner:
                 budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
             else:
                 budget = DEFAULT_CPU_KV_BYTES
-        n = budget // self.block_bytes
+        n = budget // self.kv_bytes_per_block
         if n < 1:
             raise ValueError(f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of "
                              f"{self.block_size} tokens; raise --kv-cache-memory")

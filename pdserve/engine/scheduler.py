@@ -8,22 +8,22 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.config import ROLES
+from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import FinishReason, Sequence, Status
 
 
 @dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
+class SchedulerConfig(EngineConfig):
+    """The engine's settings with max_model_len resolved (the model's, when it was None)."""
     max_model_len: int = 2048
-    enable_chunked_prefill: bool = True
-    role: str = "both"
+
+    @classmethod
+    def of(cls, config: EngineConfig, max_model_len: int) -> "SchedulerConfig":
+        return cls(**{**vars(config), "max_model_len": max_model_len})
 
     def __post_init__(self):
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        super().__post_init__()
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
 

@@ -111,7 +111,7 @@ def cli_engine_overrides(args: argparse.Namespace) -> dict:
     """Engine flags the user actually gave on the command line (not argparse defaults)."""
     from pdserve.cli_args import add_engine_args
     p = argparse.ArgumentParser()
-    add_engine_args(p)
+    add_engine_args(p, exclude=("role",))
     defaults = vars(p.parse_args([]))
     return {k: getattr(args, k) for k in ENGINE_KEYS if hasattr(args, k) and getattr(args, k) != defaults.get(k)}
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from pdserve.models.attention import AttentionMetadata, paged_attention
 from pdserve.models.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from pdserve.models.shape import ModelShape
 
 # architecture -> (qkv bias, q/k norm); None: read attention_bias from the config
 ARCHITECTURES = {
@@ -24,21 +25,13 @@ ARCHITECTURES = {
 }
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(ModelShape):
+    """The model's shape (its sizes, shared with the simulator) and what the numerics need."""
     architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
     mlp_bias: bool
@@ -51,32 +44,21 @@ class ModelConfig:
         if arch not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
         bias, qk_norm = ARCHITECTURES[arch]
-        heads = hf["num_attention_heads"]
         rope = hf.get("rope_parameters") or {}  # transformers >= 5 puts theta and scaling here
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        shape = vars(ModelShape.from_hf(hf.get("_name_or_path") or arch, hf))
         return cls(
+            **{**shape, "max_position_embeddings": hf.get("max_position_embeddings", 4096)},
             architecture=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             rope_scaling=scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
             qkv_bias=bias if bias is not None else hf.get("attention_bias", False),
             qk_norm=qk_norm,
             mlp_bias=hf.get("mlp_bias", False),
             eos_token_id=hf.get("eos_token_id"),
             sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
         )
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
 class Attention(nn.Module):

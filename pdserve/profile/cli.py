@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 
-from pdserve.cli_args import add_engine_args, engine_config_from_args
+from pdserve.cli_args import WORKER_FIELDS, add_engine_args, engine_config_from_args
 
 GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts, mixed prefill tokens, mixed batches)
     "full": ([16, 32, 64, 128, 256, 512, 1024], [1, 2, 4, 8, 16, 32, 64], [64, 256, 1024, 2048],
@@ -28,7 +28,7 @@ GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts, mixed prefill
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     from pdserve import cpu_threads
-    add_engine_args(p)
+    add_engine_args(p, exclude=WORKER_FIELDS)
     cpu_threads.add_arguments(p)
     p.add_argument("--output", default="PROFILE.json", help="where the profile is written")
     p.add_argument("--grid", choices=sorted(GRIDS), default="full", help="points measured (quick: a few of each kind, for a first try)")

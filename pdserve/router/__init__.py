@@ -8,4 +8,5 @@
     instances.py  pools, health checks, in-flight counts, last errors
     metrics.py    Prometheus metrics under `pdserve:`
     policies.py   round_robin, least_loaded, prefix_aware (shared with the simulator)
+    placement.py  local or remote prefill, and the cached prefix it counts (shared with the simulator)
 """

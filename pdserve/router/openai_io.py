@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 
-# The router does not tokenize (it would need the model's tokenizer and chat template); prompt
-# sizes for conditional disaggregation are estimated from characters. English BPE vocabularies
-# average about four characters per token, and the threshold is a coarse knob anyway.
-CHARS_PER_TOKEN = 4
+from pdserve.router.placement import CHARS_PER_TOKEN
 
 COMPLETIONS, CHAT = "completions", "chat"
 
@@ -40,14 +37,6 @@ def prompt_key(kind: str, body: dict) -> tuple[list | str | None, int]:
     if isinstance(p, list) and all(isinstance(t, int) for t in p):
         return p, len(p)   # token ids: exact
     return None, 0
-
-
-def why_not_remote(kind: str, body: dict) -> str | None:
-    """Requests that gain nothing from a remote prefill. (n > 1, several prompts, logprobs of
-    prompt and first token: the hand-off carries them all.)"""
-    if max_tokens(kind, body) in (0, 1):
-        return "max_tokens=1"   # the whole request is one prefill; a hand-off only adds work
-    return None
 
 
 def early_first_token(kind: str, body: dict) -> bool:

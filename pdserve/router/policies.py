@@ -27,9 +27,6 @@ class RoutingPolicy:
     def record(self, instance: str, key: Sequence | None) -> None:
         """The request with this key was sent to instance."""
 
-    def estimate_cached(self, instance: str, key: Sequence | None) -> int:
-        return 0
-
     def remove(self, instance: str) -> None:
         """Forget an instance (removed, or its cache is gone after a restart)."""
 
@@ -146,9 +143,6 @@ class PrefixAware(RoutingPolicy):
     def record(self, instance, key) -> None:
         if key:
             self.tree.insert(instance, key)
-
-    def estimate_cached(self, instance, key) -> int:
-        return self.tree.match(key, [instance])[instance] if key else 0
 
     def remove(self, instance) -> None:
         self.tree.remove(instance)

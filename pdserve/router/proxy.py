@@ -23,8 +23,9 @@ from pdserve.config import RouterConfig
 from pdserve.router.instances import Instance, Pools, health_loop
 from pdserve.router.metrics import RouterMetrics
 from pdserve.errors import error_body
-from pdserve.router.openai_io import (CHAT, CHARS_PER_TOKEN, SSE_DONE, TextSkipper, early_first_token,
-                                      first_chunk, first_text, prefill_body, prompt_key, sse, why_not_remote)
+from pdserve.router.openai_io import (CHAT, SSE_DONE, TextSkipper, early_first_token, first_chunk, first_text,
+                                      max_tokens, prefill_body, prompt_key, sse)
+from pdserve.router.placement import cached_tokens, local_prefill_reason
 from pdserve.router.policies import make_policy
 from pdserve.router.upstream import ClientError, UpstreamError, post_json, stream_sse
 
@@ -113,17 +114,9 @@ class Router:
 
     def _local_reason(self, job: Job, matched: int) -> str | None:
         """Why this request should prefill on its decode worker (None: remotely)."""
-        why = why_not_remote(job.kind, job.body)
-        if why:
-            return why
-        if not self.pools.healthy("prefill"):
-            return "no_prefill_worker"
-        n = self.cfg.local_prefill_max_tokens
-        if n > 0:
-            cached = matched if isinstance(job.key, list) else matched // CHARS_PER_TOKEN
-            if self._prompt_tokens(job) - cached <= n:
-                return "short_prompt"
-        return None
+        return local_prefill_reason(max_tokens(job.kind, job.body), bool(self.pools.healthy("prefill")),
+                                    self._prompt_tokens(job), cached_tokens(job.key, matched),
+                                    self.cfg.local_prefill_max_tokens)
 
     def _prompt_tokens(self, job: Job) -> float:
         """The prompt's size in tokens: exact for token ids, else the character estimate plus

@@ -9,7 +9,6 @@ from pdserve.cli_args import add_engine_args, engine_config_from_args
 from pdserve.api_key import add_api_key_args, resolve_api_key
 from pdserve.config import KVTransferConfig, parse_size
 from pdserve.kv.select import TRANSPORTS
-from pdserve.kv.spec import default_lease
 
 log = logging.getLogger("pdserve.server")
 
@@ -17,9 +16,6 @@ log = logging.getLogger("pdserve.server")
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     add_engine_args(p)
     s = p.add_argument_group("server")
-    s.add_argument("--role", choices=("both", "prefill", "decode"), default="both",
-                   help="prefill: answer the first token and hold the KV for a decode worker; decode: "
-                        "pull it and generate the rest; both: a whole request alone")
     s.add_argument("--host", default="127.0.0.1", help="bind address")
     s.add_argument("--port", type=int, default=8000, help="HTTP port")
     add_api_key_args(s, "the router sends it too")
@@ -49,9 +45,6 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     k.add_argument("--kv-pull-timeout", type=float, default=30.0,
                    help="deadline in seconds of a whole KV pull (connect, handshake, every byte); a slower "
                         "pull fails and --kv-load-failure-policy applies")
-    k.add_argument("--kv-lease", type=float, default=None, metavar="SECONDS",
-                   help="prefill role: seconds held KV outlives its decode worker's last renewal "
-                        "(default: $PDSERVE_KV_LEASE or 30)")
     k.add_argument("--kv-secret", default=None,
                    help="shared secret proving KV peers to each other (default: $PDSERVE_KV_SECRET, else derived "
                         "from --api-key; with neither, KV connections are unauthenticated and pulls loopback-only)")
@@ -73,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (one of hermes, llama3_json)")
 
-    lease = args.kv_lease if args.kv_lease is not None else default_lease(30.0)
-    ec = engine_config_from_args(args, role=args.role, kv_lease_duration=lease)
+    ec = engine_config_from_args(args)
     kc = KVTransferConfig(kv_transport=args.kv_transport, kv_host=args.kv_host, kv_port=args.kv_port,
                           kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout,
                           kv_secret=args.kv_secret, kv_allowed_peers=args.kv_allowed_peers,

@@ -6,33 +6,14 @@ import json
 import sys
 from dataclasses import fields
 
+from pdserve.config import SIM_FIELDS, EngineConfig
 from pdserve.sim.tracegen import GenConfig
-
-
-def parse_slo(items: list[str] | None) -> dict[str, float]:
-    """['ttft_ms=200', 'tpot_ms=50'] -> {'ttft_ms': 200.0, 'tpot_ms': 50.0}"""
-    out = {}
-    for item in items or []:
-        for part in item.replace(",", " ").split():
-            k, sep, v = part.partition("=")
-            if not sep or k not in ("ttft_ms", "tpot_ms", "e2e_ms"):
-                raise ValueError(f"--slo takes ttft_ms=, tpot_ms= or e2e_ms=, got {part!r}")
-            out[k] = float(v)
-    return out
 
 
 def add_engine_sim_args(p: argparse.ArgumentParser) -> None:
     """Engine settings the simulated instances share (a cluster config may override them)."""
-    g = p.add_argument_group("simulated engine (defaults as `pdserve serve`)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    g.add_argument("--dtype", default="float16", help="weights and KV cache dtype")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step's batch")
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="most tokens computed in one step")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt plus output, in tokens (default: the model's)")
-    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
-                   help="prefill each prompt in one step instead of in chunks")
-    g.add_argument("--enable-prefix-caching", action="store_true", help="reuse the KV blocks of shared prompt prefixes")
+    from pdserve.cli_args import add_engine_args
+    g = add_engine_args(p, model_positional=False, only=SIM_FIELDS, title="simulated engine (defaults as `pdserve serve`)")
     g.add_argument("--profile", default=None, help="PROFILE.json from `pdserve profile` (else analytical); an instance's own "
                    "\"profile\" field in the cluster config (a path relative to it) wins")
     g.add_argument("--routing", default="round_robin", help="round_robin | least_loaded | prefix_aware")
@@ -57,21 +38,16 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--output", default=None, help="CSV with one row per request")
     p.add_argument("--log-interval", type=float, default=1.0, help="seconds of simulated time; 0: no log")
     p.add_argument("--num-requests", type=int, default=None, help="only the first N trace lines")
-    p.add_argument("--slo", nargs="*", default=None, help="ttft_ms=... tpot_ms=... [e2e_ms=...]")
+    p.add_argument("--slo", nargs="*", default=None, help="ttft_ms=... tpot_ms=... [itl_ms=... e2el_ms=...]")
     p.add_argument("--summary-json", default=None, help="write the summary as JSON here")
     p.add_argument("--plot", default=None, help="PNG: KV memory per instance over time and latency CDFs")
     p.add_argument("--quiet", action="store_true", help="no periodic log lines")
     add_engine_sim_args(p)
 
 
-def engine_defaults(args):
-    from pdserve.sim.instance import EngineDefaults
-    from pdserve.sim.models import dtype_bytes
-    return EngineDefaults(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_chunked_prefill=args.enable_chunked_prefill,
-                          enable_prefix_caching=args.enable_prefix_caching, max_model_len=args.max_model_len,
-                          dtype_bytes=dtype_bytes(args.dtype))
+def engine_defaults(args) -> EngineConfig:
+    """The simulated engine's settings: EngineConfig's, less what the flags changed."""
+    return EngineConfig(**{k: getattr(args, k) for k in SIM_FIELDS})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --cluster-config and --dataset (or `pdserve sim gen` to write a trace)")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from pdserve.bench.metrics import parse_slo
     from pdserve.sim.runner import simulate
     from pdserve.sim.metrics import format_summary
     with logging_redirect_tqdm():   # warnings go above the progress bar (tqdm.write), not through it

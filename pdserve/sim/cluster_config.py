@@ -12,14 +12,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve.config import SIM_FIELDS
 from pdserve.sim.hardware import get_hardware
 
 log = logging.getLogger("pdserve.sim")
 
 PD_TYPES = {"prefill": "prefill", "decode": "decode", None: "both", "both": "both", "null": "both"}
-# per-instance scheduler overrides that pdserve's engine also has (LLMServingSim names)
-ENGINE_OVERRIDES = ("max_num_seqs", "max_num_batched_tokens", "block_size", "enable_chunked_prefill",
-                    "enable_prefix_caching")
+# per-instance overrides of the simulated engine settings (EngineConfig's names, as LLMServingSim's)
+ENGINE_OVERRIDES = SIM_FIELDS
 _TOP = {"num_nodes", "link_bw", "link_latency", "nodes"}
 _NODE = {"num_instances", "cpu_mem", "instances"}
 _INSTANCE = {"model_name", "hardware", "npu_mem", "pd_type", "tp_size", "num_npus", "name", "profile",

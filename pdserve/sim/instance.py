@@ -3,53 +3,41 @@ and the memory arithmetic that sizes its KV cache. No copy of the engine's logic
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
+from pdserve.config import SIM_FIELDS, EngineConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.sim.cluster_config import InstanceSpec
 from pdserve.sim.hardware import get_hardware
-from pdserve.sim.models import ModelShape, base_name, get_model
+from pdserve.sim.models import ModelShape, base_name, dtype_bytes, get_model
 from pdserve.sim.perf import AnalyticalPerf, ProfilePerf
 
 log = logging.getLogger("pdserve.sim")
 
 
-@dataclass
-class EngineDefaults:
-    """Run-wide engine settings (CLI flags); a cluster config may override them per instance.
-    Defaults are pdserve's EngineConfig defaults, so the simulator predicts `pdserve serve`."""
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = False
-    max_model_len: int | None = None    # None: the model's max_position_embeddings
-    dtype_bytes: int = 2
-
-
 class Instance:
-    def __init__(self, spec: InstanceSpec, defaults: EngineDefaults, profile: dict | None = None):
+    def __init__(self, spec: InstanceSpec, engine: EngineConfig, profile: dict | None = None):
+        """engine: the run-wide settings (`pdserve serve`'s defaults unless the flags say otherwise),
+        which the cluster config may override per instance."""
         self.spec = spec
         self.name = spec.name
         self.role = spec.role
-        o = {**defaults.__dict__, **spec.overrides}
+        o = {**{k: getattr(engine, k) for k in SIM_FIELDS}, **spec.overrides}
         self.model: ModelShape = get_model(spec.model_name)
-        db = defaults.dtype_bytes
+        db = dtype_bytes(o["dtype"])
         self.kv_bytes_per_token = self.model.kv_bytes_per_token(db)
-        self.block_bytes = self.kv_bytes_per_token * o["block_size"]
+        self.kv_bytes_per_block = self.kv_bytes_per_token * o["block_size"]
         self.weight_bytes = self.model.weight_bytes(db)
         budget = spec.mem_size * spec.tp_size * spec.mem_util - self.weight_bytes
-        num_blocks = int(budget // self.block_bytes)
+        num_blocks = int(budget // self.kv_bytes_per_block)
         if num_blocks < 1:
             raise ValueError(
                 f"instance {spec.name}: {spec.model_name} needs {self.weight_bytes / 1e9:.1f} GB of weights, "
                 f"more than {spec.mem_util:.0%} of {spec.tp_size} x {spec.mem_size / 1e9:.0f} GB leaves room for")
         self.bm = BlockManager(num_blocks, o["block_size"], o["enable_prefix_caching"])
         max_len = o["max_model_len"] or self.model.max_position_embeddings
-        self.sched = Scheduler(SchedulerConfig(
-            max_num_seqs=o["max_num_seqs"] or 1 << 30, max_num_batched_tokens=o["max_num_batched_tokens"],
-            max_model_len=max_len, enable_chunked_prefill=o["enable_chunked_prefill"], role=self.role), self.bm)
+        self.sched = Scheduler(SchedulerConfig(**{**o, "max_model_len": max_len, "role": self.role,
+                                                  "max_num_seqs": o["max_num_seqs"] or 1 << 30}), self.bm)
         self.max_model_len = max_len
         if profile is not None:
             self.perf = ProfilePerf(profile)
@@ -78,4 +66,4 @@ class Instance:
     @property
     def mem_used(self) -> float:
         """Bytes in use on the instance: weights plus referenced KV blocks."""
-        return self.weight_bytes + self.bm.num_used_blocks * self.block_bytes
+        return self.weight_bytes + self.bm.num_used_blocks * self.kv_bytes_per_block

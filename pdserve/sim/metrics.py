@@ -1,9 +1,6 @@
-"""Per-request CSV rows and the run summary (TTFT, TPOT, ITL, throughput, goodput).
-
-Terms as `vllm bench serve` defines them: TTFT = arrival to first token; ITL = every gap
-between consecutive tokens; TPOT = (E2E - TTFT) / (output tokens - 1); goodput = completed
-requests per second that meet every SLO (DistServe). CSV times are integer nanoseconds, the
-unit of LLMServingSim's traces.
+"""Per-request CSV rows and the run summary: the summary of `pdserve bench` (pdserve.bench.metrics:
+same terms, same keys), of simulated requests, plus the queueing delay and the completion rate.
+CSV times are integer nanoseconds, the unit of LLMServingSim's traces.
 """
 from __future__ import annotations
 
@@ -12,6 +9,9 @@ import math
 from array import array
 
 import numpy as np
+
+from pdserve.bench.metrics import _stats, error_counts, latency_summary, meets
+from pdserve.bench.report import format_summary as _format_bench
 
 _EMPTY = np.empty(0)
 
@@ -30,7 +30,8 @@ class Collector:
     def __init__(self, csv_path: str | None = None, slo: dict[str, float] | None = None):
         self.slo = slo or {}
         self.ttft, self.tpot, self.e2e, self.queue, self.itl = (array("d") for _ in range(5))
-        self.n_in = self.n_out = self.failed = self.good = 0
+        self.n_in = self.n_out = self.good = 0
+        self.errors: list[str] = []
         self.first_arrival, self.last_end, self.first_end = math.inf, 0.0, math.inf
         self._file = open(csv_path, "w", newline="") if csv_path else None
         self._csv = csv.writer(self._file) if self._file else None
@@ -42,7 +43,7 @@ class Collector:
         self.last_end = max(self.last_end, rec.end)
         self.first_end = min(self.first_end, rec.end)
         if rec.error:
-            self.failed += 1
+            self.errors.append(rec.error)
             if self._csv:
                 self._csv.writerow([rec.instance, rec.prefill_instance, rec.request_id, rec.session.session_id or "",
                                     rec.input_toks, 0, _ns(rec.arrival), _ns(rec.end), "", "", "", "", "", "",
@@ -63,7 +64,7 @@ class Collector:
         self.itl.frombytes(gaps.tobytes())
         self.n_in += rec.input_toks
         self.n_out += n
-        if self._meets(ttft, tpot, e2e):
+        if self.slo and meets(self.slo, ttft, tpot if n > 1 else None, gaps.max() if n > 1 else None, e2e):
             self.good += 1
         if self._csv:
             kv_time = _ns(rec.kv_done - rec.kv_start) if rec.kv_done >= 0 else ""
@@ -72,12 +73,6 @@ class Collector:
                                 _ns(ttft), _ns(tpot) if n > 1 else "", rec.kv_bytes or "", kv_time, "",
                                 "[" + ",".join(map(str, np.rint(gaps * 1e9).astype(np.int64).tolist())) + "]"])
 
-    def _meets(self, ttft: float, tpot: float, e2e: float) -> bool:
-        s = self.slo
-        return (ttft * 1e3 <= s.get("ttft_ms", math.inf)
-                and (math.isnan(tpot) or tpot * 1e3 <= s.get("tpot_ms", math.inf))
-                and e2e * 1e3 <= s.get("e2e_ms", math.inf))
-
     def close(self) -> None:
         if self._file:
             self._file.close()
@@ -85,42 +80,19 @@ class Collector:
 
     def summary(self) -> dict:
         done = len(self.ttft)
-        dur = max(self.last_end - self.first_arrival, 1e-12) if done else 0.0
-        out = {"completed": done, "failed": self.failed, "duration_s": dur,
-               "request_throughput": done / dur if dur else 0.0,
-               "input_throughput": self.n_in / dur if dur else 0.0,
-               "output_throughput": self.n_out / dur if dur else 0.0,
-               "total_input_tokens": self.n_in, "total_output_tokens": self.n_out,
-               # departures per second: equals the arrival rate while the cluster keeps up,
-               # and its capacity when it does not (the planner's test for "sustained")
-               "completion_rate": (done - 1) / (self.last_end - self.first_end)
-               if done > 1 and self.last_end > self.first_end else 0.0}
-        for name in ("ttft", "tpot", "itl", "e2e", "queue"):
-            a = np.frombuffer(getattr(self, name), dtype=np.float64) * 1e3
-            out[f"{name}_ms"] = ({"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-                                  "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
-                                 if a.size else {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan})
-        if self.slo:
-            out["slo"] = dict(self.slo)
-            out["goodput"] = self.good / dur if dur else 0.0
-            out["slo_attainment"] = self.good / done if done else 0.0
+        arrays = [np.frombuffer(getattr(self, name), dtype=np.float64) for name in ("ttft", "tpot", "itl", "e2e")]
+        out = latency_summary(self.last_end - self.first_arrival if done else 0.0, done, len(self.errors),
+                              self.n_in, self.n_out, *arrays, slo=self.slo, good=self.good)
+        out.update(_stats("queue", np.frombuffer(self.queue, dtype=np.float64), (50, 90, 99)))
+        out["error_counts"] = error_counts(self.errors)
+        # departures per second: equals the arrival rate while the cluster keeps up,
+        # and its capacity when it does not (the planner's test for "sustained")
+        out["completion_rate"] = ((done - 1) / (self.last_end - self.first_end)
+                                  if done > 1 and self.last_end > self.first_end else 0.0)
         return out
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"{'completed requests':<28}{s['completed']:>12}",
-             f"{'failed requests':<28}{s['failed']:>12}",
-             f"{'simulated duration (s)':<28}{s['duration_s']:>12.2f}",
-             f"{'request throughput (req/s)':<28}{s['request_throughput']:>12.2f}",
-             f"{'input throughput (tok/s)':<28}{s['input_throughput']:>12.1f}",
-             f"{'output throughput (tok/s)':<28}{s['output_throughput']:>12.1f}"]
-    if "goodput" in s:
-        slo = " ".join(f"{k}={v:g}" for k, v in s["slo"].items())
-        lines.append(f"{'goodput (req/s)':<28}{s['goodput']:>12.2f}   ({slo}; attained by "
-                     f"{s['slo_attainment']:.1%})")
-    lines.append(f"{'':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
-    for name, label in (("ttft", "TTFT ms"), ("tpot", "TPOT ms"), ("itl", "ITL ms"), ("e2e", "E2E ms"),
-                        ("queue", "queue ms")):
-        m = s[f"{name}_ms"]
-        lines.append(f"{label:<14}" + "".join(f"{m[k]:>10.2f}" for k in ("mean", "p50", "p90", "p99")))
-    return "\n".join(lines)
+    return _format_bench(s, "Simulation Result", duration_label="Simulated duration (s):", extra={
+        "Mean queueing delay (ms):": f"{s['mean_queue_ms']:.2f}", "P90 queueing delay (ms):": f"{s['p90_queue_ms']:.2f}",
+        "Completion rate (req/s):": f"{s['completion_rate']:.2f}"})

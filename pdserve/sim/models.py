@@ -6,51 +6,13 @@ the simulator never loads a model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
+from pdserve.models.shape import ModelShape
+
+# "auto" is what a GPU worker picks (bfloat16): simulated devices are accelerators
+DTYPE_BYTES = {"auto": 2, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
                "float8": 1, "fp8": 1, "int8": 1}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 131072
-
-    @property
-    def layer_params(self) -> int:
-        """Matmul weights of all decoder layers (norms are negligible)."""
-        h, hd = self.hidden_size, self.head_dim
-        attn = h * hd * (2 * self.num_heads + 2 * self.num_kv_heads)   # q, o and k, v
-        return self.num_layers * (attn + 3 * h * self.intermediate_size)
-
-    @property
-    def num_params(self) -> int:
-        emb = self.vocab_size * self.hidden_size
-        return self.layer_params + emb * (1 if self.tie_word_embeddings else 2)
-
-    def weight_bytes(self, dtype_bytes: int) -> int:
-        return self.num_params * dtype_bytes
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
-    @classmethod
-    def from_hf(cls, name: str, hf: dict) -> "ModelShape":
-        heads = hf["num_attention_heads"]
-        return cls(name, hf["num_hidden_layers"], hf["hidden_size"], hf["intermediate_size"], heads,
-                   hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads,
-                   hf["vocab_size"], bool(hf.get("tie_word_embeddings", False)),
-                   hf.get("max_position_embeddings", 131072))
 
 
 def _m(name, layers, hidden, inter, heads, kv, hd, vocab, tie=False, maxpos=131072):

@@ -16,10 +16,10 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from pdserve.config import SIM_FIELDS, EngineConfig
 from pdserve.sim.cluster_config import ClusterConfig, InstanceSpec, load_cluster_config
 from pdserve.sim.hardware import get_hardware
-from pdserve.sim.instance import EngineDefaults
-from pdserve.sim.models import get_model
+from pdserve.sim.models import dtype_bytes, get_model
 from pdserve.sim.trace import Session, read_trace, time_scaled
 
 log = logging.getLogger("pdserve.sim")
@@ -71,16 +71,15 @@ def build_cluster(template: InstanceSpec, cand: Candidate, link_bw: float, link_
     return ClusterConfig(1, link_bw, link_latency, insts)
 
 
-def evaluate(cluster: ClusterConfig, sessions: list[Session], slo: dict, engine: EngineDefaults,
+def evaluate(cluster: ClusterConfig, sessions: list[Session], slo: dict, engine: EngineConfig,
              profile: dict | None, routing: str) -> tuple[float, dict]:
     from pdserve.sim.runner import simulate
     summary, _ = simulate(cluster, sessions, engine, routing=routing, profile=profile, slo=slo)
-    total = summary["completed"] + summary["failed"]
-    return (summary["slo_attainment"] * summary["completed"] / total if total else 0.0), summary
+    return summary.get("slo_attainment", 0.0), summary
 
 
 def max_rate(cluster: ClusterConfig, sessions: list[Session], slo: dict, attainment: float,
-             engine: EngineDefaults, profile: dict | None, routing: str, steps: int = 6) -> tuple[float, dict | None]:
+             engine: EngineConfig, profile: dict | None, routing: str, steps: int = 6) -> tuple[float, dict | None]:
     """Highest rate (req/s) whose SLO attainment is at least `attainment`.
 
     A finite trace sent fast enough is one burst that may still meet a loose SLO, so a rate
@@ -120,14 +119,14 @@ def max_rate(cluster: ClusterConfig, sessions: list[Session], slo: dict, attainm
 
 def plan(template: InstanceSpec, devices: int, sessions: list[Session], slo: dict, attainment: float = 0.9,
          tp_sizes: list[int] | None = None, max_unit: int = 8, link_bw: float = 16e9, link_latency: float = 20e-6,
-         engine: EngineDefaults | None = None, profile: dict | None = None, routing: str = "round_robin",
+         engine: EngineConfig | None = None, profile: dict | None = None, routing: str = "round_robin",
          progress: bool = True) -> list[PlanResult]:
-    engine = engine or EngineDefaults()
+    engine = engine or EngineConfig()
     model = get_model(template.model_name)
     hw = get_hardware(template.hardware)
     tp_sizes = [t for t in (tp_sizes or [1, 2, 4, 8]) if t <= devices and model.num_heads % t == 0
                 and model.num_kv_heads % t == 0 or t == 1]
-    weights = model.weight_bytes(engine.dtype_bytes)
+    weights = model.weight_bytes(dtype_bytes(engine.dtype))
     fits = [t for t in tp_sizes if template.mem_size * t * template.mem_util > weights * 1.05]
     if not fits:
         raise ValueError(f"{template.model_name} does not fit on up to {max(tp_sizes)} x {hw.name}")
@@ -171,17 +170,16 @@ def format_table(results: list[PlanResult], slo: dict, attainment: float) -> str
     lines = [head]
     for i, r in enumerate(results, 1):
         s = r.summary
-        ttft = f"{s['ttft_ms']['p90']:.1f}" if s else "-"
-        tpot = f"{s['tpot_ms']['p90']:.1f}" if s else "-"
+        ttft = f"{s['p90_ttft_ms']:.1f}" if s else "-"
+        tpot = f"{s['p90_tpot_ms']:.1f}" if s else "-"
         lines.append(f"{i:>4}  {r.cand.label:<22}{r.cand.devices:>8}{r.rate:>10.2f}{r.per_device:>12.3f}"
                      f"{ttft:>10}{tpot:>10}")
     return "\n".join(lines)
 
 
-def up_config(model_name: str, cand: Candidate, replicas: int, engine: EngineDefaults) -> str:
+def up_config(model_name: str, cand: Candidate, replicas: int, engine: EngineConfig) -> str:
     """A `pdserve up --config` YAML for the chosen deployment (pdserve workers have no TP)."""
-    eng = {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
-           "block_size": engine.block_size, "enable_prefix_caching": engine.enable_prefix_caching}
+    eng = {k: getattr(engine, k) for k in SIM_FIELDS if k != "dtype" and getattr(engine, k) is not None}
     lines = ["# written by `pdserve plan`", f"# plan: {cand.label} x{replicas}"]
     if cand.tp > 1:
         lines.append(f"# the plan assumes tp_size={cand.tp} per instance; pdserve workers run one device each")
@@ -232,7 +230,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--dataset", required=True, help="request trace (JSONL; `pdserve sim gen` writes one)")
     p.add_argument("--num-requests", type=int, default=1000,
                    help="trace lines used per simulation; the search's time grows with it (try 200 first)")
-    p.add_argument("--slo", nargs="+", required=True, help="ttft_ms=... tpot_ms=... [e2e_ms=...]")
+    p.add_argument("--slo", nargs="+", required=True, help="ttft_ms=... tpot_ms=... [itl_ms=... e2el_ms=...]")
     p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet every SLO")
     p.add_argument("--tp-sizes", type=int, nargs="*", default=None,
                    help="tensor-parallel sizes to search (default: those of 1 2 4 8 that divide the model's heads)")
@@ -256,7 +254,8 @@ def _template(args) -> tuple[InstanceSpec, int, float, float]:
 
 def run(args: argparse.Namespace) -> int:
     import os
-    from pdserve.sim.cli_sim import engine_defaults, parse_slo
+    from pdserve.bench.metrics import parse_slo
+    from pdserve.sim.cli_sim import engine_defaults
     from pdserve.sim.perf import load_profile
     slo = parse_slo(args.slo)
     template, devices, link_bw, link_latency = _template(args)

@@ -1,15 +1,15 @@
 """One simulation run from files: config + trace -> summary (+ CSV), with a progress bar."""
 from __future__ import annotations
 
+from pdserve.config import EngineConfig
 from pdserve.sim.cluster_config import ClusterConfig, load_cluster_config
-from pdserve.sim.instance import EngineDefaults
 from pdserve.sim.metrics import Collector
 from pdserve.sim.perf import load_profile
 from pdserve.sim.simulator import ClusterSim, SimOptions
 from pdserve.sim.trace import Session, read_trace
 
 
-def simulate(cluster: str | ClusterConfig, trace: str | list[Session], engine: EngineDefaults | None = None, *,
+def simulate(cluster: str | ClusterConfig, trace: str | list[Session], engine: EngineConfig | None = None, *,
              routing: str = "round_robin", profile: str | dict | None = None, csv_path: str | None = None,
              log_interval: float = 0.0, slo: dict | None = None, limit: int | None = None,
              local_prefill_max_tokens: int = 0, on_log=None, progress: bool = False):

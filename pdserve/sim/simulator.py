@@ -5,7 +5,7 @@ policies. The clock jumps from event to event: a request arrives, an instance's 
 (its length from the performance model), or a KV hand-off lands on a decode instance.
 
 Disaggregated flow, as the real router does it: on arrival a decode instance D is chosen, then
-a prefill instance P (or D itself when the uncached prompt is at most local_prefill_max_tokens).
+a prefill instance P, or D itself as the router's placement decides (router/placement.py).
 P prefills with `remote_decode`, so the scheduler holds the blocks after the first token. Only
 then is the request added to D with `remote_first_token`; D's scheduler allocates its blocks
 (reusing its own prefix cache) and the missing KV crosses the link in
@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.engine.request import FinishReason, SamplingParams, Sequence
+from pdserve.router.placement import cached_tokens, local_prefill_reason
 from pdserve.router.policies import make_policy
 from pdserve.sim.cluster_config import ClusterConfig
-from pdserve.sim.instance import EngineDefaults, Instance
+from pdserve.config import EngineConfig
+from pdserve.sim.instance import Instance
 from pdserve.sim.perf import load_profile
 from pdserve.sim.trace import Session
 
@@ -71,12 +73,12 @@ class SimOptions:
 
 
 class ClusterSim:
-    def __init__(self, cluster: ClusterConfig, engine: EngineDefaults | None = None,
+    def __init__(self, cluster: ClusterConfig, engine: EngineConfig | None = None,
                  options: SimOptions | None = None, profile: dict | None = None,
                  on_log: Callable[[str], None] | None = None):
         self.cluster = cluster
         self.opts = options or SimOptions()
-        engine = engine or EngineDefaults()
+        engine = engine or EngineConfig()
         # an instance's own profile (cluster config) wins over the run-wide one; each file read once
         own = {s.profile: load_profile(s.profile) for s in cluster.instances if s.profile}
         self.instances = [Instance(s, engine, own.get(s.profile, profile)) for s in cluster.instances]
@@ -158,7 +160,8 @@ class ClusterSim:
         if params is None:
             params = self._params[r.output_toks] = SamplingParams(max_tokens=r.output_toks, ignore_eos=True)
         key = ids
-        d = self.policy_d.select(self.decode_pool, key, self.inflight).instance
+        choice = self.policy_d.select(self.decode_pool, key, self.inflight)
+        d = choice.instance
         dinst = self.by_name[d]
         if r.input_toks + r.output_toks > dinst.max_model_len:
             rec.error = f"input + output tokens exceed max_model_len={dinst.max_model_len}"
@@ -166,7 +169,8 @@ class ClusterSim:
         if dinst.bm.blocks_for(r.input_toks + r.output_toks) > dinst.bm.num_blocks:
             rec.error = f"input + output tokens exceed the KV cache of {d}"
             return self._finish(rec, t)
-        remote = self.prefill_pool and not self._local_prefill(d, key, r.input_toks)  # before record()
+        remote = local_prefill_reason(r.output_toks, bool(self.prefill_pool), r.input_toks,  # as the router
+                                      cached_tokens(key, choice.matched), self.opts.local_prefill_max_tokens) is None
         self.policy_d.record(d, key)
         self.records[rid] = rec
         self.inflight[d] += 1
@@ -186,10 +190,6 @@ class ClusterSim:
         target.sched.add(seq)
         if not target.busy:
             self._kick(target, t)
-
-    def _local_prefill(self, d: str, key, n: int) -> bool:
-        limit = self.opts.local_prefill_max_tokens
-        return limit > 0 and n - self.policy_d.estimate_cached(d, key) <= limit
 
     # ---- one instance step ----------------------------------------------------------------
     def _kick(self, inst: Instance, t: float) -> None:
