@@ -28,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: 1GiB on CPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="CUDA: share of the GPU's memory for weights, activations and KV cache")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (processes; on CPU each with its own cores)")
     g.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests without their own)")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")
     g.add_argument("--served-model-name", default=None, help="model name in the API (default: the model's own)")

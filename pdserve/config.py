@@ -33,6 +33,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     role: str = "both"                  # both | prefill | decode
     seed: int = 0
+    tensor_parallel_size: int = 1       # ranks (processes) one model copy is split over
     enforce_eager: bool = False         # CUDA: no CUDA graphs
     kv_lease_duration: float = 30.0     # prefill role: free held blocks whose decode worker stopped renewing
     served_model_name: str | None = None
@@ -45,6 +46,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
