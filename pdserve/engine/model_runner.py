@@ -215,9 +215,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def follow(self) -> None:
-        """Ranks 1..N-1: run each step rank 0 broadcasts until it sends None."""
-        while (step := self.tp.broadcast_step(None)) is not None:
-            ids, pos, slots, dec_tables, dec_lens, qlens, ctxlens, tables = step
+        """Ranks 1..N-1: run each step rank 0 broadcasts, until the group breaks (RankLostError)."""
+        while True:
+            ids, pos, slots, dec_tables, dec_lens, qlens, ctxlens, tables = self.tp.broadcast_step(None)
             meta = AttentionMetadata(slot_mapping=None, prefill_query_lens=qlens, prefill_context_lens=ctxlens,
                                      prefill_block_tables=tables)
             self._forward_eager(ids, pos, slots, dec_tables, dec_lens, meta)

@@ -1,7 +1,7 @@
 """The tensor-parallel ranks of one worker, as vLLM's multiprocess executor: rank 0 is the
 engine's own process (scheduler, block manager, sampler: it decides); ranks 1..N-1 are child
 processes (`python -m pdserve.engine.tp_ranks`) that load their shard of the weights, keep the KV
-blocks of their heads and run every step rank 0 broadcasts. One torch.distributed group: gloo
+blocks of their heads and run every step rank 0 broadcasts, until rank 0 ends them. One torch.distributed group: gloo
 on CPU, NCCL on CUDA.
 
 On CPU each rank gets its own share of the worker's cores (and as many threads); a rank that
@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 from pdserve.models.tensor_parallel import RankLostError, TPGroup
 
@@ -65,6 +66,7 @@ class Ranks:
         self.threads = [threads_for(c, allowed, self.size) for c in self.cores]
         cfg = json.dumps(dataclasses.asdict(config))
         self.procs = []
+        self._stopping = threading.Event()
         for r in range(1, self.size):
             cmd = [sys.executable, "-m", "pdserve.engine.tp_ranks", "--rank", str(r), "--port", str(self.port),
                    "--config", cfg, "--model-dir", model_dir, "--max-positions", str(max_positions),
@@ -79,15 +81,23 @@ class Ranks:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
+    def watch(self, on_lost) -> None:
+        """Call on_lost(RankLostError) once, from a thread of its own, if a rank exits while
+        serving: an idle engine would otherwise only notice at its next step."""
+        def run():
+            while self.procs and not self._stopping.wait(0.5):
+                for r, p in enumerate(self.procs, start=1):
+                    if p.poll() is not None:
+                        on_lost(RankLostError(f"tensor-parallel rank {r} (pid {p.pid}) exited with {p.returncode}"))
+                        return
+        threading.Thread(target=run, name="pdserve-tp-watch", daemon=True).start()
+
     def stop(self) -> None:
-        """Tell the ranks to leave (a None step), then make sure they are gone."""
-        if not self.procs:
-            return
-        try:
-            if all(p.poll() is None for p in self.procs):
-                self.group.broadcast_step(None)
-        except Exception:
-            pass
+        """End the other ranks (after the engine loop stopped: they hold no state of their own)."""
+        self._stopping.set()
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
         for p in self.procs:
             try:
                 p.wait(timeout=10)

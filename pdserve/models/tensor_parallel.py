@@ -134,7 +134,7 @@ class TPGroup:
         return int(t.item())
 
     def broadcast_step(self, step) -> object:
-        """Rank 0 sends `step` (plain Python lists, or None to stop); the others receive it."""
+        """Rank 0 sends `step` (plain Python lists); the others receive and return it."""
         import torch.distributed as dist
         box = [step]
         try:
