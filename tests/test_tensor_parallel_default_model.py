@@ -10,8 +10,8 @@ from pdserve.llm import LLM
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "List three prime numbers:"]
-PARAMS = {"greedy": SamplingParams(temperature=0, max_tokens=24, logprobs=2),
-          "seeded": SamplingParams(temperature=0.8, seed=7, max_tokens=24, logprobs=2)}
+PARAMS = {"greedy": SamplingParams(temperature=0, max_tokens=12, logprobs=2),
+          "seeded": SamplingParams(temperature=0.8, seed=7, max_tokens=12, logprobs=2)}
 
 
 def generate(tp: int) -> dict:
