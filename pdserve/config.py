@@ -51,6 +51,8 @@ class EngineConfig:
     role: str = setting("both", "prefill: answer the first token and hold the KV for a decode worker; decode: "
                         "pull it and generate the rest; both: a whole request alone", choices=ROLES)
     seed: int = setting(0, "seed of the engine's sampler (requests without their own)")
+    tensor_parallel_size: int = setting(1, "split the model over N ranks (processes; on CPU each with its own "
+                                        "cores)", flags=("-tp",), metavar="N")
     enforce_eager: bool = setting(False, "CUDA: do not capture CUDA graphs")
     kv_lease_duration: float = setting(30.0, "prefill role: seconds held KV outlives its decode worker's last "
                                        "renewal", flags=("--kv-lease",), env="PDSERVE_KV_LEASE", metavar="SECONDS")
@@ -65,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.kv_cache_memory = parse_size(self.kv_cache_memory)

@@ -116,7 +116,8 @@ def test_up_passes_every_engine_option_to_serve_as_a_flag():
     opts = {"device": "cpu", "dtype": "float32", "block_size": 8, "max_model_len": 512, "max_num_seqs": 3,
             "max_num_batched_tokens": 99, "enable_chunked_prefill": False, "enable_prefix_caching": False,
             "kv_cache_memory": 1 << 20, "gpu_memory_utilization": 0.5, "seed": 4, "enforce_eager": True,
-            "kv_lease_duration": 1.5, "served_model_name": "x", "step_trace": "/tmp/t.jsonl"}
+            "kv_lease_duration": 1.5, "served_model_name": "x", "step_trace": "/tmp/t.jsonl",
+            "tensor_parallel_size": 2}
     assert set(opts) == ENGINE_KEYS
     ec = engine_config_from_args(command("serve").parse_args(engine_flags(opts)))
     assert {k: getattr(ec, k) for k in opts} == opts

@@ -38,6 +38,8 @@ class AsyncEngine:
 
     def start(self) -> "AsyncEngine":
         self._thread.start()
+        if self.engine.ranks is not None:   # a tensor-parallel rank lost: the loop must end
+            self.engine.ranks.watch(lambda e: self._cmds.put(("fatal", e)))
         return self
 
     def shutdown(self) -> None:
@@ -98,6 +100,8 @@ class AsyncEngine:
                 self.engine.add_sequence(seq, text)
             except Exception as e:
                 self._deliver(seq.request_id, e)
+        elif kind == "fatal":   # the loop's death, on purpose (its handler reports it)
+            raise cmd[1]
         elif kind == "call":
             try:
                 cmd[1](self.engine)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from pdserve.errors import RequestError
+from pdserve.models.tensor_parallel import RankLostError
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.logits_controls import bad_words_token_ids
@@ -82,7 +83,18 @@ class LLMEngine:
         hf = read_hf_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.max_model_len = self._max_model_len(hf)
-        self.runner = ModelRunner(config, self.model_dir, hf, self.max_model_len, kv_allocator)
+        self.ranks = None   # the other tensor-parallel ranks (child processes), if any
+        if config.tensor_parallel_size > 1:
+            from pdserve.engine.tp_ranks import Ranks
+            from pdserve.models.decoder import ModelConfig
+            from pdserve.models.tensor_parallel import check_divisible
+            check_divisible(ModelConfig.from_hf(hf), config.tensor_parallel_size)   # before any rank starts
+            if config.role != "both":
+                raise ValueError("tensor_parallel_size > 1 runs as role both for now: the KV hand-off "
+                                 "between tensor-parallel workers is not built yet")
+            self.ranks = Ranks(config, self.model_dir, self.max_model_len)
+        self.runner = ModelRunner(config, self.model_dir, hf, self.max_model_len, kv_allocator,
+                                  tp=self.ranks.group if self.ranks else None)
         self._fit_max_model_len()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -313,6 +325,8 @@ class LLMEngine:
         self._batch, self._early = None, []
         try:
             return self._step()
+        except RankLostError:   # no step can run without every rank: the worker must go
+            raise
         except Exception as e:
             log.exception("a step failed; failing the requests it ran")
             return self._fail_step(e)

@@ -20,6 +20,7 @@ from pdserve.models.cpu_kernels import paged_decode_op
 from pdserve.models.decoder import CausalLM, ModelConfig
 from pdserve.models.layers import pack_linears_for_cpu
 from pdserve.models.loader import load_weights
+from pdserve.models.tensor_parallel import TPGroup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -71,8 +72,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str, hf_config: dict, max_positions: int,
-                 kv_allocator: KVAllocator | None = None):
+                 kv_allocator: KVAllocator | None = None, tp: TPGroup | None = None):
+        """tp: this process's rank of a tensor-parallel group (pdserve.engine.tp_ranks); rank 0
+        decides and samples, every rank runs the same forward on its shard."""
         self.config = config
+        self.tp = tp or TPGroup()
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model_config = ModelConfig.from_hf(hf_config)
@@ -82,7 +86,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = CausalLM(self.model_config, max_positions)
+                self.model = CausalLM(self.model_config, max_positions, self.tp)
         finally:
             torch.set_default_dtype(prev)
         load_weights(self.model, model_dir)
@@ -95,25 +99,27 @@ class ModelRunner:
         self.model.eval()
         self.sampler = Sampler(config.seed)
         self.prompt_logprobs: dict = {}   # of the last step: see _prompt_logprobs
+        self.kv_heads = self.model.layout.local_kv_heads   # this rank's heads
         self.num_blocks = self._num_blocks()
         mc = self.model_config
         # one block more than the block manager gets: the scratch block that padded rows of a
         # CUDA-graph decode batch write to, so they never touch a request's KV
         self.scratch_block = self.num_blocks
-        self.kv_shape = (mc.num_layers, 2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_shape = (mc.num_layers, 2, self.num_blocks + 1, self.block_size, self.kv_heads, mc.head_dim)
         alloc = kv_allocator or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
         self.kv_cache = alloc(self.kv_shape, self.dtype, self.device)
         # CPU decode attention from the cache in place (no gathered copy), where the kernel builds
         self.decode_kernel = self.device.type == "cpu" and paged_decode_op() is not None
         self.decode_graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and self.tp.size == 1:
             self.decode_graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size,
                                                    config.max_num_seqs, max_positions, self.scratch_block)
 
     @property
     def kv_bytes_per_block(self) -> int:
-        """Bytes of one block across all layers, K and V."""
-        return self.model_config.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
+        """Bytes of one block across all layers, K and V, of this rank's KV heads."""
+        mc = self.model_config
+        return 2 * mc.num_layers * self.kv_heads * mc.head_dim * self.dtype.itemsize * self.block_size
 
     def _num_blocks(self) -> int:
         budget = self.config.kv_cache_memory
@@ -124,7 +130,7 @@ class ModelRunner:
                 budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
             else:
                 budget = DEFAULT_CPU_KV_BYTES
-        n = budget // self.kv_bytes_per_block
+        n = self.tp.min_int(budget // self.kv_bytes_per_block)   # the same block ids on every rank
         if n < 1:
             raise ValueError(f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of "
                              f"{self.block_size} tokens; raise --kv-cache-memory")
@@ -163,7 +169,7 @@ class ModelRunner:
             else:
                 meta.prefill_query_lens.append(n)
                 meta.prefill_context_lens.append(c + n)
-                meta.prefill_block_tables.append(torch.tensor(table[:-(-(c + n) // bs)], device=self.device))
+                meta.prefill_block_tables.append(table[:-(-(c + n) // bs)])
             if c + n == seq.num_tokens:
                 sample_at.append((i, len(ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq), seq=seq,
                                                              grammar=seq.grammar)))
@@ -171,6 +177,9 @@ class ModelRunner:
                 and self.decode_graphs.fits(dec_tables, dec_lens)):
             hidden = self.decode_graphs.forward(ids, pos, slots, dec_tables, dec_lens)
         else:
+            if self.tp.size > 1:   # the other ranks run the same forward on their shards
+                self.tp.broadcast_step((ids, pos, slots, dec_tables, dec_lens, meta.prefill_query_lens,
+                                        meta.prefill_context_lens, meta.prefill_block_tables))
             hidden = self._forward_eager(ids, pos, slots, dec_tables, dec_lens, meta)
         self.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
         tokens: list[int | None] = [None] * len(out.seqs)
@@ -204,9 +213,19 @@ class ModelRunner:
             res[seq.request_id] = (first + 1, entries)
         return res
 
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks 1..N-1: run each step rank 0 broadcasts, until the group breaks (RankLostError)."""
+        while True:
+            ids, pos, slots, dec_tables, dec_lens, qlens, ctxlens, tables = self.tp.broadcast_step(None)
+            meta = AttentionMetadata(slot_mapping=None, prefill_query_lens=qlens, prefill_context_lens=ctxlens,
+                                     prefill_block_tables=tables)
+            self._forward_eager(ids, pos, slots, dec_tables, dec_lens, meta)
+
     def _forward_eager(self, ids, pos, slots, dec_tables, dec_lens, meta: AttentionMetadata):
         dev, bs = self.device, self.block_size
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        meta.prefill_block_tables = [torch.tensor(t, device=dev) for t in meta.prefill_block_tables]
         if dec_tables:
             widths = [-(-n // bs) for n in dec_lens]   # blocks each row reads (ascending)
             meta.decode_context_lens = torch.tensor(dec_lens, device=dev)

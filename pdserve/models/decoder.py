@@ -15,6 +15,7 @@ from torch import nn
 from pdserve.models.attention import AttentionMetadata, paged_attention
 from pdserve.models.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 from pdserve.models.shape import ModelShape
+from pdserve.models.tensor_parallel import TPGroup, TPLayout
 
 # architecture -> (qkv bias, q/k norm); None: read attention_bias from the config
 ARCHITECTURES = {
@@ -62,10 +63,13 @@ class ModelConfig(ModelShape):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """This rank's heads (all of them for one rank); o_proj is row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup):
         super().__init__()
-        self.layer = layer
-        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.layer, self.tp = layer, tp
+        lay = TPLayout.of(cfg, tp.size, tp.rank)
+        self.nh, self.nkv, self.hd = lay.local_heads, lay.local_kv_heads, cfg.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": self.nh * self.hd, "k_proj": self.nkv * self.hd,
                                                        "v_proj": self.nkv * self.hd}, cfg.qkv_bias)
         self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
@@ -87,14 +91,14 @@ class Attention(nn.Module):
             qk = apply_rotary(qkv[:, :(nh + self.nkv) * self.hd].view(t, nh + self.nkv, self.hd), *rope)
             q, k = qk[:, :nh], qk[:, nh:]
         o = paged_attention(q, k, v, kv_cache[self.layer], meta, self.scale)
-        return self.o_proj(o.reshape(t, self.nh * self.hd))
+        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.nh * self.hd)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup):
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.self_attn = Attention(cfg, layer, tp)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size // tp.size, cfg.mlp_bias, reduce=tp.all_reduce)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -104,18 +108,20 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None):
         super().__init__()
         self.config = cfg
-        self.model = DecoderBody(cfg)
+        self.tp = tp or TPGroup()
+        self.layout = TPLayout.of(cfg, self.tp.size, self.tp.rank)
+        self.model = DecoderBody(cfg, self.tp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -133,7 +133,8 @@ def merged_targets(module: torch.nn.Module) -> dict[str, tuple[str, slice]]:
 
 def load_weights(module: torch.nn.Module, model_dir: str) -> None:
     """Load every *.safetensors file of model_dir into module. Names must match exactly, except
-    the separate tensors of a merged linear (q/k/v, gate/up), each copied into its rows."""
+    the separate tensors of a merged linear (q/k/v, gate/up), each copied into its rows. A
+    tensor-parallel module (its `layout`) keeps only its rank's part of each tensor."""
     from safetensors import safe_open
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
@@ -141,6 +142,8 @@ def load_weights(module: torch.nn.Module, model_dir: str) -> None:
     params = dict(module.named_parameters())
     merged = merged_targets(module)
     tied = getattr(module.config, "tie_word_embeddings", False)
+    layout = getattr(module, "layout", None)
+    layout = layout if layout is not None and layout.size > 1 else None
     loaded = set()
     for f in files:
         with safe_open(f, framework="pt") as sf:
@@ -154,7 +157,7 @@ def load_weights(module: torch.nn.Module, model_dir: str) -> None:
                     continue
                 else:
                     raise ValueError(f"unexpected weight {name!r} in {f}")
-                w = sf.get_tensor(name)
+                w = sf.get_tensor(name) if layout is None else layout.shard(name, sf.get_tensor(name))
                 if w.shape != dest.shape:
                     raise ValueError(f"weight {name!r} in {f} has shape {tuple(w.shape)}, "
                                      f"the model expects {tuple(dest.shape)}")

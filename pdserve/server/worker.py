@@ -115,6 +115,8 @@ class Worker:
             self.connector.close()
         if getattr(self, "async_engine", None) is not None:
             self.async_engine.shutdown()
+        if getattr(self, "engine", None) is not None and self.engine.ranks is not None:
+            self.engine.ranks.stop()
         if getattr(self, "shm", None) is not None:
             self.shm.close()
         if getattr(self, "cpu_pool", None) is not None:
