@@ -25,6 +25,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from pdserve.procs import free_port, pdserve_command, start, stop, wait_healthy  # noqa: E402
 from pdserve.ray_cluster.cli import connect  # noqa: E402
+from pdserve.ray_cluster.driver import CONTROLLER  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -261,16 +262,16 @@ def test_killed_decode_actor_restarts_and_router_recovers(up):
     wait_for(lambda: all_workers_idle(router), "KV usage back to 0 everywhere")
 
 
-@pytest.mark.skipif(not os.environ.get("PDSERVE_TEST_RAY_NODE_LOSS"),
-                    reason="flaky: in 1 of 3 runs the decode actor of a removed raylet was not placed again "
-                           "within 300 s and its processes outlived the node; set PDSERVE_TEST_RAY_NODE_LOSS=1 "
-                           "to run it (issue 15)")
 def test_lost_node_worker_replaced_on_another(up):
     c, router = up["cluster"], up["router"]
     spare = c.add_node(num_cpus=2, resources={"decode_node": 4}, node_ip_address="127.0.0.1")
     c.wait_for_nodes()
     (d,) = status(router)["decode_instances"]
+    old = ray.get(ray.get_actor("pdserve-decode-0", namespace="pdserve").info.remote())
     c.remove_node(up["nodes"]["decode"], allow_graceful=False)
+    # the lost node's actor and its `pdserve serve` go with it (nothing on the node is left to stop them)
+    wait_for(lambda: not any(running(old[k]) for k in ("pid", "actor_pid")), "the lost node's processes gone",
+             timeout=60, lines=up["lines"])
     wait_for(lambda: [i["ray_node_id"] for i in status(router)["decode_instances"]] == [spare.node_id]
              and all(i["healthy"] for i in status(router)["decode_instances"]), "decode re-placed on the spare node",
              lines=up["lines"])
@@ -278,12 +279,44 @@ def test_lost_node_worker_replaced_on_another(up):
     wait_for(lambda: all_workers_idle(router), "KV usage back to 0 everywhere")
 
 
+def test_lost_controller_comes_back_with_its_counts(up):
+    """The wanted counts outlive their actor: the driver starts it again with what it last read,
+    and goes on watching the workers meanwhile."""
+    ctrl = ray.get_actor(CONTROLLER, namespace="pdserve")
+    counts = ray.get(ctrl.get.remote())["counts"]
+    ray.kill(ctrl, no_restart=True)
+
+    def back():
+        try:
+            got = ray.get(ray.get_actor(CONTROLLER, namespace="pdserve").get.remote(), timeout=10)
+        except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return None
+        return got if got["state"] else None
+    got = wait_for(back, "the controller back", timeout=120, lines=up["lines"])
+    assert got["counts"] == counts and got["router_url"] == up["router"]
+    assert [w["name"] for w in got["state"]["decode"]] == ["pdserve-decode-0"]
+    assert "the controller died" in "".join(up["lines"])
+    assert scale(up, decode=1)["reached"]
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_nothing_left_running(up):
-    """Last: stop `pdserve up --ray`; its actors and their servers are gone."""
+    """Last: stop `pdserve up --ray`; its actors and their servers are gone, those that Ray
+    restarted or placed again on another node included."""
     proc = up["proc"]
     pids = [int(p) for p in re.findall(r" pid (\d+)", "".join(up["lines"]))]
+    for name in ray.util.list_named_actors(all_namespaces=False):
+        if re.fullmatch(r"pdserve-(prefill|decode|both)-\d+", name):
+            info = ray.get(ray.get_actor(name, namespace="pdserve").info.remote(), timeout=60)
+            pids += [info["pid"], info["actor_pid"]]
+    assert len(pids) >= 3 + 2 * 2   # the router and the first servers, then each worker's actor and server
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(120) == 0
     assert not [n for n in ray.util.list_named_actors(all_namespaces=True) if "pdserve" in str(n)]
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                             for p in pids), "worker processes gone", timeout=60)
+    wait_for(lambda: not any(running(p) for p in pids), "worker processes gone", timeout=60)

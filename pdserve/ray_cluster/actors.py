@@ -3,6 +3,7 @@ that Ray restarts both), and one small controller that holds the wanted counts p
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import threading
 
@@ -14,9 +15,12 @@ from pdserve.procs import Proc, free_port, pdserve_command
 class WorkerActor:
     """`pdserve serve` as a child of this actor, on this node's address (never a wildcard).
 
-    The child dies with the actor (pdserve.procs' PR_SET_PDEATHSIG): a ray.kill or a lost node
-    leaves no orphan. The actor dies with the child: Ray then restarts the pair (max_restarts),
-    possibly on another node, on new ports; the driver reads the new URL from info().
+    The child dies with the actor (pdserve.procs' PR_SET_PDEATHSIG, the actor's main thread
+    forks it): a ray.kill leaves no orphan. A lost node: the actor stops the child's process
+    group itself once its raylet is gone, rather than trust Ray's worker to notice (this runs
+    on the lost node, so it needs nothing from the driver, which is on another host). The
+    actor dies with the child: Ray then restarts the pair (max_restarts), possibly on another
+    node, on new ports; the driver reads the new URL from info().
     """
 
     def __init__(self, name: str, role: str, argv: list[str]):
@@ -35,12 +39,23 @@ class WorkerActor:
         # host share the boot id, not /dev/shm): the KV connector compares this id
         env = {"PDSERVE_HOST_ID": f"ray-node:{self.node_id}"}
         self.proc = Proc(cmd, self.log_path, name, env=env)
+        # the raylet (or what it started us through) is our parent until it dies: then we are
+        # reparented (to init or a subreaper), whatever pid namespace we run in
+        self.parent = os.getppid()
         threading.Thread(target=self._watch, name="pdserve-watch", daemon=True).start()
 
     def _watch(self) -> None:
-        self.proc.popen.wait()
-        if not self.stopping:   # the worker died on its own: let Ray restart the actor, and so it
-            os._exit(1)
+        while True:
+            try:
+                self.proc.popen.wait(1.0)
+            except subprocess.TimeoutExpired:
+                if os.getppid() == self.parent:
+                    continue
+                self.proc.stop(timeout=5.0)   # the raylet is gone: so is this node, for Ray
+                os._exit(1)
+            if not self.stopping:   # the worker died on its own: let Ray restart the actor, and so it
+                os._exit(1)
+            return
 
     def info(self) -> dict:
         return {"name": self.name, "role": self.role, "url": f"http://{self.ip}:{self.port}",

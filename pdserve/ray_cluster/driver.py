@@ -73,6 +73,7 @@ class RayDeployment:
         self.router: Proc | None = None
         self.router_url = ""
         self.controller = None
+        self.wanted: dict[str, int] = {}   # the counts last read from the controller
         self.has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         self.clocks = {r: Clock() for r in ROLES}    # the autoscaling rules' state
         self.sampled = {r: 0.0 for r in ROLES}
@@ -216,12 +217,8 @@ class RayDeployment:
             self.router = Proc(self.router_cmd(port), os.path.join(self.log_dir, "router.log"), name="router")
             wait_healthy(self.router_url, self.router.popen, timeout=max(1.0, deadline - time.monotonic()),
                          path="/metrics")   # /health is 503 until a decode worker is registered
-            here = ray.get_runtime_context().get_node_id()   # the wanted counts live beside the driver
-            self.controller = ray.remote(Controller).options(
-                name=CONTROLLER, namespace=self.s.namespace, num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-            ).remote(self.counts(), self.router_url,
-                     {r: (p.autoscale.min, p.autoscale.max) for r, p in self.s.roles.items() if p.autoscale})
+            self.wanted = self.counts()
+            self.start_controller()
             ray.get(self.controller.get.remote(), timeout=max(1.0, deadline - time.monotonic()))
             while True:
                 self.step()
@@ -240,11 +237,35 @@ class RayDeployment:
             self.stop()
             raise
 
-    def step(self) -> None:
+    def start_controller(self) -> None:
+        """The wanted counts live beside the driver, on its node for sure (a soft affinity let Ray
+        put them on any node, and a lost node took them along); they start from what the driver
+        last read, so a controller lost anyway (killed, OOM) loses no `pdserve scale`."""
+        here = ray.get_runtime_context().get_node_id()
+        self.controller = ray.remote(Controller).options(
+            name=CONTROLLER, namespace=self.s.namespace, num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        ).remote(self.wanted, self.router_url,
+                 {r: (p.autoscale.min, p.autoscale.max) for r, p in self.s.roles.items() if p.autoscale})
+
+    def wanted_counts(self) -> dict[str, int] | None:
+        """The controller's counts (None: it did not answer in time, try again next step)."""
         try:
-            counts = ray.get(self.controller.get.remote(), timeout=30)["counts"]
-        except GetTimeoutError:
-            counts = None
+            self.wanted = ray.get(self.controller.get.remote(), timeout=30)["counts"]
+            return self.wanted
+        except (GetTimeoutError, ActorUnavailableError):
+            return None
+        except RayActorError as e:   # dead for good: the workers must not go unwatched meanwhile
+            self.say(f"pdserve up: the controller died ({type(e).__name__}); starting it again with "
+                     f"the counts {self.wanted}")
+            try:
+                self.start_controller()
+            except ValueError as e:   # its name not free yet: next step
+                log.info("cannot start the controller yet: %s", e)
+            return None
+
+    def step(self) -> None:
+        counts = self.wanted_counts()
         if counts is not None:
             self.autoscale(counts)
             self.reconcile(counts)
