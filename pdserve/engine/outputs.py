@@ -19,10 +19,6 @@ class CompletionOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
-    @property
-    def cumulative_logprob(self) -> float | None:
-        return sum(lp.logprob for lp in self.logprobs) if self.logprobs is not None else None
-
 
 @dataclass
 class RequestOutput:

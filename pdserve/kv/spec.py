@@ -33,11 +33,6 @@ class KVSpec:
                    mc.num_kv_heads, mc.head_dim, mc.num_layers)
 
     @property
-    def block_bytes(self) -> int:
-        """Bytes of one block of one layer's K (or V): the unit the transports move."""
-        return self.block_size * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.torch_dtype).element_size()
-
-    @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 

@@ -393,7 +393,7 @@ def chosen(children: list[Child], n: int) -> list[Child]:
         return children
     out = []
     for pi in sorted(by_prompt):
-        best = sorted(by_prompt[pi], key=lambda c: -(c.last.outputs[0].cumulative_logprob or 0.0))[:n]
+        best = sorted(by_prompt[pi], key=lambda c: -sum(lp.logprob for lp in c.last.outputs[0].logprobs or ()))[:n]
         for c in sorted(best, key=lambda c: c.index):
             out.append(c)
     for i, c in enumerate(out):
