@@ -33,3 +33,5 @@ class RequestOutput:
     error: str | None = None   # set when the request ended on an error (e.g. a failed KV pull)
     # with SamplingParams.prompt_logprobs: None for the first prompt token, then each token's
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # prefill side, a remote-decode request now held: what a decode worker needs to continue it
+    kv_transfer_params: dict | None = None

@@ -195,6 +195,8 @@ class Sequence:
     # prefill worker computed them; this worker never sees the prompt's logits)
     remote_first_logprob: object = None
     remote_prompt_logprobs: list | None = None
+    # decode role: the kv_transfer_params it came with (a kv.params.RemotePrefill), for the connector
+    kv_params: object = None
     # decode role, a fork (n > 1): the request (pulling the same prompt's KV) to start after
     wait_for: str | None = None
     token_ids: list[int] = field(init=False)
