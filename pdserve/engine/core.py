@@ -95,7 +95,8 @@ class EngineCore:
         """Expire holds whose lease ran out, schedule, and start the loads of newly admitted
         remote-prefill requests (with no connector they stay in out.kv_loads for the caller)."""
         c = self.connector
-        self.scheduler.expire_held(now, lease, c.keep_held if c is not None else None)
+        if self.scheduler.held and lease != float("inf"):
+            self.scheduler.expire_held(now, lease, c.keep_held if c is not None else None)
         out = self.scheduler.schedule()
         if c is not None:
             for seq in out.kv_loads:
