@@ -122,3 +122,51 @@ def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+class LocalTransport:
+    """The worker side of kv/base.py with no sockets: producers and consumers of one process
+    meet in `hub` (port -> producer connector). A pull goes through exactly the calls a KV server
+    makes on the producer (authorize, unclaim, done) and copies the blocks pool to pool, so a
+    connector driven by it holds, pulls, aborts and expires as with the real transport."""
+
+    def __init__(self, hub: dict, pool):
+        self.hub, self.pool = hub, pool   # pool: this worker's BlockPool (a consumer pulls into it)
+        self.port = None
+
+    def serve(self, producer):
+        self.port = len(self.hub) + 1
+        self.hub[self.port] = producer
+        return "local", self.port
+
+    def _producer(self, rp):
+        prod = self.hub.get(rp.port)
+        if prod is None or prod.engine_id != rp.engine_id:
+            raise ConnectionError(f"no producer {rp.engine_id} at port {rp.port}")
+        return prod
+
+    def pull(self, rp, src, dst):
+        prod, reader, n = self._producer(rp), object(), 0
+        if src:
+            error = prod.authorize(rp.request_id, rp.token, src, reader)
+            if error:
+                raise RuntimeError(f"the prefill worker refused the pull: {error}")
+            try:
+                n = self.pool.copy_from(prod.pool.kv, src, dst)
+            finally:
+                prod.unclaim(reader, rp.request_id)
+        prod.done(rp.request_id, rp.token, reader)
+        return n, "local"
+
+    def renew(self, rps):
+        for rp in rps:
+            self._producer(rp).renew(rp.request_id, rp.token)
+
+    def release(self, rp):
+        try:
+            self._producer(rp).done(rp.request_id, rp.token)
+        except ConnectionError:
+            pass
+
+    def close(self):
+        self.hub.pop(self.port, None)

@@ -106,7 +106,8 @@ class FakeWorker:
             if not body.get("stream"):
                 await asyncio.sleep(self.first_delay + self.token_delay * n)
                 return web.json_response(self._full(kind, body, rid, toks, None))
-            return await self._stream(request, kind, body, rid, toks)
+            # as a pdserve decode worker: the first token the router streamed itself is not sent again
+            return await self._stream(request, kind, body, rid, toks, skip=ktp.get("first_token_sent") is True)
         return handler
 
     def _full(self, kind, body, rid, toks, ktp):
@@ -121,7 +122,7 @@ class FakeWorker:
                 "choices": [{"index": 0, "text": text, "finish_reason": "length"}], "usage": usage,
                 "kv_transfer_params": ktp}
 
-    async def _stream(self, request, kind, body, rid, toks):
+    async def _stream(self, request, kind, body, rid, toks, skip=False):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -136,9 +137,11 @@ class FakeWorker:
             await asyncio.sleep(self.first_delay)
             if self.gate is not None:
                 await self.gate.wait()
-            if kind == "chat":
+            if kind == "chat" and not skip:
                 await resp.write(b"data: " + json.dumps(chunk("", role=True)).encode() + b"\n\n")
             for i, t in enumerate(toks):
+                if skip and i == 0:
+                    continue
                 await asyncio.sleep(self.token_delay)
                 if self.die_after is not None and i >= self.die_after:
                     request.transport.close()   # as a crash would: no [DONE]

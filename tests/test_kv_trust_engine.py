@@ -36,7 +36,7 @@ def pair(default_model_dir):
         def make(role):
             eng = LLMEngine(model=default_model_dir, kv_cache_memory="24MiB", max_model_len=256, role=role)
             ae = AsyncEngine(eng).start()
-            conn = KVConnector(ae, KVTransferConfig(kv_transport="tcp", kv_pull_timeout=PULL_DEADLINE))
+            conn = KVConnector(eng, KVTransferConfig(kv_transport="tcp", kv_pull_timeout=PULL_DEADLINE), wake=ae.wake)
             made.append((ae, conn))
             return eng, ae, conn
         try:
@@ -62,8 +62,15 @@ def run(ae, prompt, params, rid, **kw):
 
 def reset_cache(ae, eng):
     done = threading.Event()
-    ae.call(lambda e: (e.block_manager.reset_prefix_cache(), done.set()))
+    ae.call(lambda e: (_forget_prefixes(e.block_manager), done.set()))
     assert done.wait(20)
+
+
+def _forget_prefixes(bm):
+    """Empty the prefix cache (a fresh reference run computes every block itself)."""
+    for b in list(bm.hash_to_block.values()):
+        bm.block_hash[b] = bm.block_tokens[b] = None
+    bm.hash_to_block.clear()
 
 
 def test_a_fake_kv_server_cannot_poison_the_prefix_cache(pair):
@@ -81,8 +88,7 @@ def test_a_fake_kv_server_cannot_poison_the_prefix_cache(pair):
         rp = RemotePrefill("evil", "127.0.0.1", fake.port, list(range(-(-len(ids) // bs))), "evil-1", "t",
                            clean[0], ids, ["tcp"])
         failed = sum(k == "failed" for k, _ in events)
-        d_conn.expect("victim", rp)
-        got = run(d_ae, {"prompt_token_ids": ids}, GREEDY, "victim", remote_first_token=rp.first_token_id)
+        got = run(d_ae, {"prompt_token_ids": ids}, GREEDY, "victim", remote_prefill=rp)
         assert got[-1].error is None
         assert got[-1].outputs[0].token_ids == clean   # refused, recomputed (kv_load_failure_policy=recompute)
         assert sum(k == "failed" for k, _ in events) == failed + 1
@@ -107,9 +113,8 @@ def test_a_dripping_peer_costs_only_its_own_requests(pair, caplog):
         ids = d_eng.tokenizer.encode(f"Request {i} waits on a peer that trickles its KV. " * 2)
         rp = RemotePrefill("slowP", "127.0.0.1", slow.port, list(range(-(-len(ids) // bs))), f"s{i}", "t",
                            ids[0], ids, ["tcp"])
-        d_conn.expect(f"slow{i}", rp)
         results[f"slow{i}"] = run(d_ae, {"prompt_token_ids": ids}, SamplingParams(max_tokens=2, temperature=0),
-                                  f"slow{i}", remote_first_token=rp.first_token_id)
+                                  f"slow{i}", remote_prefill=rp)
     try:
         with caplog.at_level(logging.WARNING, logger="pdserve.kv"):
             threads = [threading.Thread(target=slow_request, args=(i,), daemon=True) for i in range(n_slow)]
@@ -124,11 +129,10 @@ def test_a_dripping_peer_costs_only_its_own_requests(pair, caplog):
                 prompt = f"Normal hand-off number {i} goes through while a peer is slow. " * 2
                 ids = d_eng.tokenizer.encode(prompt)
                 outs = run(p_ae, prompt, SamplingParams(max_tokens=1, temperature=0), f"np{i}", remote_decode=True)
-                kvp = p_conn.export(f"np{i}", outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
-                d_conn.expect(f"nd{i}", RemotePrefill.from_params(kvp))
+                kvp = outs[-1].kv_transfer_params
                 box = []
                 t = threading.Thread(target=lambda: box.append(run(
-                    d_ae, {"prompt_token_ids": ids}, GREEDY, f"nd{i}", remote_first_token=kvp["first_token_id"])),
+                    d_ae, {"prompt_token_ids": ids}, GREEDY, f"nd{i}", remote_prefill=RemotePrefill.from_params(kvp))),
                     daemon=True)
                 t.start()
                 t.join(90)   # today: never (every pull thread is stuck on the dripping peer)
@@ -175,11 +179,13 @@ def test_the_lease_is_renewed_while_the_decode_side_waits_and_runs_out_when_it_s
     try:
         outs = run(p_ae, "Held for a decode worker whose queue is long.", SamplingParams(max_tokens=1, temperature=0),
                    "L1", remote_decode=True)
-        kvp = p_conn.export("L1", outs[-1].outputs[0].token_ids[0], outs[-1].prompt_token_ids)
+        kvp = outs[-1].kv_transfer_params
         rp = RemotePrefill.from_params(kvp)
         assert rp.lease == p_eng.config.kv_lease_duration == 30.0
         assert p_eng.scheduler.held["L1"][1] == base
-        d_conn.expect("dL1", rp)    # queued on the decode side: no blocks to pull into yet
+        # queued on the decode side: no blocks to pull into yet (the engine thread would add it)
+        d_conn.add_request(d_eng.make_sequence({"prompt_token_ids": rp.prompt_token_ids}, GREEDY, "dL1",
+                                               remote_prefill=rp)[0])
 
         now[0] = base + 25.0
         assert d_conn.renew_leases() == 1
@@ -189,7 +195,7 @@ def test_the_lease_is_renewed_while_the_decode_side_waits_and_runs_out_when_it_s
         assert "L1" in p_eng.scheduler.held
 
         with d_conn._lock:          # the decode worker dies: nobody renews any more
-            d_conn.expected.pop("dL1")
+            d_conn.leases.pop("dL1")
         now[0] = base + 90.0
         _steps(p_ae)
         assert "L1" not in p_eng.scheduler.held and p_eng.block_manager.num_used_blocks == 0

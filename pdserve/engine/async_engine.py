@@ -1,7 +1,8 @@
 """AsyncEngine: the step loop in a background thread, each request streamed to asyncio.
 
-Every change to engine state (add, abort, release, KV loaded) is queued as a command and
-applied by the loop thread between steps, so the engine itself never needs a lock.
+Every change to engine state (add, abort, release) is queued as a command and applied by the
+loop thread between steps, so the engine itself never needs a lock; what a KV connector
+finished the engine takes at its next step, and `wake` makes an idle loop take one.
 Validation (tokenizing, limits) runs in the caller's thread so a bad request fails at once.
 """
 from __future__ import annotations
@@ -46,6 +47,10 @@ class AsyncEngine:
         self._stop.set()
         self._cmds.put(("noop",))
         self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        """Any thread: step soon (a KV connector has something finished to report)."""
+        self._cmds.put(("noop",))
 
     def call(self, fn: Callable[[LLMEngine], None]) -> None:
         """Run fn(engine) on the loop thread between steps."""

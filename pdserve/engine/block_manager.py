@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from pdserve.engine.request import SamplingParams, Sequence
-
-_PROBE_PARAMS = SamplingParams(max_tokens=None)
+from pdserve.engine.request import Sequence
 
 
 def hash_block(parent: int | None, tokens: list[int] | tuple[int, ...]) -> int:
@@ -70,11 +68,6 @@ class BlockManager:
                 break
             out.append(b)
         return out
-
-    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        """How many leading tokens of token_ids the cache holds (no side effects)."""
-        probe = Sequence("probe", token_ids, _PROBE_PARAMS)
-        return len(self.match_prefix(probe, len(token_ids))) * self.block_size
 
     # ---- allocation -------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> bool:
@@ -160,9 +153,4 @@ class BlockManager:
 
     def unpin(self, blocks: list[int]) -> None:
         self._release(blocks)
-
-    def reset_prefix_cache(self) -> None:
-        for b in list(self.hash_to_block.values()):
-            self.block_hash[b] = self.block_tokens[b] = None
-        self.hash_to_block.clear()
 

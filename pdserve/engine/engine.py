@@ -14,19 +14,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 from pdserve.errors import RequestError
 from pdserve.models.tensor_parallel import RankLostError
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.core import EngineCore, StepShape
 from pdserve.engine.logits_controls import bad_words_token_ids
 from pdserve.engine.grammar import GrammarCompiler, GrammarError
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.outputs import CompletionOutput, RequestOutput
 from pdserve.engine.request import FinishReason, SamplingParams, Sequence, Status
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
-from pdserve.engine.step_trace import StepTrace, batch_shape
+from pdserve.engine.step_trace import StepTrace
 from pdserve.engine.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
 from pdserve.models.loader import read_hf_config, resolve_model
 
@@ -65,13 +66,7 @@ class _State:
     error: str | None = None
     new_lp: list = field(default_factory=list)
     prompt_lps: list | None = None   # [None, logprobs of prompt token 1, ...] as computed so far
-
-
-class HeldObserver(Protocol):
-    """What a KV connector learns about held prefills, on the engine thread, as it happens."""
-    def on_held(self, seq: Sequence) -> None: ...          # blocks now held for a decode worker
-    def on_held_freed(self, request_id: str) -> None: ...  # released, aborted or expired
-    def keep_held(self, request_id: str) -> bool: ...      # abort clock ran out: still being read?
+    kv_params: dict | None = None    # prefill side: the kv_transfer_params its hold is handed off with
 
 
 class LLMEngine:
@@ -99,6 +94,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig.of(config, self.max_model_len), self.block_manager)
+        self.core = EngineCore(self.scheduler)   # a KV connector sets core.connector
         self.eos_token_ids = self._eos_ids(hf)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.model_config.vocab_size, self.eos_token_ids)
         self.runner.sampler.grammars = self.grammars
@@ -109,10 +105,8 @@ class LLMEngine:
         self._batch: list[Sequence] | None = None   # what the running step scheduled
         self._early: list[RequestOutput] = []       # and the outputs it made before running them
         self.states: dict[str, _State] = {}
-        self.on_kv_load: Callable[[Sequence], None] | None = None  # set by a KV connector
-        self.held_observer: HeldObserver | None = None             # set by a KV connector (producer)
         self.clock: Callable[[], float] = time.monotonic           # the wall clock enters here (tests inject one)
-        self.pending_kv_loads: list[Sequence] = []                 # when no connector is set
+        self.pending_kv_loads: list[Sequence] = []                 # with no connector: loads to do by hand
         self._loaded: list[str] = []                               # KV arrived, first token to emit
         self._parked: dict[str, list[Sequence]] = {}               # forks waiting for a KV pull
         self._ids = itertools.count()
@@ -157,9 +151,13 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
     def make_sequence(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                       *, remote_decode: bool = False, remote_first_token: int | None = None,
-                      arrival_time: float | None = None) -> tuple[Sequence, str | None]:
-        """Validate a request and build its sequence without touching engine state (any thread)."""
+                      remote_prefill=None, arrival_time: float | None = None) -> tuple[Sequence, str | None]:
+        """Validate a request and build its sequence without touching engine state (any thread).
+        remote_prefill: the kv.params.RemotePrefill a decode-side request came with (its
+        first token, that token's and the prompt's logprobs, where its KV lies)."""
         params = params or SamplingParams()
+        if remote_prefill is not None:
+            remote_first_token = remote_prefill.first_token_id
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise RequestError("the prompt is empty; send at least one token", "prompt")
@@ -198,6 +196,10 @@ class LLMEngine:
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time,
                        eos_token_ids=self.eos_token_ids, remote_first_token=remote_first_token)
+        if remote_prefill is not None:
+            seq.kv_params = remote_prefill
+            seq.remote_first_logprob = remote_prefill.first_logprob
+            seq.remote_prompt_logprobs = remote_prefill.prompt_logprobs
         seq.remote_decode = remote_decode or role == "prefill"
         if params.structured_outputs is not None:
             try:
@@ -265,12 +267,12 @@ class LLMEngine:
             # cache holds the prompt and the fork computes only the last block's tail)
             self._parked.setdefault(seq.wait_for, []).append(seq)
             return
-        self.scheduler.add(seq)
+        self.core.add(seq)
 
     def _unpark(self, parent_id: str) -> None:
         for seq in self._parked.pop(parent_id, ()):
             if seq.request_id in self.states:
-                self.scheduler.add(seq)
+                self.core.add(seq)
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     **kwargs) -> str:
@@ -284,22 +286,12 @@ class LLMEngine:
         for forks in self._parked.values():
             if st is not None and st.seq in forks:
                 forks.remove(st.seq)
-        held = request_id in self.scheduler.held
-        seq = self.scheduler.abort(request_id)
-        if held and self.held_observer:
-            self.held_observer.on_held_freed(request_id)
+        seq = self.core.abort(request_id)
         return st is not None or seq is not None
 
     def release(self, request_id: str) -> bool:
         """Prefill side: the decode worker has the KV (or gave up); free the held blocks."""
-        freed = self.scheduler.release(request_id) is not None
-        if freed and self.held_observer:
-            self.held_observer.on_held_freed(request_id)
-        return freed
-
-    def renew_held(self, request_id: str) -> bool:
-        """Prefill side: the decode worker still wants the held blocks; their lease restarts."""
-        return self.scheduler.renew_held(request_id, self.clock())
+        return self.core.release(request_id) is not None
 
     def finish_kv_load(self, request_id: str, ok: bool, error: str | None = None) -> None:
         """Decode side: the connector finished pulling a request's KV into its blocks.
@@ -308,7 +300,7 @@ class LLMEngine:
             st = self.states.get(request_id)
             if st is not None:
                 st.error = error
-            self.scheduler.abort(request_id)
+            self.core.abort(request_id)
             self._unpark(request_id)
             return
         if self.scheduler.finish_kv_load(request_id, ok) is not None and ok:
@@ -349,13 +341,11 @@ class LLMEngine:
         now = start = self.clock()
         if self.step_trace:
             self.step_trace.begin()
-        obs = self.held_observer
-        for seq in self.scheduler.expire_held(now, self.config.kv_lease_duration, obs and obs.keep_held):
-            if obs:
-                obs.on_held_freed(seq.request_id)
-        out = self.scheduler.schedule()
-        for seq in out.kv_loads:
-            (self.on_kv_load or self.pending_kv_loads.append)(seq)
+        for rid, ok, error in self.core.take_finished(now):
+            self.finish_kv_load(rid, ok, error)
+        out = self.core.schedule(now, self.config.kv_lease_duration)
+        if self.core.connector is None:
+            self.pending_kv_loads += out.kv_loads
         early = self._early = self._collect_errors() + self._collect_loaded()
         if out.is_empty:
             return early
@@ -363,7 +353,7 @@ class LLMEngine:
         before = {s.request_id: s.num_output_tokens for s in out.seqs}
         self.num_prompt_tokens += sum(min(n, max(0, s.num_prompt_tokens - s.num_computed_tokens))
                                       for s, n in zip(out.seqs, out.num_new_tokens))
-        shape = batch_shape(out.seqs, out.num_new_tokens) if self.step_trace else None
+        shape = StepShape.of(out.seqs, out.num_new_tokens) if self.step_trace else None
         model_start = self.clock()
         tokens, logprobs = self.runner.execute(out, self._banned)
         now = self.clock()
@@ -372,12 +362,9 @@ class LLMEngine:
             if st is not None and st.prompt_lps is not None and pos <= len(st.prompt_lps):
                 st.prompt_lps.extend(entries[len(st.prompt_lps) - pos:])   # a recompute repeats some
         model_s = now - model_start
-        finished = self.scheduler.update(out, tokens, now)
+        self.core.update(out, tokens, now)
         self._advance_grammars(out.seqs)
-        if self.held_observer:   # before the outputs leave: export needs no wait for the next step
-            for seq in finished:
-                if seq.request_id in self.scheduler.held:
-                    self.held_observer.on_held(seq)
+        connector, held = self.core.connector, self.scheduler.held
         results = []
         for seq, lp in zip(out.seqs, logprobs):
             st = self.states.get(seq.request_id)
@@ -394,6 +381,9 @@ class LLMEngine:
                 lp = seq.remote_first_logprob   # recomputed here, but the token is the prefill worker's
             if lp is not None and st.out.logprobs is not None:
                 st.new_lp.append(lp)
+            if connector is not None and seq.request_id in held:   # its params leave with this output
+                plp = st.prompt_lps if st.prompt_lps is not None and len(st.prompt_lps) == seq.num_prompt_tokens else None
+                st.kv_params = connector.request_finished(seq, lp if st.out.logprobs is not None else None, plp)
             results.append(self._emit(st, seq.output_token_ids[len(st.out.token_ids):]))
         if self.step_trace:
             self.step_trace.record(start, model_s, shape)
@@ -445,17 +435,23 @@ class LLMEngine:
 
     def _emit(self, st: _State, new_ids: list[int]) -> RequestOutput:
         seq, o = st.seq, st.out
-        for t in new_ids:
+        # decode side: the router already streamed the prefill worker's first token to the
+        # client; it counts (usage, logprobs, text), but is not handed out again
+        skip = int(not o.token_ids and bool(new_ids) and getattr(seq.kv_params, "first_token_sent", False))
+        for i, t in enumerate(new_ids):
             if seq.finish_reason == FinishReason.STOP and t in seq.eos_token_ids and not seq.params.ignore_eos:
                 continue  # EOS is not part of the text
             st.detok.add(t)
+            if i < skip:
+                st.emitted = len(st.detok.text)
         o.token_ids.extend(new_ids)
-        o.new_token_ids = list(new_ids)
+        o.new_token_ids = list(new_ids[skip:])
         if o.logprobs is not None:
             o.logprobs.extend(st.new_lp)
-        o.new_logprobs, st.new_lp = st.new_lp, []
+        o.new_logprobs, st.new_lp = st.new_lp[skip:], []
         text = st.detok.text
-        if seq.is_finished:
+        # a remote-decode hold's text goes on elsewhere: a half character stays held back
+        if seq.is_finished and seq.finish_reason != FinishReason.REMOTE_DECODE:
             text += st.detok.flush()
         self._check_stop_strings(st, text)
         finished = seq.is_finished
@@ -497,7 +493,7 @@ class LLMEngine:
         plp = plp if plp is not None and len(plp) == seq.num_prompt_tokens else None   # complete: final
         return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [out], finished,
                              seq.num_cached_tokens, seq.arrival_time, seq.first_token_time, error,
-                             prompt_logprobs=plp)
+                             prompt_logprobs=plp, kv_transfer_params=st.kv_params)
 
     # ---- introspection ------------------------------------------------------------------
     def stats(self) -> dict:

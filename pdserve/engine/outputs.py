@@ -19,10 +19,6 @@ class CompletionOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
-    @property
-    def cumulative_logprob(self) -> float | None:
-        return sum(lp.logprob for lp in self.logprobs) if self.logprobs is not None else None
-
 
 @dataclass
 class RequestOutput:
@@ -37,3 +33,5 @@ class RequestOutput:
     error: str | None = None   # set when the request ended on an error (e.g. a failed KV pull)
     # with SamplingParams.prompt_logprobs: None for the first prompt token, then each token's
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # prefill side, a remote-decode request now held: what a decode worker needs to continue it
+    kv_transfer_params: dict | None = None

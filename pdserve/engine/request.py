@@ -195,6 +195,8 @@ class Sequence:
     # prefill worker computed them; this worker never sees the prompt's logits)
     remote_first_logprob: object = None
     remote_prompt_logprobs: list | None = None
+    # decode role: the kv_transfer_params it came with (a kv.params.RemotePrefill), for the connector
+    kv_params: object = None
     # decode role, a fork (n > 1): the request (pulling the same prompt's KV) to start after
     wait_for: str | None = None
     token_ids: list[int] = field(init=False)
@@ -207,7 +209,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     # structured output: the grammar matcher (engine.grammar.Matcher), advanced with each token
     grammar: object | None = None
@@ -241,8 +242,3 @@ class Sequence:
         every prompt position must be computed here (no prefix-cache hit)."""
         return (self.params.prompt_logprobs is not None and self.remote_first_token is None
                 and self.remote_prompt_logprobs is None)
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while the step after this one still does not produce a new token."""
-        return self.num_computed_tokens < self.num_tokens - 1

@@ -15,24 +15,12 @@ import os
 import time
 from typing import IO
 
+from pdserve.engine.core import StepShape
+
 
 def batch_shape(seqs, num_new_tokens) -> dict:
-    """The scheduled batch in the simulator's step-time terms (pdserve.sim.perf): a row of one
-    new token takes the model runner's decode path, any other is a prefill chunk."""
-    pt = pairs = pkv = nd = dctx = dmax = ns = 0
-    for s, n in zip(seqs, num_new_tokens):
-        c = s.num_computed_tokens
-        if n == 1:
-            nd += 1
-            dctx += c + 1
-            dmax = max(dmax, c + 1)
-        else:
-            pt += n
-            pairs += n * c + n * (n + 1) // 2
-            pkv += c + n
-        ns += c + n >= s.num_tokens
-    return {"prefill_tokens": pt, "pairs": pairs, "prefill_kv": pkv, "decode_seqs": nd, "decode_ctx": dctx,
-            "decode_max_ctx": dmax, "sampled": ns}
+    """The scheduled batch in the simulator's step-time terms (engine.core.StepShape)."""
+    return StepShape.of(seqs, num_new_tokens).to_dict()
 
 
 class StepTrace:
@@ -44,11 +32,11 @@ class StepTrace:
     def begin(self) -> None:
         self._cpu0 = time.thread_time()
 
-    def record(self, start: float, model_s: float, shape: dict) -> None:
+    def record(self, start: float, model_s: float, shape: StepShape) -> None:
         end = time.monotonic()
         line = {**self._head, "t": round(start, 6), "step_s": round(end - start, 6), "model_s": round(model_s, 6),
                 "cpu_s": round(time.thread_time() - self._cpu0, 6),
-                "idle_s": None if self._last_end is None else round(start - self._last_end, 6), **shape}
+                "idle_s": None if self._last_end is None else round(start - self._last_end, 6), **shape.to_dict()}
         self._last_end = end
         self._f.write(json.dumps(line) + "\n")
 

@@ -1,17 +1,21 @@
-"""KVConnector: ties one engine to the KV hand-off, as producer, consumer or both.
+"""KVConnector: ties one engine to the KV hand-off, as producer, consumer or both; the two
+sides of kv/base.py's interface over a Transport (kv/sockets.py unless one is given).
 
-Producer (role prefill/both): the engine tells the connector, on its own thread as it happens,
-which blocks a remote-decode request holds after its first token (`on_held`) and when they
-are freed (`on_held_freed`). `export()` turns them into kv_transfer_params with a one-time
-token and `authorize()` lets one puller read them, both without waiting for the engine's step
-in flight; the KV server serves the blocks to an authenticated peer presenting the token, and
-frees them on `done`. The scheduler owns the hold and its lease (`kv_lease_duration`): it
-frees the blocks when the lease runs out, unless a pull is reading them right now; `renew`
-(sent by the decode side while the request waits for or runs its pull) extends the lease.
-Consumer (role decode/both): `expect()` registers a request's params; when the engine has
-allocated its blocks it calls `_on_kv_load`, and a pull thread (one per loading request, so
-a slow peer holds up only its own) fetches only the blocks beyond the local prefix-cache hit.
-Nothing the pull wrote is registered in the prefix cache unless the pull succeeded.
+Producer (role prefill/both): when the scheduler holds a remote-decode request's blocks after
+its first token, `request_finished` (engine thread, in the step) makes a grant (a one-time
+token for exactly those blocks) and the kv_transfer_params that name it; the transport serves
+the blocks to an authenticated peer presenting the token (`authorize`), without waiting for the
+engine's step in flight, and its `done` asks the scheduler to free them. The scheduler owns the
+hold and its lease (`kv_lease_duration`): it frees the blocks when the lease runs out, unless a
+pull is reading them right now (`keep_held`); `renew` (sent by the decode side while the
+request waits for or runs its pull) restarts the lease. A grant lives exactly as long as its hold.
+Consumer (role decode/both): a request that arrives with remote-prefill params is leased from
+its producer (`add_request`; renewed every third of the lease); once its blocks are allocated
+(`update_state_after_alloc`) a pull thread (one per loading request, so a slow peer holds up
+only its own) fetches only the blocks beyond the local prefix-cache hit. Nothing the pull wrote
+is registered in the prefix cache unless the pull succeeded.
+What finished (holds done with, leases renewed, loads ended) is queued for the engine core's
+next step (`get_finished`), and `wake` makes an idle engine take that step.
 """
 from __future__ import annotations
 
@@ -27,14 +31,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pdserve.config import KVTransferConfig
-from pdserve.errors import RequestError
 from pdserve.kv import auth
-from pdserve.kv.client import KVClient
+from pdserve.kv.base import KVEvents, Transport
 from pdserve.kv.cuda_ipc import export_pool
 from pdserve.kv.layout import BlockPool
-from pdserve.kv.params import PARAM, RemotePrefill
+from pdserve.kv.params import RemotePrefill
 from pdserve.kv.select import check_consumer, producer_offers
-from pdserve.kv.server import KVServer
+from pdserve.kv.sockets import SocketTransport
 from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
 
 log = logging.getLogger("pdserve.kv")
@@ -52,11 +55,17 @@ class _Grant:
     release_pending: bool = False  # `done` came from elsewhere mid-read: free when the read ends
 
 
+@dataclass
+class _Lease:
+    rp: RemotePrefill
+    renewed: float                 # when it was last renewed (connector.clock)
+    pulling: bool = False
+
+
 class KVConnector:
-    def __init__(self, async_engine, config: KVTransferConfig, host: str = "127.0.0.1",
-                 shm_allocator=None, advertise_host: str | None = None, api_key: str | None = None):
-        self.async_engine = engine_ = async_engine
-        engine = engine_.engine
+    def __init__(self, engine, config: KVTransferConfig, host: str = "127.0.0.1",
+                 shm_allocator=None, advertise_host: str | None = None, api_key: str | None = None,
+                 wake: Callable[[], None] | None = None, transport: Transport | None = None):
         self.config = config
         self.role = engine.config.role
         self.spec = KVSpec.from_engine(engine)
@@ -66,61 +75,73 @@ class KVConnector:
         self.secret = auth.resolve_secret(config.kv_secret, api_key)
         self.clock = time.monotonic   # consumer: when leases were last renewed (tests inject one)
         self.shm_allocator = shm_allocator
+        self.wake = wake or (lambda: None)   # an idle engine loop steps, and takes get_finished()
         # on_event(kind, **fields): the server's metrics listen here (kv knows no Prometheus)
         self.on_event: Callable[..., None] = lambda kind, **kw: None
+        self.produces = self.role in ("prefill", "both")
+        consumes = self.role in ("decode", "both")
         self._lock = threading.Lock()
-        self.grants: dict[str, _Grant] = {}
-        self.held_blocks: dict[str, list[int]] = {}   # request id -> blocks the engine holds for it
-        self.expected: dict[str, RemotePrefill] = {}   # waiting for blocks to pull into
-        self.pulling: dict[str, RemotePrefill] = {}    # pull in flight
-        self._renewed: dict[str, float] = {}           # request id -> last lease renewal (self.clock)
+        self.grants: dict[str, _Grant] = {}      # producer: request id -> what its hold lets a puller read
+        self.leases: dict[str, _Lease] = {}      # consumer: request id -> the remote KV it waits for or pulls
+        self._events = KVEvents()
         self._closed = threading.Event()
-        self.server = self.client = None
-        if self.role in ("prefill", "both"):
+        if consumes:
+            check_consumer(config.kv_transport, self.pool.kv.device.type)
+        self.transport = transport or SocketTransport(config, self.spec, self.pool, self.secret, host, consumes)
+        self.host = self.port = None
+        if self.produces:
             dev = self.pool.kv.device.type
             shm_desc = shm_allocator.describe() if shm_allocator is not None else None
             self.offers = producer_offers(config.kv_transport, dev, shm_desc is not None, dev == "cuda")
             self.hello = {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id,
                           "host_id": host_id(), "transports": self.offers, "shm": shm_desc,
                           "cuda_ipc": export_pool(self.pool.kv) if "cuda_ipc" in self.offers else None}
-            engine.held_observer = self
-            self.server = KVServer(self, config.kv_host or host, config.kv_port, self.secret,
-                                   config.kv_max_connections).start()
+            self.host, self.port = self.transport.serve(self)
             # a wildcard bind is not an address a decode worker can dial: name this host instead
-            bound = self.server.host
-            self.advertise_host = advertise_host or (socket.getfqdn() if bound in ("0.0.0.0", "::", "") else bound)
-        if self.role in ("decode", "both"):
-            check_consumer(config.kv_transport, self.pool.kv.device.type)
-            self.client = KVClient(self.spec, self.pool, config.kv_transport, config.kv_pull_timeout,
-                                   self.secret, auth.parse_peers(config.kv_allowed_peers))
+            self.advertise_host = advertise_host or (socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host)
+        if consumes:
             # a thread per loading request (at most max_num_seqs load at once): a slow peer
             # holds its own pull until the deadline, never another request's
             self._pulls = concurrent.futures.ThreadPoolExecutor(engine.config.max_num_seqs + 1,
                                                                 thread_name_prefix="pdserve-kv-pull")
-            engine.on_kv_load = self._on_kv_load
             if self.secret is None and config.kv_allowed_peers is None:
                 log.warning("no KV secret (--kv-secret, $PDSERVE_KV_SECRET or --api-key): this worker pulls KV "
                             "only from loopback peers (or --kv-allowed-peers)")
             threading.Thread(target=self._renew_loop, name="pdserve-kv-lease", daemon=True).start()
+        engine.core.connector = self
 
     def close(self) -> None:
         self._closed.set()
-        if self.server is not None:
-            self.server.close()
-        if self.client is not None:
+        if self.role in ("decode", "both"):
             self._pulls.shutdown(wait=False, cancel_futures=True)
-            self.client.close()
+        self.transport.close()
 
-    # ---- producer ---------------------------------------------------------------------
-    def on_held(self, seq) -> None:
-        """Engine thread: seq's first token exists and its blocks are held for a decode worker."""
+    def get_finished(self) -> KVEvents:
+        """Engine thread, each step: what the transport finished since the last call."""
         with self._lock:
-            self.held_blocks[seq.request_id] = list(seq.block_table)
+            ev, self._events = self._events, KVEvents()
+        return ev
 
-    def on_held_freed(self, request_id: str) -> None:
-        """Engine thread: the held blocks are gone (released, aborted, expired): no grant outlives them."""
+    def _report(self, kind: str, item) -> None:
         with self._lock:
-            self.held_blocks.pop(request_id, None)
+            getattr(self._events, kind).append(item)
+        self.wake()
+
+    # ---- producer: scheduler side -------------------------------------------------------
+    def request_finished(self, seq, first_logprob=None, prompt_logprobs=None) -> dict:
+        """Engine thread: seq's first token exists and the scheduler holds its blocks for a
+        decode worker. The grant exists before the outputs leave: a pull needs no step boundary."""
+        rid, blocks = seq.request_id, list(seq.block_table)
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self.grants[rid] = _Grant(token, frozenset(blocks))
+        return RemotePrefill(self.engine_id, self.advertise_host, self.port, blocks, rid, token,
+                             seq.token_ids[seq.num_prompt_tokens], list(seq.prompt_token_ids), list(self.offers),
+                             self.lease, first_logprob, prompt_logprobs).to_params()
+
+    def request_freed(self, request_id: str) -> None:
+        """Engine thread: the held blocks are gone (released, aborted): no grant outlives them."""
+        with self._lock:
             self.grants.pop(request_id, None)
 
     def keep_held(self, request_id: str) -> bool:
@@ -131,23 +152,9 @@ class KVConnector:
             if g is not None and g.reader is not None:
                 return True
             self.grants.pop(request_id, None)
-            self.held_blocks.pop(request_id, None)
             return False
 
-    def export(self, request_id: str, first_token_id: int, prompt_token_ids: list[int],
-               first_logprob=None, prompt_logprobs=None) -> dict:
-        """kv_transfer_params for a finished remote-decode request whose blocks are held."""
-        token = secrets.token_urlsafe(24)
-        with self._lock:
-            blocks = self.held_blocks.get(request_id)
-            if blocks:
-                self.grants[request_id] = _Grant(token, frozenset(blocks))
-        if not blocks:
-            raise RuntimeError(f"request {request_id} holds no KV blocks to hand off")
-        return RemotePrefill(self.engine_id, self.advertise_host, self.server.port, blocks, request_id,
-                             token, first_token_id, list(prompt_token_ids), list(self.offers),
-                             self.lease, first_logprob, prompt_logprobs).to_params()
-
+    # ---- producer: worker side (KV server threads) --------------------------------------
     def hello_reply(self, remote_spec: dict) -> dict:
         """The offer for one authenticated peer (its shm ticket is its own)."""
         self.spec.check(remote_spec, ("prefill worker", "decode worker"))
@@ -156,8 +163,7 @@ class KVConnector:
         return self.hello
 
     def _grant(self, request_id: str, token: str) -> _Grant | None:
-        """The grant, if the token is its own. Grants live exactly as long as the scheduler
-        holds the blocks (on_held_freed, keep_held): no clock of their own."""
+        """The grant, if the token is its own."""
         with self._lock:
             g = self.grants.get(request_id)
         if g is None or not hmac.compare_digest(g.token, token):
@@ -172,7 +178,7 @@ class KVConnector:
         if not isinstance(block_ids, list) or not set(block_ids) <= g.block_ids:
             return "the requested blocks are not the ones held for this request"
         with self._lock:
-            if self.grants.get(request_id) is not g or request_id not in self.held_blocks:
+            if self.grants.get(request_id) is not g:
                 return f"the KV of request {request_id!r} was already freed"
             # one pull per grant: the first puller's `done` frees the blocks, which must not
             # happen while a second one still reads them; a grant being read also keeps the
@@ -195,7 +201,7 @@ class KVConnector:
             for rid in release:
                 del self.grants[rid]
         for rid in release:
-            self.async_engine.release(rid)
+            self._report("sent", rid)
 
     def done(self, request_id: str, token: str, reader: object = None) -> bool:
         """The consumer has the blocks (or gave up on them): free them. One-time: the token
@@ -209,35 +215,48 @@ class KVConnector:
                 g.release_pending = True
                 return True
             self.grants.pop(request_id, None)
-        self.async_engine.release(request_id)
+        self._report("sent", request_id)
         return True
 
     def renew(self, request_id: str, token: str) -> bool:
         """A decode worker still wants these blocks: the scheduler restarts their lease."""
         if self._grant(request_id, token) is None:
             return False
-        self.async_engine.call(lambda e: e.renew_held(request_id))
+        self._report("renewed", request_id)
         return True
 
     def served(self, nbytes: int, seconds: float, transport: str) -> None:
         self.on_event("served", nbytes=nbytes, seconds=seconds, transport=transport)
 
-    # ---- consumer ---------------------------------------------------------------------
-    def expect(self, request_id: str, rp: RemotePrefill) -> None:
-        if self.client is None:
-            raise RequestError(f"this worker has role {self.role} and cannot continue a remote prefill", PARAM)
+    # ---- consumer: scheduler side -------------------------------------------------------
+    def add_request(self, seq) -> None:
+        """Engine thread: a request whose prompt KV a producer holds for us; its lease has just begun."""
         with self._lock:
-            self.expected[request_id] = rp
-            self._renewed[request_id] = self.clock()   # the producer's lease has just begun
+            self.leases[seq.request_id] = _Lease(seq.kv_params, self.clock())
 
-    def forget(self, request_id: str) -> None:
-        """The request ended before its pull started (e.g. client gone): release the remote KV."""
+    def request_aborted(self, seq) -> None:
+        """Engine thread: the request ended before its pull started (e.g. client gone): release
+        the remote KV. One whose pull runs ends it itself."""
         with self._lock:
-            rp = self.expected.pop(request_id, None)
-            if rp is not None:
-                self._renewed.pop(request_id, None)
-        if rp is not None:
-            self._pulls.submit(self.client.release, rp)
+            lease = self.leases.get(seq.request_id)
+            if lease is None or lease.pulling:
+                return
+            del self.leases[seq.request_id]
+        self._pulls.submit(self.transport.release, lease.rp)
+
+    def update_state_after_alloc(self, seq) -> list[int]:
+        """Engine thread: seq's blocks are allocated; fetch the ones the prefix cache lacks.
+        Returns the blocks the pull writes into (the core pins them until the load ends: a
+        request aborted mid-pull must not hand them to another while the pull still writes)."""
+        rid, rp = seq.request_id, seq.kv_params
+        start = seq.num_cached_tokens // self.spec.block_size
+        dst = seq.block_table[start:len(rp.block_ids)]
+        src = rp.block_ids[start:]
+        with self._lock:
+            lease = self.leases.setdefault(rid, _Lease(rp, self.clock()))
+            lease.pulling = True
+        self._pulls.submit(self._pull, rid, rp, src, dst)
+        return dst
 
     def renew_leases(self) -> int:
         """Extend the producers' leases on every request that waits for its pull or runs it,
@@ -245,12 +264,12 @@ class KVConnector:
         Returns how many were renewed. The lease thread calls this every second."""
         now, due = self.clock(), {}
         with self._lock:
-            for rid, rp in (*self.expected.items(), *self.pulling.items()):
-                if now - self._renewed.get(rid, now) >= rp.lease / 3:
-                    self._renewed[rid] = now
-                    due.setdefault((rp.host, rp.port), []).append(rp)
+            for lease in self.leases.values():
+                if now - lease.renewed >= lease.rp.lease / 3:
+                    lease.renewed = now
+                    due.setdefault((lease.rp.host, lease.rp.port), []).append(lease.rp)
         for rps in due.values():
-            self.client.renew(rps)
+            self.transport.renew(rps)
         return sum(len(v) for v in due.values())
 
     def _renew_loop(self) -> None:
@@ -260,28 +279,11 @@ class KVConnector:
             except Exception:
                 log.exception("renewing KV leases failed")
 
-    def _on_kv_load(self, seq) -> None:
-        """Engine thread: seq's blocks are allocated; fetch the ones the prefix cache lacks."""
-        rid = seq.request_id
-        with self._lock:
-            rp = self.expected.pop(rid, None)
-            if rp is not None:
-                self.pulling[rid] = rp
-        if rp is None:  # not ours (should not happen): let the engine prefill it
-            self.async_engine.call(lambda e: e.finish_kv_load(rid, False))
-            return
-        start = seq.num_cached_tokens // self.spec.block_size
-        dst = seq.block_table[start:len(rp.block_ids)]
-        src = rp.block_ids[start:]
-        # pin the destination blocks: if the request is aborted mid-pull they must not be
-        # handed to another request while the pull still writes into them
-        self.async_engine.engine.block_manager.pin(dst)
-        self._pulls.submit(self._pull, rid, rp, src, dst)
-
+    # ---- consumer: worker side (pull threads) -------------------------------------------
     def _pull(self, rid: str, rp: RemotePrefill, src: list[int], dst: list[int]) -> None:
         ok, error, t0 = True, None, time.perf_counter()
         try:
-            nbytes, transport = self.client.pull(rp, src, dst)
+            nbytes, transport = self.transport.pull(rp, src, dst)
             self.on_event("pulled", nbytes=nbytes, seconds=time.perf_counter() - t0, blocks=len(src),
                           transport=transport)
         except Exception as e:
@@ -294,13 +296,8 @@ class KVConnector:
                 error = f"KV transfer from the prefill worker at {where} failed: {e} (kv_load_failure_policy=fail)"
             log.warning("KV pull for %s from %s failed (%s): %s", rid, where,
                         "failing the request" if error else "recomputing locally", e)
-            self.client.release(rp)
+            self.transport.release(rp)
         finally:
             with self._lock:
-                self.pulling.pop(rid, None)
-                self._renewed.pop(rid, None)
-
-        def finish(engine):
-            engine.finish_kv_load(rid, ok, error)
-            engine.block_manager.unpin(dst)
-        self.async_engine.call(finish)
+                self.leases.pop(rid, None)
+        self._report("loaded", (rid, ok, error))

@@ -41,6 +41,9 @@ class RemotePrefill:
     # first token's logprobs (when asked for) and the prompt's (prompt_logprobs / echo)
     first_logprob: TokenLogprobs | None = None
     prompt_logprobs: list | None = None
+    # set by pdserve's router when it streamed the first token to the client itself: the
+    # decode worker then does not send it again (a vLLM-style proxy never sets it)
+    first_token_sent: bool = False
 
     def to_params(self) -> dict:
         out = {"do_remote_decode": False, "do_remote_prefill": True,
@@ -74,6 +77,7 @@ class RemotePrefill:
         if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < 1e6:
             raise RequestError(f"{PARAM}.kv_lease_s must be a positive number of seconds", PARAM)
         rp.lease = float(lease)
+        rp.first_token_sent = p.get("first_token_sent") is True
         if not rp.prompt_token_ids:
             raise RequestError(f"{PARAM}.prompt_token_ids is empty", PARAM)
         if not rp.block_ids:

@@ -1,9 +1,17 @@
 """Which transport a pull uses: the fastest one that both ends support."""
 from __future__ import annotations
 
-TRANSPORTS = ("auto", "tcp", "shm", "cuda_ipc", "nixl")
+TRANSPORTS = ("auto", "tcp", "shm", "cuda_ipc")
 PREFERENCE = ("cuda_ipc", "shm", "tcp")   # fastest first
-NO_NIXL = "pdserve has no NIXL transport yet; use --kv-transport tcp, shm, cuda_ipc or auto"
+
+
+def check_transport(wanted: str) -> str:
+    """A --kv-transport pdserve has; anything else is refused with what it could be instead."""
+    if wanted == "nixl":
+        raise ValueError("pdserve has no NIXL transport yet; use --kv-transport tcp, shm, cuda_ipc or auto")
+    if wanted not in TRANSPORTS:
+        raise ValueError(f"unknown --kv-transport {wanted!r}; use one of {', '.join(TRANSPORTS)}")
+    return wanted
 
 
 def producer_offers(wanted: str, pool_device: str, shm_ready: bool, ipc_ready: bool) -> list[str]:
@@ -13,8 +21,7 @@ def producer_offers(wanted: str, pool_device: str, shm_ready: bool, ipc_ready: b
         can.append("shm")
     if ipc_ready and pool_device == "cuda":
         can.append("cuda_ipc")
-    if wanted == "nixl":
-        raise ValueError(NO_NIXL)
+    check_transport(wanted)
     if wanted == "auto":
         return [t for t in PREFERENCE if t in can]
     if wanted not in can:
@@ -25,8 +32,7 @@ def producer_offers(wanted: str, pool_device: str, shm_ready: bool, ipc_ready: b
 
 def check_consumer(wanted: str, pool_device: str) -> None:
     """Refuse at start what a consumer could never use, rather than failing every pull."""
-    if wanted == "nixl":
-        raise ValueError(NO_NIXL)
+    check_transport(wanted)
     if wanted == "cuda_ipc" and pool_device != "cuda":
         raise ValueError(f"--kv-transport cuda_ipc needs the KV cache on a GPU (it is on {pool_device})")
 
@@ -42,8 +48,7 @@ def choose(wanted: str, offered: list[str], same_host: bool, local_device: str) 
             continue
         if t in PREFERENCE:
             usable.append(t)
-    if wanted == "nixl":
-        raise ValueError(NO_NIXL)
+    check_transport(wanted)
     if wanted != "auto":
         if wanted not in usable:
             raise ValueError(f"--kv-transport {wanted} cannot be used with this prefill worker "

@@ -33,11 +33,6 @@ class KVSpec:
                    mc.num_kv_heads, mc.head_dim, mc.num_layers)
 
     @property
-    def block_bytes(self) -> int:
-        """Bytes of one block of one layer's K (or V): the unit the transports move."""
-        return self.block_size * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.torch_dtype).element_size()
-
-    @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
@@ -69,9 +64,3 @@ def host_id() -> str:
         boot = ""
     return f"{socket.gethostname()}/{boot}"
 
-
-def default_lease(fallback: float) -> float:
-    """PDSERVE_KV_LEASE (seconds), as vLLM's kv_lease_duration: how long held KV outlives the
-    decode worker's last renewal."""
-    value = os.environ.get("PDSERVE_KV_LEASE")
-    return float(value) if value else fallback

@@ -92,35 +92,3 @@ def first_chunk(kind: str, id_: str, created: int, model: str, text: str) -> dic
                              "logprobs": None, "finish_reason": None}]}
     return {"id": id_, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
-
-
-class TextSkipper:
-    """Drop, from a decode worker's stream, the text the client already got from the prefill
-    worker's first token. The decode worker emits that token again (it is its first output
-    token), so the first `n` characters of its text are skipped, whichever chunks carry them."""
-
-    def __init__(self, kind: str, n: int, role_sent: bool):
-        self.kind, self.left, self.role_sent = kind, n, role_sent
-        self.role_pending = role_sent and kind == CHAT   # the worker's own role chunk is still to come
-
-    @property
-    def done(self) -> bool:
-        """Nothing left to edit: later chunks may pass through untouched."""
-        return self.left == 0 and not self.role_pending
-
-    def apply(self, chunk: dict) -> bool:
-        """Edit chunk in place; False if nothing is left worth sending."""
-        keep = bool(chunk.get("usage")) or not chunk.get("choices")
-        for c in chunk.get("choices") or []:
-            holder, field = (c.get("delta") or {}, "content") if self.kind == CHAT else (c, "text")
-            if self.kind == CHAT and self.role_sent and holder.pop("role", None) is not None:
-                self.role_pending = False
-            text = holder.get(field)
-            if text and self.left:
-                cut = min(self.left, len(text))
-                holder[field] = text = text[cut:]
-                self.left -= cut
-            if text or c.get("finish_reason") or (self.kind == CHAT and holder.get("role")) \
-                    or c.get("logprobs") or (self.kind == CHAT and holder.get("tool_calls")):
-                keep = True
-        return keep

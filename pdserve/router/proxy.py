@@ -23,7 +23,7 @@ from pdserve.config import RouterConfig
 from pdserve.router.instances import Instance, Pools, health_loop
 from pdserve.router.metrics import RouterMetrics
 from pdserve.errors import error_body
-from pdserve.router.openai_io import (CHAT, SSE_DONE, TextSkipper, early_first_token, first_chunk, first_text,
+from pdserve.router.openai_io import (CHAT, SSE_DONE, early_first_token, first_chunk, first_text,
                                       max_tokens, prefill_body, prompt_key, sse)
 from pdserve.router.placement import cached_tokens, local_prefill_reason
 from pdserve.router.policies import make_policy
@@ -273,10 +273,13 @@ class Router:
             if pre is not None and not job.decode_answered:
                 self._background(self.release(pre, rid))
 
-    def _decode_body(self, job: Job, pre: Prefilled | None) -> dict:
+    def _decode_body(self, job: Job, pre: Prefilled | None, first_token_sent: bool = False) -> dict:
+        """The client's body plus the prefill's params; with first_token_sent (the client has
+        the first token from us) the decode worker's answer starts after it."""
         if pre is None:
             return job.body
-        return {**job.body, "kv_transfer_params": pre.params}
+        return {**job.body, "kv_transfer_params": {**pre.params, "first_token_sent": True} if first_token_sent
+                else pre.params}
 
     def _next_decode(self, job: Job, inst: Instance, e: UpstreamError) -> Instance:
         self._failed(inst, e, "decode")
@@ -304,16 +307,16 @@ class Router:
 
     async def _stream(self, request: web.Request, job: Job, dec: Instance, pre: Prefilled | None):
         out = SSEOut(request, job.rid)
-        sent = ""
-        # a trailing U+FFFD is half of a multi-byte character: let the decode worker finish it
-        if pre is not None and pre.text and not pre.text.endswith("\ufffd") and early_first_token(job.kind, job.body):
+        sent = False
+        # pre.text is empty when the first token is half a character: the decode worker's text has it whole
+        if pre is not None and pre.text and early_first_token(job.kind, job.body):
             await out.send(sse(first_chunk(job.kind, job.id, job.created, pre.model, pre.text)))
             self.metrics.ttft.observe(time.monotonic() - job.t0)
-            sent = pre.text
-        body = self._decode_body(job, pre)
+            sent = True
+        body = self._decode_body(job, pre, sent)
         produced = False
         while True:
-            relay = Relay(job.kind, job.id, len(sent), role_sent=bool(sent))
+            relay = Relay(job.id)
             try:
                 async with aclosing(stream_sse(self.session, dec, PATHS[job.kind], body, self.headers(job.rid),
                                                self.timeout)) as batches:
@@ -360,12 +363,11 @@ class Router:
 
 
 class Relay:
-    """A decode worker's events, made part of the client's one completion: our id, and without
-    the first token's text the client already got from the prefill worker."""
+    """A decode worker's events, made part of the client's one completion: our id. (A decode
+    worker told first_token_sent starts after the token the client has.)"""
 
-    def __init__(self, kind: str, id_: str, skip_chars: int, role_sent: bool):
+    def __init__(self, id_: str):
         self.id = id_
-        self.skip = TextSkipper(kind, skip_chars, role_sent)
         self.swap: tuple[bytes, bytes] | None = None   # (worker's id, ours) as JSON, once that is all to edit
 
     def convert(self, batch: list[bytes | None]) -> tuple[bytes, bool]:
@@ -383,9 +385,8 @@ class Relay:
                 continue
             ev = json.loads(data)
             worker_id, ev["id"] = ev.get("id"), self.id
-            if self.skip.apply(ev):
-                parts.append(sse(ev))
-            if self.skip.done and isinstance(worker_id, str):
+            parts.append(sse(ev))
+            if isinstance(worker_id, str):
                 self.swap = (json.dumps(worker_id).encode(), json.dumps(self.id).encode())
         return b"".join(parts), False
 

@@ -150,7 +150,7 @@ def build_app(worker) -> FastAPI:
     @app.post("/v1/kv/release")
     async def kv_release(req: KVReleaseRequest):
         """A router or decode worker gives up on a prefill's held blocks: free them now."""
-        if worker.connector.server is None:
+        if not worker.connector.produces:
             raise APIError(400, f"this worker has role {worker.role} and holds no KV for others")
         return JSONResponse({"released": worker.connector.done(req.request_id, req.kv_token)})
 

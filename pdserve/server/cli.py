@@ -8,10 +8,16 @@ import signal
 from pdserve.cli_args import add_engine_args, engine_config_from_args
 from pdserve.api_key import add_api_key_args, resolve_api_key
 from pdserve.config import KVTransferConfig, parse_size
-from pdserve.kv.select import TRANSPORTS
+from pdserve.kv.select import check_transport
 
 log = logging.getLogger("pdserve.server")
 
+
+def _transport(value: str) -> str:
+    try:
+        return check_transport(value)
+    except ValueError as e:   # argparse words it as "argument --kv-transport: <message>"
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     add_engine_args(p)
@@ -34,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     t.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="how tool calls are written in the output (needed with --enable-auto-tool-choice)")
     k = p.add_argument_group("KV transfer")
-    k.add_argument("--kv-transport", choices=TRANSPORTS, default="auto",
+    k.add_argument("--kv-transport", type=_transport, default="auto",
                    help="how KV blocks travel between workers (auto: the fastest both ends offer)")
     k.add_argument("--kv-host", default=None, help="KV server bind address (default: --host)")
     k.add_argument("--kv-port", type=int, default=0, help="KV server port (default: a free one)")

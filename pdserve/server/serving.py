@@ -63,7 +63,7 @@ def _chat_prompt(worker, req, params):
 
 def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], list, bool, object]:
     """Validate everything and make the engine sequences, before any of them starts.
-    Returns (children, [(engine request id, RemotePrefill)] to pull, remote_decode, tool plan)."""
+    Returns (children, the RemotePrefill of each prompt (decode side), remote_decode, tool plan)."""
     engine, kvp = worker.engine, req.kv_transfer_params
     try:
         params = req.sampling_params()
@@ -107,25 +107,21 @@ def _build(worker, req, kind: str, rid: str) -> tuple[list[Child], list, bool, o
         width = 1
     if width > params.n and params.logprobs is None:
         params = replace(params, logprobs=0)   # best_of ranks by cumulative logprob
-    now, children, pulls = time.monotonic(), [], []
+    now, children = time.monotonic(), []
     for pi, prompt in enumerate(prompts):
         first = None
         for j in range(width):
             child_rid = rid if len(prompts) * width == 1 else f"{rid}-{pi}-{j}"
             extra = {"remote_decode": True} if remote_decode else {}
             if rps and j == 0:
-                extra["remote_first_token"] = rps[pi].first_token_id
+                extra["remote_prefill"] = rps[pi]
             seq, text = engine.make_sequence(prompt, child_params(params, j), child_rid, **extra)
-            if rps:
+            if rps and j > 0:   # a fork: its own first token, from the pulled KV (prefix cache) + the tail
                 seq.remote_prompt_logprobs = rps[pi].prompt_logprobs
-                if j == 0:
-                    seq.remote_first_logprob = rps[pi].first_logprob
-                    pulls.append((seq.request_id, rps[pi]))
-                else:   # a fork: its own first token, from the pulled KV (prefix cache) + the tail
-                    seq.wait_for = first
+                seq.wait_for = first
             first = first or seq.request_id
             children.append(Child(len(children), pi, seq, text, now, tools=plan and tools.ToolStream(plan)))
-    return children, pulls, remote_decode, plan
+    return children, rps, remote_decode, plan
 
 
 def _width(req, params) -> int:
@@ -150,20 +146,18 @@ async def create(worker, request: Request, req: CompletionRequest | ChatCompleti
     fields.check(req, kind)
     # tokenizing and chat templates run in a thread: a big or hostile prompt never holds up the
     # event loop (health checks, other streams)
-    children, pulls, remote_decode, plan = await worker.off_loop(_build, worker, req, kind, rid)
-    for seq_id, rp in pulls:
-        worker.connector.expect(seq_id, rp)
-    run = _Run(worker, request, req, kind, base, children, pulls, remote_decode, plan)
+    children, rps, remote_decode, plan = await worker.off_loop(_build, worker, req, kind, rid)
+    run = _Run(worker, request, req, kind, base, children, rps, remote_decode, plan)
     if req.stream:
         return await run.stream()
     return await run.complete()
 
 
 class _Run:
-    def __init__(self, worker, request, req, kind, base_id, children, pulls, remote_decode, plan=None):
+    def __init__(self, worker, request, req, kind, base_id, children, rps, remote_decode, plan=None):
         self.w, self.request, self.req, self.kind, self.plan = worker, request, req, kind, plan
-        self.children, self.pulls, self.remote_decode = children, pulls, remote_decode
-        self.rp = pulls[0][1] if pulls else None
+        self.children, self.remote_decode = children, remote_decode
+        self.rp = rps[0] if rps else None
         self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + base_id
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -194,8 +188,6 @@ class _Run:
         """Cancel what still runs: leaving a submit() stream early aborts its engine request."""
         for t in self.tasks:
             t.cancel()
-        for seq_id, _ in self.pulls:
-            self.w.connector.forget(seq_id)
 
     async def _next(self):
         c, out = await self.queue.get()
@@ -224,9 +216,10 @@ class _Run:
                 _, out = get.result()
                 pending -= out.finished
             kvp = None
-            if self.remote_decode:   # one child per prompt
-                # no wait for the engine: the connector learnt the held blocks when the step ended
-                per = [self._export(c) for c in self.children]
+            if self.remote_decode:   # one child per prompt, its params made in the step that held it
+                per = [c.last.kv_transfer_params for c in self.children]
+                if None in per:
+                    raise RuntimeError("a remote-decode request ended without KV to hand off")
                 if await self.request.is_disconnected():   # nobody will read these params: free the KV now
                     for c, kv in zip(self.children, per):
                         self.w.connector.done(c.seq.request_id, kv["kv_token"])
@@ -236,11 +229,6 @@ class _Run:
         finally:
             watch.cancel()
             self.stop()
-
-    def _export(self, c: Child) -> dict:
-        o = c.last.outputs[0]
-        return self.w.connector.export(c.seq.request_id, o.token_ids[0], c.last.prompt_token_ids,
-                                       o.logprobs[0] if o.logprobs else None, c.last.prompt_logprobs)
 
     def _body(self, kvp: dict | None) -> dict:
         tok = self.w.engine.tokenizer
@@ -300,8 +288,10 @@ class _Run:
         # vLLM: usage in every chunk with include_usage and continuous_usage_stats both set
         self.every_usage = opts is not None and opts.include_usage and opts.continuous_usage_stats
         try:
+            # the router streamed the first token, with the role, itself: this answer goes on from there
+            sent = self.rp is not None and self.rp.first_token_sent
             for c in self.children:
-                if self.kind == CHAT:
+                if self.kind == CHAT and not sent:
                     yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])
             pending, item = len(self.children), first
@@ -393,7 +383,7 @@ def chosen(children: list[Child], n: int) -> list[Child]:
         return children
     out = []
     for pi in sorted(by_prompt):
-        best = sorted(by_prompt[pi], key=lambda c: -(c.last.outputs[0].cumulative_logprob or 0.0))[:n]
+        best = sorted(by_prompt[pi], key=lambda c: -sum(lp.logprob for lp in c.last.outputs[0].logprobs or ()))[:n]
         for c in sorted(best, key=lambda c: c.index):
             out.append(c)
     for i, c in enumerate(out):

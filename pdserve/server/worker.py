@@ -64,8 +64,9 @@ class Worker:
             self.async_engine.on_dead = self._engine_died
         self.async_engine.start()
         try:
-            self.connector = KVConnector(self.async_engine, kc, self.server_config.host, self.shm,
-                                         self.server_config.advertise_host, self.server_config.api_key)
+            self.connector = KVConnector(self.engine, kc, self.server_config.host, self.shm,
+                                         self.server_config.advertise_host, self.server_config.api_key,
+                                         wake=self.async_engine.wake)
         except BaseException:
             self.stop()
             raise
@@ -94,8 +95,7 @@ class Worker:
     def info(self) -> dict:
         c = self.connector
         return {"role": self.role, "model": self.model_name, "engine_id": c.engine_id,
-                "kv_host": c.server.host if c.server else None, "kv_port": c.server.port if c.server else None,
-                "kv_transports": c.offers if c.server else None,
+                "kv_host": c.host, "kv_port": c.port, "kv_transports": c.offers if c.produces else None,
                 "block_size": c.spec.block_size,
                 "dtype": c.spec.dtype, "max_model_len": self.engine.max_model_len}
 

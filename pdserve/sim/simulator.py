@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pdserve.engine.core import EngineCore, StepShape
 from pdserve.engine.request import FinishReason, SamplingParams, Sequence
 from pdserve.router.placement import cached_tokens, local_prefill_reason
 from pdserve.router.policies import make_policy
@@ -39,6 +40,7 @@ from pdserve.sim.trace import Session
 log = logging.getLogger("pdserve.sim")
 
 TOKEN = -1            # what every simulated step "samples": never EOS, never a prompt id
+NO_LEASE = float("inf")   # a held prefill waits for its decode instance's pull, however long
 ARRIVAL, STEP_DONE, KV_DONE, HANDOFF = 0, 1, 2, 3
 
 
@@ -83,6 +85,8 @@ class ClusterSim:
         own = {s.profile: load_profile(s.profile) for s in cluster.instances if s.profile}
         self.instances = [Instance(s, engine, own.get(s.profile, profile)) for s in cluster.instances]
         self.by_name = {i.name: i for i in self.instances}
+        # the engine's own step core on each instance; the KV moves over the simulated link
+        self.cores = {i.name: EngineCore(i.sched) for i in self.instances}
         self.prefill_pool = [i.name for i in self.instances if i.role == "prefill"]
         self.decode_pool = [i.name for i in self.instances if i.role in ("decode", "both")]
         self.policy_p = make_policy(self.opts.routing)
@@ -194,43 +198,36 @@ class ClusterSim:
     # ---- one instance step ----------------------------------------------------------------
     def _kick(self, inst: Instance, t: float) -> None:
         """Start inst's next step at time t if it has anything to run."""
-        out = inst.sched.schedule()
+        out = self.cores[inst.name].schedule(t, NO_LEASE)
         for seq in out.kv_loads:
             self._start_kv(inst, seq, t)
         if out.is_empty:
             inst.busy = False
             self._drop_unservable(inst, t)
             return
-        pt = pairs = pkv = nd = dctx = np_ = 0
-        producers = []
-        records = self.records
+        shape = StepShape.of(out.seqs, out.num_new_tokens)
+        np_, producers, records = 0, [], self.records
         for seq, n in zip(out.seqs, out.num_new_tokens):
-            c = seq.num_computed_tokens
-            if n == 1:          # the model runner's decode path (one query token)
-                nd += 1
-                dctx += c + 1
-            else:
+            if n != 1:   # a prefill chunk: queuing ends when the first chunk is scheduled
                 np_ += 1
-                pt += n
-                pairs += n * c + n * (n + 1) // 2
-                pkv += c + n
                 rec = records[seq.request_id]
-                if rec.first_scheduled < 0:   # queuing ends when the first chunk is scheduled
+                if rec.first_scheduled < 0:
                     rec.first_scheduled = t
-            if c + n >= len(seq.token_ids):
+            if seq.num_computed_tokens + n >= len(seq.token_ids):
                 producers.append(seq)
-        dt = inst.step_time(pt, pairs, pkv, nd, dctx, len(producers))
+        dt = inst.step_time(shape.prefill_tokens, shape.pairs, shape.prefill_kv, shape.decode_seqs,
+                            shape.decode_ctx, shape.sampled)
         inst.out, inst.producers, inst.busy, inst.step_start = out, producers, True, t
-        inst.prompt_tokens += pt
+        inst.prompt_tokens += shape.prefill_tokens
         inst.gen_tokens += len(producers)
-        inst.last_p, inst.last_d = np_, nd
+        inst.last_p, inst.last_d = np_, shape.decode_seqs
         inst.num_steps += 1
         inst.busy_time += dt
         self._push(t + dt, STEP_DONE, inst)
 
     def _step_done(self, inst: Instance, t: float) -> None:
         out = inst.out
-        finished = inst.sched.update(out, [TOKEN] * len(out.seqs), t)
+        finished = self.cores[inst.name].update(out, [TOKEN] * len(out.seqs), t)
         records = self.records
         for seq in inst.producers:
             rec = records[seq.request_id]
@@ -270,7 +267,7 @@ class ClusterSim:
         t += self.prefill_extra
         rec.token_times[0] = t   # the client sees the first token when the router relays it
         if rec.output_toks == 1 or seq.finish_reason != FinishReason.REMOTE_DECODE:
-            p.sched.release(seq.request_id)   # nothing left to decode
+            self.cores[p.name].release(seq.request_id)   # nothing left to decode
             self.inflight[rec.decode_instance] -= 1
             return self._finish(rec, t)
         dseq = Sequence(seq.request_id, seq.prompt_token_ids, seq.params, arrival_time=rec.arrival,
@@ -299,7 +296,7 @@ class ClusterSim:
         rec.kv_done = t
         d.sched.finish_kv_load(rid, True)
         p = self.by_name[rec.prefill_instance]
-        p.sched.release(rid)   # P frees the held blocks: requests waiting for them may start
+        self.cores[p.name].release(rid)   # P frees the held blocks: requests waiting for them may start
         if not d.busy:
             self._kick(d, t)
         if not p.busy:
