@@ -28,7 +28,7 @@ from typing import Callable
 
 from pdserve.config import KVTransferConfig
 from pdserve.errors import RequestError
-from pdserve.kv import auth
+from pdserve.kv import auth, tls as kv_tls
 from pdserve.kv.client import KVClient
 from pdserve.kv.cuda_ipc import export_pool
 from pdserve.kv.layout import BlockPool
@@ -85,14 +85,15 @@ class KVConnector:
                           "cuda_ipc": export_pool(self.pool.kv) if "cuda_ipc" in self.offers else None}
             engine.held_observer = self
             self.server = KVServer(self, config.kv_host or host, config.kv_port, self.secret,
-                                   config.kv_max_connections).start()
+                                   config.kv_max_connections, tls=kv_tls.server_context(config)).start()
             # a wildcard bind is not an address a decode worker can dial: name this host instead
             bound = self.server.host
             self.advertise_host = advertise_host or (socket.getfqdn() if bound in ("0.0.0.0", "::", "") else bound)
         if self.role in ("decode", "both"):
             check_consumer(config.kv_transport, self.pool.kv.device.type)
             self.client = KVClient(self.spec, self.pool, config.kv_transport, config.kv_pull_timeout,
-                                   self.secret, auth.parse_peers(config.kv_allowed_peers))
+                                   self.secret, auth.parse_peers(config.kv_allowed_peers),
+                                   tls=kv_tls.client_context(config))
             # a thread per loading request (at most max_num_seqs load at once): a slow peer
             # holds its own pull until the deadline, never another request's
             self._pulls = concurrent.futures.ThreadPoolExecutor(engine.config.max_num_seqs + 1,
