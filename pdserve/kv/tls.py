@@ -36,9 +36,14 @@ def client_context(config) -> ssl.SSLContext | None:
 def wrap(ctx: ssl.SSLContext, sock: socket.socket, timeout: float, server_hostname: str | None = None,
          server_side: bool = False) -> ssl.SSLSocket:
     """sock inside TLS, the handshake done within `timeout` seconds (a silent peer cannot hold
-    a connection open past it). The caller closes sock if this raises."""
+    a connection open past it). If this raises, the connection is closed (wrapping took the
+    descriptor from sock)."""
     tls = ctx.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
                           do_handshake_on_connect=False)
-    tls.settimeout(max(0.01, timeout))
-    tls.do_handshake()
+    try:
+        tls.settimeout(max(0.01, timeout))
+        tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
     return tls
