@@ -60,6 +60,9 @@ def config(**kw) -> SimpleNamespace:
     return SimpleNamespace(**{"kv_tls_cert": None, "kv_tls_key": None, "kv_tls_ca": None, **kw})
 
 
+CLIENTS: list[KVClient] = []   # closed after each test (a client keeps idle connections)
+
+
 @pytest.fixture
 def serve():
     servers = []
@@ -69,6 +72,8 @@ def serve():
         servers.append(s)
         return s
     yield start
+    while CLIENTS:
+        CLIENTS.pop().close()
     for s in servers:
         s.close()
 
@@ -78,7 +83,12 @@ def tls_server(serve, pki, producer):
 
 
 def tls_client(pool, ca: str) -> KVClient:
-    return KVClient(spec(), pool, secret=SECRET, tls=kv_tls.client_context(config(kv_tls_ca=ca)))
+    return kept(KVClient(spec(), pool, secret=SECRET, tls=kv_tls.client_context(config(kv_tls_ca=ca))))
+
+
+def kept(c: KVClient) -> KVClient:
+    CLIENTS.append(c)
+    return c
 
 
 def test_a_pull_over_tls_equals_the_plain_one(serve, pki):
@@ -86,7 +96,7 @@ def test_a_pull_over_tls_equals_the_plain_one(serve, pki):
     plain_prod, tls_prod = FakeProducer(src), FakeProducer(src)
     plain, secure = serve(plain_prod), tls_server(serve, pki, tls_prod)
     want, got = torch.zeros(SHAPE), torch.zeros(SHAPE)
-    n_plain, t_plain = KVClient(spec(), BlockPool(want), secret=SECRET).pull(remote(plain.port), [7, 8, 2], [0, 1, 5])
+    n_plain, t_plain = kept(KVClient(spec(), BlockPool(want), secret=SECRET)).pull(remote(plain.port), [7, 8, 2], [0, 1, 5])
     n_tls, t_tls = tls_client(BlockPool(got), pki.ca).pull(remote(secure.port), [7, 8, 2], [0, 1, 5])
     assert (n_tls, t_tls) == (n_plain, t_plain) and n_tls > 0 and t_tls == "tcp"
     assert torch.equal(got, want)                                   # the same bytes, in the same blocks
@@ -119,7 +129,7 @@ def test_a_plain_client_of_a_tls_server_hears_why(serve, pki, monkeypatch):
     prod = FakeProducer(random_pool())
     srv = tls_server(serve, pki, prod)
     with pytest.raises(KVPullError, match="may require TLS: give this worker --kv-tls-ca"):
-        KVClient(spec(), BlockPool(torch.zeros(SHAPE)), secret=SECRET).pull(remote(srv.port), [7], [0])
+        kept(KVClient(spec(), BlockPool(torch.zeros(SHAPE)), secret=SECRET)).pull(remote(srv.port), [7], [0])
     assert "r1" in prod.grants
 
 
@@ -154,7 +164,8 @@ def test_a_large_pull_over_tls(serve, pki):
     prod.grants = {"r1": ("tok", set(range(12)))}
     srv = tls_server(serve, pki, prod)
     dst = torch.zeros(shape)
-    client = KVClient(spec(**big), BlockPool(dst), secret=SECRET, tls=kv_tls.client_context(config(kv_tls_ca=pki.ca)))
+    client = kept(KVClient(spec(**big), BlockPool(dst), secret=SECRET,
+                           tls=kv_tls.client_context(config(kv_tls_ca=pki.ca))))
     ids = [0, 1, 2, 3, 4, 5, 9, 10]   # runs of 6 and 2 blocks: views of 1.5 MiB and 512 KiB
     n, _ = client.pull(remote(srv.port, ids=ids), ids, list(range(8)))
     assert n == 2 * 2 * len(ids) * 16 * 4 * 1024 * 4
