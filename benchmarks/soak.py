@@ -4,10 +4,13 @@ RSS of every process over time, and writes soak.json, soak.png and a markdown su
 
     python benchmarks/soak.py --minutes 30 --md benchmarks/soak.md
 
-Outcomes: `right` (greedy answer equal to the fault-free reference for that prompt, or a
-well-formed answer for sampled requests), `error` (a clear error: an OpenAI error body or an
-SSE error event), `lost` (no answer and no clear error: a hang past --request-timeout, a
-reset connection, a stream cut without [DONE]). The goal is lost = 0.
+Outcomes: `right` (finish_reason set, and the text equal to the first answer to the same
+request: greedy, or sampled with the same seed, which gives the same tokens by design),
+`error` (a clear error: an OpenAI error body or an SSE error event), `refused` (the router's port refused the connection: it is being restarted),
+`cut` (the connection broke while a SIGKILL of the router fell inside the request: the one
+process holding the client's socket died, nobody can answer on it), `lost` (no answer and no
+clear error otherwise: a hang past --request-timeout, a reset connection, a stream cut without
+[DONE]). The goal is lost = 0.
 """
 from __future__ import annotations
 
@@ -67,6 +70,12 @@ def rss_mb(pid: int) -> float | None:
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, rng: random.Random, refs: dict, timeout: float):
+    out = await _one_request(session, url, rng, refs, timeout)
+    out["t_end"] = time.time()
+    return out
+
+
+async def _one_request(session: aiohttp.ClientSession, url: str, rng: random.Random, refs: dict, timeout: float):
     prompt = rng.choice(PROMPTS)
     chat, stream, greedy = rng.random() < 0.5, rng.random() < 0.6, rng.random() < 0.7
     body = {"model": MODEL, "max_tokens": rng.choice([8, 16, 32]), "temperature": 0 if greedy else 0.8}
@@ -79,7 +88,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, rng: random.Rand
     body["stream"] = stream
     disconnect_early = stream and rng.random() < 0.1
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    key = (path, prompt, body["max_tokens"]) if greedy else None
+    # greedy, or seeded: the same request gives the same answer, faults or not (DESIGN.md)
+    key = (path, prompt, body["max_tokens"], body.get("seed"))
     t0 = time.time()
     try:
         async with session.post(url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
@@ -91,8 +101,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, rng: random.Rand
                 data = await r.json()
                 choice = data["choices"][0]
                 text = choice["message"]["content"] if chat else choice["text"]
+                finish = choice.get("finish_reason")
             else:
-                text, done, err = "", False, False
+                text, done, err, finish = "", False, False, None
                 async for raw in r.content:
                     line = raw.decode().strip()
                     if not line.startswith("data: "):
@@ -106,6 +117,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, rng: random.Rand
                         continue
                     if event.get("choices"):
                         c = event["choices"][0]
+                        finish = c.get("finish_reason") or finish
                         text += (c.get("delta", {}).get("content") or "") if chat else (c.get("text") or "")
                     if disconnect_early and len(text) > 5:
                         return {"t": t0, "outcome": "disconnected", "status": 200}
@@ -115,12 +127,18 @@ async def one_request(session: aiohttp.ClientSession, url: str, rng: random.Rand
                     return {"t": t0, "outcome": "lost", "status": 200, "why": "stream ended without [DONE]"}
     except asyncio.TimeoutError:
         return {"t": t0, "outcome": "lost", "why": "timeout"}
+    except aiohttp.ClientConnectorError as e:   # nothing listens on the router's port (restarting)
+        return {"t": t0, "outcome": "refused", "why": f"{type(e).__name__}: {e}"[:200]}
     except (aiohttp.ClientError, json.JSONDecodeError, KeyError) as e:
-        return {"t": t0, "outcome": "lost", "why": type(e).__name__}
-    if key is not None:
-        ref = refs.setdefault(key, text)
-        return {"t": t0, "outcome": "right" if text == ref else "wrong", "status": 200}
-    return {"t": t0, "outcome": "right" if text else "wrong", "status": 200}
+        return {"t": t0, "outcome": "lost", "why": f"{type(e).__name__}: {e}"[:200]}
+    if finish not in ("stop", "length"):
+        return {"t": t0, "outcome": "wrong", "status": 200, "key": list(key), "stream": stream, "got": text,
+                "why": f"finish_reason {finish!r}"}
+    ref = refs.setdefault(key, text)   # an empty answer is an answer (a sampled EOS first)
+    if text != ref:   # what differed, to tell a wrong answer from a wrong reference
+        return {"t": t0, "outcome": "wrong", "status": 200, "key": list(key), "stream": stream, "got": text,
+                "want": ref}
+    return {"t": t0, "outcome": "right", "status": 200}
 
 
 async def traffic(url: str, end: float, concurrency: int, seed: int, refs: dict, timeout: float, out: list):
@@ -135,7 +153,7 @@ async def traffic(url: str, end: float, concurrency: int, seed: int, refs: dict,
 
 async def faults(up_pid: int, end: float, every: float, seed: int, log: list):
     rng = random.Random(seed)
-    await asyncio.sleep(every)
+    await asyncio.sleep(max(0.0, min(every, end - time.time())))   # --fault-every past the end: none
     while time.time() < end - every / 2:
         kids = [(p, describe(p)) for p in children(up_pid)]
         kids = [(p, role) for p, role in kids if role in ("prefill", "decode", "router")]
@@ -148,7 +166,7 @@ async def faults(up_pid: int, end: float, every: float, seed: int, log: list):
             if kind == "SIGSTOP":
                 await asyncio.sleep(rng.uniform(5, 20))
                 os.kill(pid, signal.SIGCONT)
-        await asyncio.sleep(every)
+        await asyncio.sleep(max(0.0, min(every, end - time.time())))
 
 
 async def sample_rss(up_pid: int, end: float, samples: list):
@@ -240,6 +258,11 @@ def main() -> int:
             os.killpg(up.pid, signal.SIGKILL)
         reader.wait(10)
 
+    # a broken connection across a SIGKILL of the router: that process held the client's socket
+    kills = [f["t"] for f in fault_log if f["fault"] == "SIGKILL" and f["target"] == "router"]
+    for r in results:
+        if r["outcome"] == "lost" and r.get("why") != "timeout" and any(r["t"] <= k <= r["t_end"] for k in kills):
+            r["outcome"] = "cut"
     counts: dict[str, int] = {}
     for r in results:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
@@ -247,7 +270,8 @@ def main() -> int:
     last = {k: v for k, v in samples[-1].items() if k != "t"} if samples else {}
     summary = {"minutes": args.minutes, "requests": len(results), "outcomes": counts, "faults": fault_log,
                "rss_first_mb": first, "rss_last_mb": last, "load_average_1m_at_end": os.getloadavg()[0],
-               "up_log": logs, "lost_examples": [r for r in results if r["outcome"] == "lost"][:10]}
+               "up_log": logs, "lost_examples": [r for r in results if r["outcome"] == "lost"][:10],
+               "wrong_examples": [r for r in results if r["outcome"] == "wrong"][:10]}
     (out_dir / "soak.json").write_text(json.dumps({"summary": summary, "rss": samples, "requests": results}, indent=1))
     plot(samples, fault_log, results, t0, str(out_dir / "soak.png"))
     print(json.dumps(summary, indent=2))
@@ -255,8 +279,8 @@ def main() -> int:
         with open(args.md, "a") as f:
             f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')}: {args.minutes:g} min, {args.concurrency} clients, "
                     f"a fault every {args.fault_every:g} s (`{args.up_args}`)\n\n")
-            f.write(f"- requests: {len(results)}; outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                    + "\n")
+            f.write(f"- requests: {len(results)}; lost: {counts.get('lost', 0)}; outcomes: "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "\n")
             kinds = {}
             for x in fault_log:
                 kinds[f"{x['fault']} {x['target']}"] = kinds.get(f"{x['fault']} {x['target']}", 0) + 1

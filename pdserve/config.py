@@ -95,6 +95,9 @@ class KVTransferConfig:
     kv_secret: str | None = None        # shared KV secret; None: $PDSERVE_KV_SECRET, else from --api-key
     kv_allowed_peers: str | None = None # "host:port,...": the only KV servers a decode worker dials
     kv_max_connections: int = 128       # KV server: connections at once (a quarter may be mid-handshake)
+    kv_tls_cert: str | None = None      # KV server: PEM certificate (chain); set: KV connections use TLS
+    kv_tls_key: str | None = None       # KV server: its private key (None: in kv_tls_cert's file)
+    kv_tls_ca: str | None = None        # decode side: CA that signed the KV servers' certificates; set: dial TLS
 
 
 @dataclass

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 
-from pdserve.kv import auth
+from pdserve.kv import auth, tls as kv_tls
 from pdserve.kv.cuda_ipc import ImportedPools
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import RemotePrefill
@@ -28,10 +29,11 @@ class KVClient:
     CHALLENGE_MAX, OFFER_MAX, REPLY_MAX = 1 << 10, 1 << 20, 4 << 10   # bytes we read from a producer
 
     def __init__(self, spec: KVSpec, pool: BlockPool, wanted: str = "auto", timeout: float = 30.0,
-                 secret: bytes | None = None, allowed_peers: frozenset[str] | None = None):
+                 secret: bytes | None = None, allowed_peers: frozenset[str] | None = None,
+                 tls: ssl.SSLContext | None = None):
         # timeout: the deadline of a whole pull (connect, handshake, every byte), not of one read
         self.spec, self.pool, self.wanted, self.timeout = spec, pool, wanted, timeout
-        self.secret, self.allowed_peers = secret, allowed_peers
+        self.secret, self.allowed_peers, self.tls = secret, allowed_peers, tls
         self.local_device = pool.kv.device.type
         self.host_id = host_id()
         self.shm: dict[str, ShmAttachment] = {}   # producer engine id -> its mapped pool
@@ -44,11 +46,7 @@ class KVClient:
         refusal = auth.peer_refusal(rp.host, rp.port, self.allowed_peers, self.secret)
         if refusal:   # before any byte goes out: an untrusted address is never dialled
             raise KVPullError(f"refusing to pull KV from an untrusted peer: {refusal}")
-        try:
-            sock = socket.create_connection((rp.host, rp.port), timeout=max(0.01, deadline - time.monotonic()))
-        except OSError as e:
-            raise KVPullError(f"cannot reach the prefill worker's KV server at {rp.host}:{rp.port}: {e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = self._dial(rp, deadline)
         try:
             offer = self._handshake(sock, rp, deadline)
         except BaseException:
@@ -56,9 +54,39 @@ class KVClient:
             raise
         return sock, offer
 
+    def _dial(self, rp: RemotePrefill, deadline: float) -> socket.socket:
+        """A connection to the producer's KV server, inside TLS if this worker has a CA for it."""
+        where = f"{rp.host}:{rp.port}"
+        try:
+            sock = socket.create_connection((rp.host, rp.port), timeout=max(0.01, deadline - time.monotonic()))
+        except OSError as e:
+            raise KVPullError(f"cannot reach the prefill worker's KV server at {where}: {e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is None:
+            return sock
+        try:
+            return kv_tls.wrap(self.tls, sock, deadline - time.monotonic(), server_hostname=rp.host)
+        except ssl.SSLCertVerificationError as e:
+            sock.close()
+            raise KVPullError(f"the KV server at {where} presented a certificate that --kv-tls-ca does not "
+                              f"verify ({e.verify_message}): not a trusted prefill worker") from e
+        except socket.timeout as e:
+            sock.close()
+            raise KVTimeout(f"no TLS handshake with {where} within the deadline") from e
+        except (ssl.SSLError, OSError) as e:
+            sock.close()
+            raise KVPullError(f"TLS handshake with the KV server at {where} failed ({e}); does it serve "
+                              f"TLS (--kv-tls-cert on the prefill worker)?") from e
+
     def _handshake(self, sock: socket.socket, rp: RemotePrefill, deadline: float) -> dict:
         where = f"{rp.host}:{rp.port}"
-        ch = recv_msg(sock, self.CHALLENGE_MAX, deadline)
+        try:
+            ch = recv_msg(sock, self.CHALLENGE_MAX, deadline)
+        except KVTimeout:
+            raise
+        except KVWireError as e:   # closed before its first word: most likely it wanted TLS
+            hint = " (it may require TLS: give this worker --kv-tls-ca)" if self.tls is None else ""
+            raise KVPullError(f"the KV server at {where} closed the connection before its challenge{hint}") from e
         theirs = ch.get("nonce")
         if ch.get("op") != "challenge" or not auth.valid_nonce(theirs):
             raise KVPullError(f"the KV server at {where} does not speak pdserve's KV protocol")
@@ -218,7 +246,7 @@ class KVClient:
         try:
             if auth.peer_refusal(rp.host, rp.port, self.allowed_peers, self.secret):
                 return   # never dial an untrusted address, not even to say goodbye
-            with socket.create_connection((rp.host, rp.port), timeout=min(self.timeout, 5.0)) as sock:
+            with self._dial(rp, deadline) as sock:
                 try:
                     self._handshake(sock, rp, deadline)
                 except KVHandshakeError:

@@ -14,19 +14,21 @@ Nothing is spent on a peer before it authenticates: the handshake has a deadline
 messages a small size bound, and connections still in their handshake a quota of their own.
 After it, message sizes are bounded by the pool (a pull names at most every block), every
 read has a deadline (an idle connection is closed), and a connection past the pool's
-bound is closed at once rather than given a thread.
+bound is closed at once rather than given a thread. With a TLS context (kv/tls.py) every
+connection is TLS, its handshake inside the same deadline; the challenge then runs inside it.
 """
 from __future__ import annotations
 
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 import time
 
 import torch
 
-from pdserve.kv import auth
+from pdserve.kv import auth, tls as kv_tls
 from pdserve.kv.spec import KVHandshakeError
 from pdserve.kv.wire import KVWireError, recv_msg, send_msg, send_views
 
@@ -40,9 +42,9 @@ SEND_S = 30.0          # a pull's bytes must leave within this (the consumer has
 
 class KVServer:
     def __init__(self, producer, host: str, port: int = 0, secret: bytes | None = None,
-                 max_connections: int = 128):
+                 max_connections: int = 128, tls: ssl.SSLContext | None = None):
         self.producer = producer   # the connector: hello_reply, authorize, unclaim, done, renew, pool
-        self.secret = secret
+        self.secret, self.tls = secret, tls
         self.max_connections = max_connections
         self.max_handshaking = max(4, max_connections // 4)
         self._count_lock = threading.Lock()
@@ -98,6 +100,12 @@ class KVServer:
         owner = object()   # this connection, as the owner of the grants it claims
         try:
             try:
+                if self.tls is not None:
+                    try:
+                        sock = kv_tls.wrap(self.tls, sock, HANDSHAKE_S, server_side=True)
+                    except (ssl.SSLError, OSError) as e:   # not TLS, or a client that dislikes our cert
+                        log.info("KV TLS handshake from %s failed: %s", peer, e)
+                        return
                 greeted = self._handshake(sock, peer)
             finally:
                 with self._count_lock:

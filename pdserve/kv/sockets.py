@@ -4,7 +4,7 @@ consumer's KVClient makes them, choosing the fastest data path both ends have.""
 from __future__ import annotations
 
 from pdserve.config import KVTransferConfig
-from pdserve.kv import auth
+from pdserve.kv import auth, tls as kv_tls
 from pdserve.kv.client import KVClient
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.server import KVServer
@@ -17,11 +17,12 @@ class SocketTransport:
         self.config, self.pool, self.secret, self.host = config, pool, secret, host
         self.server: KVServer | None = None
         self.client = KVClient(spec, pool, config.kv_transport, config.kv_pull_timeout, secret,
-                               auth.parse_peers(config.kv_allowed_peers)) if consumer else None
+                               auth.parse_peers(config.kv_allowed_peers), tls=kv_tls.client_context(config)) if consumer else None
 
     def serve(self, producer) -> tuple[str, int]:
         c = self.config
-        self.server = KVServer(producer, c.kv_host or self.host, c.kv_port, self.secret, c.kv_max_connections).start()
+        self.server = KVServer(producer, c.kv_host or self.host, c.kv_port, self.secret, c.kv_max_connections,
+                               tls=kv_tls.server_context(c)).start()
         return self.server.host, self.server.port
 
     def pull(self, rp, src, dst):

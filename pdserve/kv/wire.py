@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import time
 
 _LEN = struct.Struct("!I")
 MAX_MSG = 1 << 20        # default bound of one control message; callers pass tighter ones
 IOV_MAX = 512            # buffers per sendmsg/recvmsg_into call (the OS limit is 1024)
+TLS_CHUNK = 1 << 20      # bytes per send on a TLS socket (it encrypts through its own buffers)
 
 
 class KVWireError(ConnectionError):
@@ -68,6 +70,16 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> by
 def send_views(sock: socket.socket, views: list[memoryview], deadline: float | None = None) -> int:
     """Send the buffers back to back; returns the byte count."""
     total = sum(v.nbytes for v in views)
+    if isinstance(sock, ssl.SSLSocket):   # no sendmsg on TLS: one buffer at a time, deadline each send
+        for v in views:
+            v = v.cast("B")
+            for off in range(0, v.nbytes, TLS_CHUNK):
+                _arm(sock, deadline)
+                try:
+                    sock.sendall(v[off:off + TLS_CHUNK])
+                except socket.timeout as e:
+                    raise KVTimeout("the KV transfer deadline passed while sending") from e
+        return total
     i = 0
     while i < len(views):
         batch = views[i:i + IOV_MAX]
@@ -90,11 +102,12 @@ def recv_into_views(sock: socket.socket, views: list[memoryview], deadline: floa
     """Fill the buffers back to back from the socket; raises if the peer closes early, or
     KVTimeout when `deadline` passes first however steadily the bytes trickle in."""
     total = sum(v.nbytes for v in views)
-    views = [v for v in views if v.nbytes]
+    tls = isinstance(sock, ssl.SSLSocket)   # no recvmsg_into on TLS: one buffer at a time
+    views = [v.cast("B") if tls else v for v in views if v.nbytes]
     while views:
         _arm(sock, deadline)
         try:
-            got = sock.recvmsg_into(views[:IOV_MAX])[0]
+            got = sock.recv_into(views[0]) if tls else sock.recvmsg_into(views[:IOV_MAX])[0]
         except socket.timeout as e:
             raise KVTimeout("the KV transfer deadline passed while receiving") from e
         if got == 0:

@@ -192,8 +192,10 @@ class Router:
 
     def _failed(self, inst: Instance, e: UpstreamError, stage: str) -> None:
         log.warning("%s call to %s failed: %s", stage, inst.url, e)
-        if e.down:
+        if e.down and inst.healthy:   # already down: its own last_error says why, not ours about it
             inst.mark_down(str(e))
+        elif e.down:
+            inst.failures += 1
         else:
             inst.last_error, inst.last_error_time = str(e), time.time()
             inst.failures += 1

@@ -33,6 +33,10 @@ class ClientError(Exception):
         return cls(status, error_body(status, message))
 
 
+# No byte within --request-timeout on one call: this request is too slow (a long answer that
+# is not streamed, a busy worker), which says nothing of the instance; a wedged one fails its
+# health check long before, and the health loop takes it out (Instance.went_down).
+SLOW_ERRORS = (aiohttp.SocketTimeoutError,)
 # Errors that mean the instance is gone or wedged, not that this request was bad.
 CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError,
                   ConnectionError, OSError)
@@ -60,6 +64,9 @@ async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str, b
         async with session.post(inst.url + path, json=body, headers=headers, timeout=timeout) as r:
             await _raise_for_status(r, inst)
             return await r.json(content_type=None)
+    except SLOW_ERRORS as e:
+        raise UpstreamError(f"{inst.url}: no answer within the router's --request-timeout ({e})"[:500],
+                            down=False) from e
     except CONNECT_ERRORS as e:
         raise UpstreamError(f"{inst.url}: {e!r}"[:500], down=True) from e
     except (aiohttp.ClientPayloadError, ValueError) as e:
@@ -94,6 +101,9 @@ async def stream_sse(session: aiohttp.ClientSession, inst: Instance, path: str, 
                     if batch[-1] is None:
                         return
         raise UpstreamError(f"{inst.url}: stream ended without [DONE]", down=False)
+    except SLOW_ERRORS as e:
+        raise UpstreamError(f"{inst.url}: no answer within the router's --request-timeout ({e})"[:500],
+                            down=False) from e
     except CONNECT_ERRORS as e:
         raise UpstreamError(f"{inst.url}: {e!r}"[:500], down=True) from e
     except (aiohttp.ClientPayloadError, ValueError) as e:

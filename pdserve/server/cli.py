@@ -59,6 +59,14 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                         "without a secret, loopback only)")
     k.add_argument("--kv-max-connections", type=int, default=128,
                    help="KV server: connections at once; more are closed at once")
+    k.add_argument("--kv-tls-cert", default=None, metavar="PEM",
+                   help="KV server: serve KV connections over TLS with this certificate (chain), for tcp across "
+                        "hosts; the KV secret's challenge still runs inside")
+    k.add_argument("--kv-tls-key", default=None, metavar="PEM", help="KV server: the certificate's private key "
+                   "(default: in the --kv-tls-cert file)")
+    k.add_argument("--kv-tls-ca", default=None, metavar="PEM",
+                   help="decode role: dial KV servers over TLS and accept only certificates this CA signed "
+                        "for the host dialled")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     kc = KVTransferConfig(kv_transport=args.kv_transport, kv_host=args.kv_host, kv_port=args.kv_port,
                           kv_load_failure_policy=args.kv_load_failure_policy, kv_pull_timeout=args.kv_pull_timeout,
                           kv_secret=args.kv_secret, kv_allowed_peers=args.kv_allowed_peers,
-                          kv_max_connections=args.kv_max_connections)
+                          kv_max_connections=args.kv_max_connections, kv_tls_cert=args.kv_tls_cert,
+                          kv_tls_key=args.kv_tls_key, kv_tls_ca=args.kv_tls_ca)
     api_key = resolve_api_key(args)
     sc = ServerConfig(args.host, args.port, api_key, args.kv_advertise_host,
                       enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
