@@ -10,6 +10,7 @@ from pdserve.engine.request import SamplingParams, Sequence
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.models.loader import read_hf_config
 from engine_drive import drive_with_logits
+from tiny_model import save_random_family
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,16 +30,8 @@ FAMILIES = {
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def tiny(request, tmp_path_factory):
     cfg_cls, model_cls, extra = FAMILIES[request.param]
-    torch.manual_seed(0)
-    cfg = getattr(transformers, cfg_cls)(**COMMON, **extra)
-    hf = getattr(transformers, model_cls)(cfg).eval().float()
-    if request.param == "qwen2":  # random init leaves biases at zero: make them count
-        with torch.no_grad():
-            for layer in hf.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
     d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
+    hf = save_random_family(cfg_cls, model_cls, {**COMMON, **extra}, d)
     return request.param, hf, str(d)
 
 

@@ -26,3 +26,20 @@ def make_tiny_model(out: Path, default_model_dir: str, max_positions: int = 2048
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
     return str(out)
+
+
+def save_random_family(cfg_cls: str, model_cls: str, config: dict, out: Path):
+    """A random-weight transformers model of one family (e.g. "Qwen2Config", "Qwen2ForCausalLM"),
+    saved to out; returns the transformers model (the reference). Seeded; a family with q/k/v
+    biases gets non-zero ones (random init leaves them at zero, so they would not count)."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**config)).eval().float()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+    hf.save_pretrained(out)
+    return hf
