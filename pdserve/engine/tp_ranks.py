@@ -42,6 +42,9 @@ def threads_for(cores: list[int] | None, all_cores: list[int], size: int) -> int
 
 def _init_group(rank: int, size: int, port: int, device_type: str) -> TPGroup:
     import torch.distributed as dist
+    if device_type == "cuda":   # rank r on the worker's r-th visible GPU (`up` sets CUDA_VISIBLE_DEVICES)
+        import torch
+        torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
@@ -140,6 +143,8 @@ def rank_main(argv: list[str] | None = None) -> int:
     from pdserve.engine.model_runner import ModelRunner
     from pdserve.models.loader import read_hf_config
     config = EngineConfig(**json.loads(a.config))
+    if _device_type(config) == "cuda":
+        config = dataclasses.replace(config, device=f"cuda:{a.rank}")
     cores = [int(c) for c in a.cores.split(",")] if a.cores else None
     _place(cores, a.threads, f"tensor-parallel rank {a.rank} of {config.tensor_parallel_size}")
     group = _init_group(a.rank, config.tensor_parallel_size, a.port, _device_type(config))
