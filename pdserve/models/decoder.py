@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup):
         super().__init__()
         self.self_attn = Attention(cfg, layer, tp)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size // tp.size, cfg.mlp_bias, reduce=tp.all_reduce)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size // tp.size, cfg.mlp_bias, tp=tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -80,19 +80,19 @@ class MergedLinear(Linear):
 
 
 class GatedMLP(nn.Module):
-    """gate/up column-parallel, down row-parallel: `reduce` sums the ranks' partial outputs
-    (identity for one rank); `intermediate` is this rank's share."""
+    """gate/up column-parallel, down row-parallel: `tp` (a TPGroup) sums the ranks' partial
+    outputs (none: one rank); `intermediate` is this rank's share."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False, reduce=None):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, tp=None):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden, {"gate_proj": intermediate, "up_proj": intermediate}, bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias)
-        self.reduce = reduce
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
         y = self.down_proj(F.silu(gate) * up)
-        return self.reduce(y) if self.reduce is not None else y
+        return self.tp.all_reduce(y) if self.tp is not None else y
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
