@@ -28,7 +28,7 @@ class Producer:
                       "transports": offers, "shm": None,
                       "cuda_ipc": export_pool(kv) if "cuda_ipc" in offers else None}
 
-    def hello_reply(self, remote):
+    def hello_reply(self, remote, remote_tp=None):
         SPEC.check(remote)
         return self.reply
 

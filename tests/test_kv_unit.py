@@ -41,7 +41,7 @@ class FakeProducer:
         self.grants = {"r1": ("tok", {7, 8, 2, 3})}
         self.released = []
 
-    def hello_reply(self, remote):
+    def hello_reply(self, remote, remote_tp=None):
         self.spec.check(remote)
         self.hellos = getattr(self, "hellos", 0) + 1
         shm = self.shm.describe_for_peer() if hasattr(self.shm, "describe_for_peer") else self.shm

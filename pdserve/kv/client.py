@@ -8,7 +8,7 @@ import ssl
 import threading
 import time
 
-from pdserve.kv import auth, tls as kv_tls
+from pdserve.kv import auth, heads, tls as kv_tls
 from pdserve.kv.cuda_ipc import ImportedPools
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import RemotePrefill
@@ -95,7 +95,8 @@ class KVClient:
                               f"(give both workers the same --kv-secret or --api-key)")
         ours = auth.nonce()
         proof = auth.mac(self.secret, "client", theirs, ours) if self.secret is not None else None
-        send_msg(sock, {"op": "hello", "nonce": ours, "mac": proof, "spec": self.spec.to_dict()}, deadline)
+        send_msg(sock, {"op": "hello", "nonce": ours, "mac": proof, "spec": self.spec.to_dict(),
+                        "tp": heads.to_wire(self.pool.heads)}, deadline)
         offer = recv_msg(sock, self.OFFER_MAX, deadline)
         if self.secret is not None and not auth.check_mac(self.secret, offer.get("mac"), "server", ours, theirs):
             # whatever it says next is not a trusted prefill worker's: nothing of it is used
@@ -106,6 +107,9 @@ class KVClient:
                 raise KVHandshakeError(str(offer["field"]), message=str(offer.get("error")))
             raise KVPullError(f"the KV server at {where} refused the handshake: {offer.get('error')}")
         self.spec.check(offer.get("spec") or {}, ("decode worker", "prefill worker"))
+        # which heads of which producer rank fill each of our ranks: fixed per connection
+        offer["pieces"] = heads.plan(heads.from_wire(offer.get("tp"), self.spec.num_kv_heads, "prefill worker"),
+                                     self.pool.heads)
         return offer
 
     def _checkout(self, rp: RemotePrefill, deadline: float) -> tuple[socket.socket, dict, bool]:
@@ -196,8 +200,8 @@ class KVClient:
             transport = "tcp"   # e.g. another network namespace: the socket is not reachable
         n = 0
         if src:
-            send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token,
-                            "block_ids": src, "transport": transport}, deadline)
+            send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token, "block_ids": src,
+                            "transport": transport, "pieces": [list(p[:3]) for p in offer["pieces"]]}, deadline)
             reply = recv_msg(sock, self.REPLY_MAX, deadline)
             if not reply.get("ok"):
                 raise KVPullError(f"the prefill worker refused the pull: {reply.get('error')}")
@@ -207,26 +211,37 @@ class KVClient:
         return n, transport
 
     def _receive(self, sock, reply, transport, engine_id, offer, src, dst, deadline) -> int:
-        pool = self.pool
+        """Each piece (kv/heads.py) into the heads of our rank it fills: off the socket in the
+        producer's order over tcp, else copied from the producer's mapped pools."""
+        pool, pieces = self.pool, offer["pieces"]
         if transport == "tcp":
-            if reply.get("nbytes") != pool.stream_bytes(len(dst)):
-                raise KVPullError(f"the prefill worker sends {reply.get('nbytes')} bytes, expected "
-                                  f"{pool.stream_bytes(len(dst))}")
-            if pool.on_cpu:  # straight into our pool
-                views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, dst)]
-                return recv_into_views(sock, views, deadline)
-            import torch
+            want = sum(pool.piece_bytes(len(dst), p.d_hi - p.d_lo) for p in pieces)
+            if reply.get("nbytes") != want:
+                raise KVPullError(f"the prefill worker sends {reply.get('nbytes')} bytes, expected {want}")
             n = 0
-            for layer in range(pool.num_layers):
-                staged = torch.empty((2, len(dst), *pool.kv.shape[3:]), dtype=pool.kv.dtype)
-                n += recv_into_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())], deadline)
-                pool.scatter_layer(layer, dst, staged)
+            for p in pieces:
+                if pool.on_cpu and pool.whole(p.d_rank, p.d_lo, p.d_hi):   # straight into our pool
+                    views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, dst, p.d_rank)]
+                    n += recv_into_views(sock, views, deadline)
+                    continue
+                import torch
+                for layer in range(pool.num_layers):   # some of the rank's heads, or a GPU pool
+                    staged = torch.empty((2, len(dst), pool.kv.shape[3], p.d_hi - p.d_lo, pool.kv.shape[5]),
+                                         dtype=pool.kv.dtype)
+                    n += recv_into_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())], deadline)
+                    pool.scatter_layer(layer, dst, staged, p.d_rank, p.d_lo, p.d_hi)
             return n
         if transport == "shm":
-            return pool.copy_from(self.shm[engine_id].tensor, src, dst)
-        if transport == "cuda_ipc":
-            return pool.copy_from(self.ipc.get(engine_id, offer["cuda_ipc"]), src, dst)
-        raise KVPullError(f"transport {transport} is not supported by this worker")
+            sources = self.shm[engine_id].tensors
+        elif transport == "cuda_ipc":
+            descs = offer["cuda_ipc"] if isinstance(offer["cuda_ipc"], list) else [offer["cuda_ipc"]]
+            sources = [self.ipc.get(f"{engine_id}/{k}", d) for k, d in enumerate(descs)]
+        else:
+            raise KVPullError(f"transport {transport} is not supported by this worker")
+        if any(p.p_rank >= len(sources) for p in pieces):
+            raise KVPullError(f"the prefill worker maps {len(sources)} KV pools for {len(offer.get('tp') or [1])} ranks")
+        return sum(pool.copy_from(sources[p.p_rank], src, dst, p.d_rank, (p.p_lo, p.p_hi), (p.d_lo, p.d_hi))
+                   for p in pieces)
 
     def _attach(self, engine_id: str, offer: dict) -> bool:
         """Map a producer's pool once; False if it cannot be mapped from here."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pdserve.config import KVTransferConfig
-from pdserve.kv import auth
+from pdserve.kv import auth, heads
 from pdserve.kv.base import KVEvents, Transport
 from pdserve.kv.cuda_ipc import export_pool
 from pdserve.kv.layout import BlockPool
@@ -69,7 +69,8 @@ class KVConnector:
         self.config = config
         self.role = engine.config.role
         self.spec = KVSpec.from_engine(engine)
-        self.pool = BlockPool(engine.runner.kv_cache)
+        self.pool = BlockPool(engine.runner.kv_cache, engine.rank_pools,
+                              heads.layout_of(engine.config.tensor_parallel_size, self.spec.num_kv_heads))
         self.engine_id = uuid.uuid4().hex
         self.lease = engine.config.kv_lease_duration
         self.secret = auth.resolve_secret(config.kv_secret, api_key)
@@ -95,7 +96,8 @@ class KVConnector:
             self.offers = producer_offers(config.kv_transport, dev, shm_desc is not None, dev == "cuda")
             self.hello = {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id,
                           "host_id": host_id(), "transports": self.offers, "shm": shm_desc,
-                          "cuda_ipc": export_pool(self.pool.kv) if "cuda_ipc" in self.offers else None}
+                          "tp": heads.to_wire(self.pool.heads),
+                          "cuda_ipc": [export_pool(self.pool.kv), *engine.rank_ipc] if "cuda_ipc" in self.offers else None}
             self.host, self.port = self.transport.serve(self)
             # a wildcard bind is not an address a decode worker can dial: name this host instead
             self.advertise_host = advertise_host or (socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host)
@@ -137,7 +139,7 @@ class KVConnector:
             self.grants[rid] = _Grant(token, frozenset(blocks))
         return RemotePrefill(self.engine_id, self.advertise_host, self.port, blocks, rid, token,
                              seq.token_ids[seq.num_prompt_tokens], list(seq.prompt_token_ids), list(self.offers),
-                             self.lease, first_logprob, prompt_logprobs).to_params()
+                             self.lease, first_logprob, prompt_logprobs, tp_size=len(self.pool.heads)).to_params()
 
     def request_freed(self, request_id: str) -> None:
         """Engine thread: the held blocks are gone (released, aborted): no grant outlives them."""
@@ -155,9 +157,11 @@ class KVConnector:
             return False
 
     # ---- producer: worker side (KV server threads) --------------------------------------
-    def hello_reply(self, remote_spec: dict) -> dict:
-        """The offer for one authenticated peer (its shm ticket is its own)."""
+    def hello_reply(self, remote_spec: dict, remote_tp=None) -> dict:
+        """The offer for one authenticated peer (its shm ticket is its own), if its KV spec is
+        ours and its tensor-parallel layout can be filled from ours (kv/heads.py)."""
         self.spec.check(remote_spec, ("prefill worker", "decode worker"))
+        heads.plan(self.pool.heads, heads.from_wire(remote_tp, self.spec.num_kv_heads, "decode worker"))
         if self.hello.get("shm") and self.shm_allocator is not None:
             return {**self.hello, "shm": self.shm_allocator.describe_for_peer()}
         return self.hello

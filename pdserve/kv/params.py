@@ -44,13 +44,14 @@ class RemotePrefill:
     # set by pdserve's router when it streamed the first token to the client itself: the
     # decode worker then does not send it again (a vLLM-style proxy never sets it)
     first_token_sent: bool = False
+    tp_size: int = 1   # the prefill worker's tensor-parallel size (vLLM's field; the handshake has its layout)
 
     def to_params(self) -> dict:
         out = {"do_remote_decode": False, "do_remote_prefill": True,
                "remote_engine_id": self.engine_id, "remote_host": self.host, "remote_port": self.port,
                "remote_block_ids": self.block_ids, "remote_request_id": self.request_id,
                "kv_token": self.token, "first_token_id": self.first_token_id,
-               "prompt_token_ids": self.prompt_token_ids, "transports": self.transports, "tp_size": 1,
+               "prompt_token_ids": self.prompt_token_ids, "transports": self.transports, "tp_size": self.tp_size,
                "kv_lease_s": self.lease}
         if self.first_logprob is not None:
             out["first_token_logprobs"] = pack_logprob(self.first_logprob)

@@ -1,11 +1,15 @@
 """The producer's KV server: a bounded pool of connection threads speaking the control protocol.
 
     producer -> {"op": "challenge", "nonce", "auth"}     first, unasked
-    consumer -> {"op": "hello", "nonce", "mac", "spec"}  its proof (auth.py) and its KV spec
-    producer -> offer + {"mac"}, or an error; a spec mismatch names the field, but only to a
-                consumer that proved the secret; an unproven one hears "authentication failed"
-    consumer -> {"op": "pull", "request_id", "token", "block_ids", "transport"}
-        tcp:  producer -> {"ok": true, "nbytes": n} then n raw bytes (layer by layer, K then V)
+    consumer -> {"op": "hello", "nonce", "mac", "spec", "tp"}  its proof (auth.py), KV spec and
+                                                         tensor-parallel layout (kv/heads.py)
+    producer -> offer + {"mac"} (with its own "tp" layout), or an error; a spec mismatch or a
+                layout it cannot fill names the field, but only to a consumer that proved the
+                secret; an unproven one hears "authentication failed"
+    consumer -> {"op": "pull", "request_id", "token", "block_ids", "transport", "pieces"}
+        pieces: [[rank, first head, end head], ...] of the producer's ranks (kv/heads.py)
+        tcp:  producer -> {"ok": true, "nbytes": n} then n raw bytes (piece by piece; each layer by
+              layer, K then V)
         else: producer -> {"ok": true}; the consumer copies from the mapped pool itself
     consumer -> {"op": "done", "request_id", "token"}    producer releases the held blocks (no answer)
     consumer -> {"op": "renew", "items": [[request_id, token], ...]}   extend those leases (no answer)
@@ -37,6 +41,7 @@ log = logging.getLogger("pdserve.kv")
 HANDSHAKE_S = 5.0      # a peer must have proved itself within this
 HELLO_MAX = 8 << 10    # bytes of the one message read from an unproven peer
 IDLE_S = 60.0          # an authenticated connection with nothing to say is closed after this
+MAX_PIECES = 256       # head ranges one pull may name (one per pair of ranks at most)
 SEND_S = 30.0          # a pull's bytes must leave within this (the consumer has its own deadline)
 
 
@@ -51,7 +56,7 @@ class KVServer:
         self.connections = self.handshaking = 0
         self.refused = 0           # connections closed at once: over the bound
         # a pull names at most every block of the pool, as JSON ints: bound every message by that
-        self.max_msg = 4096 + 12 * max(1, producer.pool.kv.shape[2])
+        self.max_msg = 4096 + 12 * max(1, producer.pool.kv.shape[2]) + 40 * MAX_PIECES
         server = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -162,7 +167,7 @@ class KVServer:
             return None
         proof = {"mac": auth.mac(self.secret, "server", theirs, ours)} if self.secret is not None else {}
         try:
-            send_msg(sock, {**self.producer.hello_reply(hello.get("spec") or {}), **proof}, deadline)
+            send_msg(sock, {**self.producer.hello_reply(hello.get("spec") or {}, hello.get("tp")), **proof}, deadline)
             return True
         except KVHandshakeError as e:   # authenticated: it may hear which field differs
             log.warning("KV handshake from %s refused: %s", peer, e)
@@ -175,22 +180,47 @@ class KVServer:
         if error:
             send_msg(sock, {"ok": False, "error": error}, time.monotonic() + SEND_S)
             return
-        transport = str(msg.get("transport"))
         pool = self.producer.pool
+        pieces = self._pieces(msg.get("pieces"), pool)
+        if pieces is None:
+            self.producer.unclaim(owner, rid)
+            send_msg(sock, {"ok": False, "error": "malformed pieces: each is [rank, first head, end head] "
+                                                  "of this worker's ranks"}, time.monotonic() + SEND_S)
+            return
+        nbytes = sum(pool.piece_bytes(len(ids), hi - lo) for _, lo, hi in pieces)
+        transport = str(msg.get("transport"))
         deadline = time.monotonic() + SEND_S
-        if transport != "tcp":  # the consumer copies from our pool itself
+        if transport != "tcp":  # the consumer copies from our pools itself
             send_msg(sock, {"ok": True}, deadline)
-            self.producer.served(pool.stream_bytes(len(ids)), 0.0, transport)
+            self.producer.served(nbytes, 0.0, transport)
             return
         t0 = time.perf_counter()
-        send_msg(sock, {"ok": True, "nbytes": pool.stream_bytes(len(ids))}, deadline)
-        if pool.on_cpu:  # one gather-send straight out of the pool
-            views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, ids)]
-            n = send_views(sock, views, deadline)
-        else:            # GPU pool: stage each layer in host memory, then send it
-            n = 0
-            for layer in range(pool.num_layers):
-                staged = pool.gather_layer(layer, ids)
+        send_msg(sock, {"ok": True, "nbytes": nbytes}, deadline)
+        n = 0
+        for rank, lo, hi in pieces:
+            if pool.on_cpu and pool.whole(rank, lo, hi):   # one gather-send straight out of the pool
+                views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, ids, rank)]
+                n += send_views(sock, views, deadline)
+                continue
+            for layer in range(pool.num_layers):   # some heads, or a GPU pool: staged per layer
+                staged = pool.gather_layer(layer, ids, rank, lo, hi)
                 n += send_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())], deadline)
         self.producer.unclaim(owner, rid)   # sent: nothing reads these blocks for this pull any more
         self.producer.served(n, time.perf_counter() - t0, "tcp")
+
+    @staticmethod
+    def _pieces(raw, pool) -> list[tuple[int, int, int]] | None:
+        """The [rank, lo, hi) head ranges a pull asks for (kv/heads.py); absent: all of rank 0's."""
+        if raw is None:
+            return [(0, 0, pool.local_heads(0))]
+        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_PIECES:
+            return None
+        out = []
+        for p in raw:
+            if not (isinstance(p, list) and len(p) == 3 and all(type(x) is int for x in p)):
+                return None
+            rank, lo, hi = p
+            if not (0 <= rank < len(pool.ranks) and 0 <= lo < hi <= pool.local_heads(rank)):
+                return None
+            out.append((rank, lo, hi))
+        return out

@@ -37,7 +37,7 @@ class ShmPoolAllocator:
 
     def __init__(self):
         self.fd: int | None = None
-        self.shape: tuple | None = None
+        self.shapes: list[list[int]] = []      # every rank's pool shape, rank 0's first
         self._listener: socket.socket | None = None
         self._tickets: dict[str, float] = {}   # one-time ticket -> issued at (monotonic)
         self._lock = threading.Lock()
@@ -45,23 +45,22 @@ class ShmPoolAllocator:
     def __call__(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if torch.device(device).type != "cpu":
             return torch.zeros(shape, dtype=dtype, device=device)
-        count = torch.Size(shape).numel()
-        nbytes = max(count * torch.empty(0, dtype=dtype).element_size(), 1)
-        self.fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, nbytes)   # zero-filled, like torch.zeros
-        self.map = mmap.mmap(self.fd, nbytes)
-        try:
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        except OSError as e:   # an old kernel: consumers still get a read-only descriptor
-            log.warning("cannot seal the shared-memory KV pool against writes: %s", e)
-        self._ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        self.shape = tuple(shape)
+        self.fd, self.map, tensor = memfd_tensor(shape, dtype)
+        seal(self.fd)
+        self._ro_fds = [os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)]
+        self.shapes = [list(shape)]
         self.address = f"pdserve-kv-{uuid.uuid4().hex}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind("\0" + self.address)
         self._listener.listen(16)
         threading.Thread(target=self._serve_fd, name="pdserve-kv-shm", daemon=True).start()
-        return torch.frombuffer(self.map, dtype=dtype, count=count).view(shape)
+        return tensor
+
+    def add_rank_pool(self, ro_fd: int, shape: tuple) -> None:
+        """Hand out another tensor-parallel rank's pool beside ours (a read-only descriptor of a
+        memfd that rank sealed, engine/tp_pools.py): consumers map every rank's pool."""
+        self._ro_fds.append(ro_fd)
+        self.shapes.append(list(shape))
 
     def issue_ticket(self) -> str:
         """A one-time ticket for the pool's descriptor, for an authenticated KV peer's offer."""
@@ -98,7 +97,7 @@ class ShmPoolAllocator:
                     if not self._take_ticket(ticket):
                         log.warning("refused the KV pool to a local process without a valid ticket")
                         continue
-                    socket.send_fds(conn, [b"k"], [self._ro_fd])
+                    socket.send_fds(conn, [b"k"], self._ro_fds)
                 except OSError:
                     pass
 
@@ -106,7 +105,7 @@ class ShmPoolAllocator:
         """What a consumer needs to map the pool; None when the pool is not in shared memory."""
         if self.fd is None:
             return None
-        return {"socket": self.address, "shape": list(self.shape)}
+        return {"socket": self.address, "shapes": self.shapes}
 
     def describe_for_peer(self) -> dict | None:
         """describe() plus a one-time ticket: what goes in one authenticated peer's offer."""
@@ -121,27 +120,53 @@ class ShmPoolAllocator:
 
 
 class ShmAttachment:
-    """A consumer's mapping of a producer's pool, kept until the producer's engine id changes
-    (the mapping stays valid even if the producer exits)."""
+    """A consumer's mapping of a producer's pools (one per tensor-parallel rank), kept until the
+    producer's engine id changes (the mappings stay valid even if the producer exits)."""
 
     def __init__(self, desc: dict, dtype: torch.dtype, timeout: float = 5.0):
-        shape = tuple(desc["shape"])
-        count = torch.Size(shape).numel()
-        nbytes = count * torch.empty(0, dtype=dtype).element_size()
+        shapes = [tuple(s) for s in desc["shapes"]]
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect("\0" + desc["socket"])
             s.sendall(str(desc.get("ticket", "")).encode()[:64])
-            _, fds, _, _ = socket.recv_fds(s, 1, 1)
-        if not fds:
-            raise OSError("the producer sent no file descriptor for its KV pool")
+            _, fds, _, _ = socket.recv_fds(s, 1, len(shapes))
+        self.maps, self.tensors = [], []
         try:
-            if os.fstat(fds[0]).st_size < nbytes:
-                raise OSError("the producer's KV pool is smaller than its shape says")
-            self.map = mmap.mmap(fds[0], nbytes, prot=mmap.PROT_READ)   # the descriptor is read-only
+            if len(fds) != len(shapes):
+                raise OSError(f"the producer sent {len(fds)} file descriptors for {len(shapes)} KV pools")
+            for fd, shape in zip(fds, shapes):
+                count = torch.Size(shape).numel()
+                nbytes = count * torch.empty(0, dtype=dtype).element_size()
+                if os.fstat(fd).st_size < nbytes:
+                    raise OSError("the producer's KV pool is smaller than its shape says")
+                m = mmap.mmap(fd, nbytes, prot=mmap.PROT_READ)   # the descriptor is read-only
+                with warnings.catch_warnings():   # torch warns of a read-only buffer: we only ever copy out of it
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.tensors.append(torch.frombuffer(m, dtype=dtype, count=count).view(shape))
+                self.maps.append(m)
         finally:
             for fd in fds:
                 os.close(fd)
-        with warnings.catch_warnings():   # torch warns of a read-only buffer: we only ever copy out of it
-            warnings.simplefilter("ignore", UserWarning)
-            self.tensor = torch.frombuffer(self.map, dtype=dtype, count=count).view(shape)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.tensors[0]
+
+
+def memfd_tensor(shape: tuple, dtype: torch.dtype) -> tuple[int, mmap.mmap, torch.Tensor]:
+    """A zero-filled tensor backed by a fresh anonymous memfd (mapped shared, writable)."""
+    count = torch.Size(shape).numel()
+    nbytes = max(count * torch.empty(0, dtype=dtype).element_size(), 1)
+    fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)   # zero-filled, like torch.zeros
+    m = mmap.mmap(fd, nbytes)
+    return fd, m, torch.frombuffer(m, dtype=dtype, count=count).view(shape)
+
+
+def seal(fd: int) -> None:
+    """No new writable mapping or write() of the memfd from now on (mappings made before keep
+    working), so a descriptor handed out read-only stays read-only."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError as e:   # an old kernel: consumers still get a read-only descriptor
+        log.warning("cannot seal the shared-memory KV pool against writes: %s", e)

@@ -47,11 +47,7 @@ class TPLayout:
     def kv_heads_of(self, rank: int) -> range:
         """The model's KV head indices that `rank` holds (one replicated head when the ranks
         outnumber the KV heads)."""
-        if self.size <= self.num_kv_heads:
-            n = self.num_kv_heads // self.size
-            return range(rank * n, (rank + 1) * n)
-        h = rank // (self.size // self.num_kv_heads)
-        return range(h, h + 1)
+        return kv_head_ranges(self.size, self.num_kv_heads)[rank]
 
     @property
     def kv_heads(self) -> range:
@@ -82,6 +78,17 @@ class TPLayout:
         if proj in ("o_proj", "down_proj") and kind == "bias":   # added once, after the all-reduce
             return w if r == 0 else torch.zeros_like(w)
         return w
+
+
+def kv_head_ranges(size: int, num_kv_heads: int) -> list[range]:
+    """The KV heads of each of `size` ranks: equal runs, or, when the ranks outnumber the heads,
+    each head on size // num_kv_heads consecutive ranks. The one rule; the KV hand-off maps
+    between two workers' layouts with it (kv/heads.py)."""
+    if size <= num_kv_heads:
+        n = num_kv_heads // size
+        return [range(r * n, (r + 1) * n) for r in range(size)]
+    per = size // num_kv_heads
+    return [range(r // per, r // per + 1) for r in range(size)]
 
 
 def check_divisible(cfg, size: int) -> None:
@@ -132,6 +139,17 @@ class TPGroup:
         t = torch.tensor([n], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
+
+    def gather_to_0(self, obj) -> list | None:
+        """Every rank's obj, on rank 0 (in rank order); None elsewhere. Start-up only."""
+        import torch.distributed as dist
+        out = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+        dist.barrier(group=self.group)
 
     def broadcast_step(self, step) -> object:
         """Rank 0 sends `step` (plain Python lists); the others receive and return it."""
