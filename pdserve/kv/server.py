@@ -176,16 +176,15 @@ class KVServer:
 
     def _pull(self, sock: socket.socket, msg: dict, owner) -> None:
         rid, ids = str(msg.get("request_id")), msg.get("block_ids")
+        pool = self.producer.pool
+        pieces = self._pieces(msg.get("pieces"), pool)
+        if pieces is None:   # before the grant is claimed: a malformed pull spends nothing
+            send_msg(sock, {"ok": False, "error": "malformed pieces: each is [rank, first head, end head] "
+                                                  "of this worker's ranks"}, time.monotonic() + SEND_S)
+            return
         error = self.producer.authorize(rid, str(msg.get("token")), ids, owner)
         if error:
             send_msg(sock, {"ok": False, "error": error}, time.monotonic() + SEND_S)
-            return
-        pool = self.producer.pool
-        pieces = self._pieces(msg.get("pieces"), pool)
-        if pieces is None:
-            self.producer.unclaim(owner, rid)
-            send_msg(sock, {"ok": False, "error": "malformed pieces: each is [rank, first head, end head] "
-                                                  "of this worker's ranks"}, time.monotonic() + SEND_S)
             return
         nbytes = sum(pool.piece_bytes(len(ids), hi - lo) for _, lo, hi in pieces)
         transport = str(msg.get("transport"))

@@ -222,6 +222,10 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "up") -> None:
     g = p.add_argument_group("deployment")
     g.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill workers (default 1)")
     g.add_argument("--decode", type=int, default=None, metavar="M", help="decode workers (default 1)")
+    g.add_argument("--prefill-tp", type=int, default=None, metavar="P",
+                   help="tensor-parallel size of each prefill worker (default: -tp, else 1)")
+    g.add_argument("--decode-tp", type=int, default=None, metavar="D",
+                   help="tensor-parallel size of each decode worker (default: -tp, else 1)")
     g.add_argument("--colocated", type=int, default=None, metavar="K",
                    help="K `both` workers behind the router instead of prefill/decode pools")
     g.add_argument("--config", default=None, help="YAML or JSON file describing the deployment "

@@ -137,6 +137,9 @@ def load_deployment(args: argparse.Namespace) -> Deployment:
         for r in ("prefill", "decode"):  # plain `pdserve up`: one of each unless told otherwise
             if getattr(args, r, None) is None:
                 pools[r] = (1, {}, None)
+    for flag, role in (("prefill_tp", "prefill"), ("decode_tp", "decode")):
+        if getattr(args, flag, None) is not None:   # --prefill-tp / --decode-tp: over -tp and the file
+            pools[role][1]["tensor_parallel_size"] = getattr(args, flag)
     for role in ("prefill", "decode", "both"):
         n, eng, cpus = pools[role]
         if n < 0:
@@ -218,8 +221,12 @@ def pin_evenly(workers: list[WorkerSpec], explicit: list[WorkerSpec] | None = No
         for i, w in enumerate(todo):
             w.cpus = [cores[i % len(cores)]]
         return
-    per, extra = divmod(len(cores), len(todo))   # the first `extra` workers get one core more
-    start = 0
-    for i, w in enumerate(todo):
-        n = per + (i < extra)
-        w.cpus, start = cores[start:start + n], start + n
+    # a tensor-parallel worker's share grows with its ranks (each rank then takes its part of it)
+    weights = [max(1, int(w.engine.get("tensor_parallel_size", 1))) for w in todo]
+    if sum(weights) > len(cores):
+        weights = [1] * len(todo)
+    per, extra = divmod(len(cores), sum(weights))   # the first `extra` ranks' workers get one core more
+    start = slot = 0
+    for w, k in zip(todo, weights):
+        n = per * k + max(0, min(extra, slot + k) - slot)
+        w.cpus, start, slot = cores[start:start + n], start + n, slot + k
