@@ -11,14 +11,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json")
 
 
-def make_tiny_model(out: Path, default_model_dir: str, max_positions: int = 2048) -> str:
+def make_tiny_model(out: Path, default_model_dir: str, max_positions: int = 2048, heads: int = 2,
+                    kv_heads: int = 1, hidden: int = 32, layers: int = 1) -> str:
     import torch
     import transformers
     src = Path(default_model_dir)
     ref = json.loads((src / "config.json").read_text())
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=ref["vocab_size"], hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    cfg = transformers.LlamaConfig(vocab_size=ref["vocab_size"], hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                                    max_position_embeddings=max_positions, tie_word_embeddings=True,
                                    bos_token_id=ref.get("bos_token_id"), eos_token_id=ref.get("eos_token_id"))
     transformers.LlamaForCausalLM(cfg).save_pretrained(out)
