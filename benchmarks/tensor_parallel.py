@@ -2,7 +2,9 @@
 against TP=N (each rank on its own core(s)), in the same run, on the default model.
 
 Measures a prefill step of a long prompt and decode steps at several batch sizes, with the
-share of rank 0's step time spent in the all-reduces (two per layer). Prints a table and writes
+share of rank 0's step time spent in the all-reduces (two per layer); then the KV hand-off of
+that prompt from a prefill engine at TP=N to a decode engine at TP=1 against TP=1 -> TP=1, over
+tcp and shm (each engine with its real connector and KV server, in this process). Prints a table and writes
 JSON (and a Markdown report with --md).
 
     python benchmarks/tensor_parallel.py [--tp 2] [--prompt 2000] [--batches 1,8,32] [--md benchmarks/tensor_parallel.md]
@@ -97,6 +99,49 @@ def measure(model_dir: str, hf: dict, tp: int, prompt: int, batches: list[int], 
             ranks.stop()
 
 
+def handoff(model_dir: str, p_tp: int, prompt: int, transport: str, repeats: int) -> list[float]:
+    """Seconds of each KV pull of a `prompt`-token prompt from a prefill engine at TP=p_tp to a
+    decode engine at TP=1 (both in this process, each with its real connector and KV server)."""
+    import asyncio
+    from pdserve.config import KVTransferConfig
+    from pdserve.engine.async_engine import AsyncEngine
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.kv.connector import KVConnector
+    from pdserve.kv.params import RemotePrefill
+    from pdserve.kv.shm import ShmPoolAllocator
+    common = dict(model=model_dir, device="cpu", dtype="float32", kv_cache_memory="384MiB",
+                  max_model_len=prompt + 64, max_num_batched_tokens=prompt)
+    shm = ShmPoolAllocator()
+    p = LLMEngine(EngineConfig(role="prefill", tensor_parallel_size=p_tp, **common), kv_allocator=shm)
+    d = LLMEngine(EngineConfig(role="decode", **common))
+    pae, dae = AsyncEngine(p).start(), AsyncEngine(d).start()
+    kc = KVTransferConfig(kv_transport=transport)
+    pc = KVConnector(p, kc, shm_allocator=shm, wake=pae.wake)
+    dc = KVConnector(d, kc, wake=dae.wake)
+    seconds: list[float] = []
+    dc.on_event = lambda kind, **kw: seconds.append(kw["seconds"]) if kind == "pulled" else None
+
+    async def run(ae, ids, rid, **kw):
+        return [o async for o in ae.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, temperature=0),
+                                             rid, **kw)]
+    g = torch.Generator().manual_seed(1)
+    try:
+        for r in range(repeats + 1):   # the first is a warm-up (connections, mappings)
+            ids = torch.randint(0, p.runner.model_config.vocab_size, (prompt,), generator=g).tolist()
+            outs = asyncio.run(run(pae, ids, f"p{r}", remote_decode=True))
+            rp = RemotePrefill.from_params(outs[-1].kv_transfer_params)
+            asyncio.run(run(dae, ids, f"d{r}", remote_prefill=rp))
+    finally:
+        for c in (pc, dc):
+            c.close()
+        for ae in (pae, dae):
+            ae.shutdown()
+        if p.ranks:
+            p.ranks.stop()
+        shm.close()
+    return seconds[1:]
+
+
 def random_like(model_dir: str, heads: int, kv_heads: int) -> str:
     """A random-weight copy of the model's shape with other head counts (cached in a temp dir)."""
     import tempfile
@@ -147,11 +192,21 @@ def main() -> int:
     for name, x, y in rows:
         (mx, _), (my, share) = summary(x), summary(y)
         lines.append(f"| {name} | {mx:.1f} | {my:.1f} | {mx / my:.2f}x | {share:.0f}% |")
-    table = "\n".join(lines)
+    kv = [f"| KV hand-off of the {a.prompt}-token prompt | P TP=1 -> D TP=1 ms | P TP={a.tp} -> D TP=1 ms | "
+          f"TP=1 / TP={a.tp} |", "|---|---:|---:|---:|"]
+    handoffs = {}
+    for transport in ("tcp", "shm"):
+        print(f"hand-off over {transport} ...", file=sys.stderr, flush=True)
+        one, many = (handoff(model_dir, t, a.prompt, transport, a.repeats) for t in (1, a.tp))
+        os.sched_setaffinity(0, affinity)
+        handoffs[transport] = {"tp1": one, f"tp{a.tp}": many}
+        m1, mn = statistics.median(one) * 1000, statistics.median(many) * 1000
+        kv.append(f"| over {transport} | {m1:.1f} | {mn:.1f} | {m1 / mn:.2f}x |")
+    table = "\n".join(lines) + "\n\n" + "\n".join(kv)
     print(table)
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
-        json.dump({"model": model_dir, "results": results}, f, indent=1, default=list)
+        json.dump({"model": model_dir, "results": results, "handoff_seconds": handoffs}, f, indent=1, default=list)
     if a.md:
         with open(a.md, "w") as f:
             f.write(f"# Tensor parallelism on this machine\n\n`python benchmarks/tensor_parallel.py --tp {a.tp}` "
