@@ -53,6 +53,9 @@ class EngineConfig:
     seed: int = setting(0, "seed of the engine's sampler (requests without their own)")
     tensor_parallel_size: int = setting(1, "split the model over N ranks (processes; on CPU each with its own "
                                         "cores)", flags=("-tp",), metavar="N")
+    tp_step_timeout: float = setting(30.0, "tensor-parallel: seconds a rank waits for the others within a step "
+                                     "before the worker gives up (a frozen rank); the wait for the next step "
+                                     "has no limit", env="PDSERVE_TP_STEP_TIMEOUT", metavar="SECONDS")
     enforce_eager: bool = setting(False, "CUDA: do not capture CUDA graphs")
     kv_lease_duration: float = setting(30.0, "prefill role: seconds held KV outlives its decode worker's last "
                                        "renewal", flags=("--kv-lease",), env="PDSERVE_KV_LEASE", metavar="SECONDS")
@@ -69,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tp_step_timeout <= 0:
+            raise ValueError(f"tp_step_timeout must be positive, got {self.tp_step_timeout}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.kv_cache_memory = parse_size(self.kv_cache_memory)

@@ -1,13 +1,13 @@
 """The tensor-parallel ranks of one worker, as vLLM's multiprocess executor: rank 0 is the
 engine's own process (scheduler, block manager, sampler: it decides); ranks 1..N-1 are child
 processes (`python -m pdserve.engine.tp_ranks`) that load their shard of the weights, keep the KV
-blocks of their heads and run every step rank 0 broadcasts, until rank 0 ends them. One torch.distributed group: gloo
-on CPU, NCCL on CUDA.
+blocks of their heads and run every step rank 0 broadcasts, until rank 0 ends them. torch.distributed
+groups (`_init_group`): gloo on CPU, NCCL on CUDA for the all-reduces; gloo for the step broadcast.
 
 On CPU each rank gets its own share of the worker's cores (and as many threads); a rank that
-dies makes the next collective fail on rank 0 (RankLostError): the engine loop ends, the worker
-exits non-zero and its supervisor restarts it; the other ranks die with rank 0 (PDEATHSIG) or
-with the broken group.
+dies makes the next collective fail on rank 0 (RankLostError), and so does one that is frozen, after
+`tp_step_timeout`: the engine loop ends, the worker exits non-zero and its supervisor restarts it;
+the other ranks die with rank 0 (PDEATHSIG), with the broken group or by Ranks.stop.
 """
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 
 from pdserve.models.tensor_parallel import RankLostError, TPGroup
 
-# how long rank 0 waits for a rank to join, and any collective for its peers
+# how long rank 0 waits for a rank to join, and the start-up collectives for their peers
 JOIN_TIMEOUT_S = float(os.environ.get("PDSERVE_TP_TIMEOUT", "600"))
+# how long ranks 1.. wait for rank 0's next step: as long as the worker is idle (a year: no limit)
+IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def split_cores(cores: list[int], size: int) -> list[list[int] | None]:
@@ -40,7 +43,7 @@ def threads_for(cores: list[int] | None, all_cores: list[int], size: int) -> int
     return len(cores) if cores else max(1, len(all_cores) // size)
 
 
-def _init_group(rank: int, size: int, port: int, device_type: str) -> TPGroup:
+def _init_group(rank: int, size: int, port: int, device_type: str, step_timeout: float) -> TPGroup:
     import torch.distributed as dist
     if device_type == "cuda":   # rank r on the worker's r-th visible GPU (`up` sets CUDA_VISIBLE_DEVICES)
         import torch
@@ -48,7 +51,14 @@ def _init_group(rank: int, size: int, port: int, device_type: str) -> TPGroup:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
-    return TPGroup(size, rank, dist.group.WORLD)
+    # Two groups more, for serving. Steps (gloo, plain lists, also on CUDA): ranks 1.. wait there
+    # for rank 0's next step as long as the worker is idle; rank 0 only step_timeout, as gloo's
+    # send waits for the receiver (a frozen rank would hold it). In-step (the all-reduces):
+    # step_timeout on every rank, so a frozen rank fails the step (RankLostError) within it.
+    step = datetime.timedelta(seconds=step_timeout)
+    steps = dist.new_group(backend="gloo", timeout=step if rank == 0 else IDLE_TIMEOUT)
+    inner = dist.new_group(timeout=step)
+    return TPGroup(size, rank, dist.group.WORLD, steps=steps, inner=inner)
 
 
 def _place(cores: list[int] | None, threads: int, why: str) -> None:
@@ -79,7 +89,7 @@ class Ranks:
             self.procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
         atexit.register(self.stop)
         _place(self.cores[0], self.threads[0], f"tensor-parallel rank 0 of {self.size}")
-        self.group = _init_group(0, self.size, self.port, _device_type(config))
+        self.group = _init_group(0, self.size, self.port, _device_type(config), config.tp_step_timeout)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
@@ -101,9 +111,10 @@ class Ranks:
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
+                p.send_signal(signal.SIGCONT)   # a frozen (SIGSTOPped) rank acts on SIGTERM once continued
         for p in self.procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -120,7 +131,6 @@ def _device_type(config) -> str:
 
 def _die_with_parent() -> None:
     import ctypes
-    import signal
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -147,7 +157,7 @@ def rank_main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, device=f"cuda:{a.rank}")
     cores = [int(c) for c in a.cores.split(",")] if a.cores else None
     _place(cores, a.threads, f"tensor-parallel rank {a.rank} of {config.tensor_parallel_size}")
-    group = _init_group(a.rank, config.tensor_parallel_size, a.port, _device_type(config))
+    group = _init_group(a.rank, config.tensor_parallel_size, a.port, _device_type(config), config.tp_step_timeout)
     from pdserve.engine.tp_pools import RankPoolAllocator, share_pool
     alloc = RankPoolAllocator()
     runner = ModelRunner(config, a.model_dir, read_hf_config(a.model_dir), a.max_positions, alloc, tp=group)

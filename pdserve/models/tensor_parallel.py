@@ -117,16 +117,20 @@ class RankLostError(RuntimeError):
 
 class TPGroup:
     """The ranks of one model replica. `all_reduce` sums a row-parallel projection's partial
-    outputs in place (nothing to do for one rank); rank 0 broadcasts each step's inputs."""
+    outputs in place (nothing to do for one rank); rank 0 broadcasts each step's inputs.
+    group: start-up collectives; steps: the step broadcast; inner: the in-step all-reduces
+    (process groups of their own, with their own timeouts: pdserve.engine.tp_ranks)."""
 
-    def __init__(self, size: int = 1, rank: int = 0, group=None):
+    def __init__(self, size: int = 1, rank: int = 0, group=None, steps=None, inner=None):
         self.size, self.rank, self.group = size, rank, group
+        self.steps = group if steps is None else steps
+        self.inner = group if inner is None else inner
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             import torch.distributed as dist
             try:
-                dist.all_reduce(x, group=self.group)
+                dist.all_reduce(x, group=self.inner)
             except Exception as e:   # gloo / NCCL: a peer gone or its link broken
                 raise RankLostError(f"tensor-parallel all-reduce failed on rank {self.rank}: {e}") from e
         return x
@@ -156,7 +160,7 @@ class TPGroup:
         import torch.distributed as dist
         box = [step]
         try:
-            dist.broadcast_object_list(box, src=0, group=self.group)
+            dist.broadcast_object_list(box, src=0, group=self.steps)
         except Exception as e:
             raise RankLostError(f"tensor-parallel step broadcast failed on rank {self.rank}: {e}") from e
         return box[0]
