@@ -87,11 +87,6 @@ class LLMEngine:
             self.ranks = Ranks(config, self.model_dir, self.max_model_len)
         self.runner = ModelRunner(config, self.model_dir, hf, self.max_model_len, kv_allocator,
                                   tp=self.ranks.group if self.ranks else None)
-        # every rank's KV pool, rank 0's first (a KV connector serves and fills them all)
-        self.rank_pools, self.rank_ipc = [self.runner.kv_cache], []
-        if self.ranks:
-            from pdserve.engine.tp_pools import open_pools
-            self.rank_pools, self.rank_ipc = open_pools(self.ranks.group, self.runner.kv_cache, kv_allocator)
         self._fit_max_model_len()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)

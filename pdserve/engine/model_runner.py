@@ -106,8 +106,19 @@ class ModelRunner:
         # CUDA-graph decode batch write to, so they never touch a request's KV
         self.scratch_block = self.num_blocks
         self.kv_shape = (mc.num_layers, 2, self.num_blocks + 1, self.block_size, self.kv_heads, mc.head_dim)
+        if self.tp.rank > 0 and kv_allocator is None:   # rank 0 maps this rank's pool (tp_pools)
+            from pdserve.engine.tp_pools import RankPoolAllocator
+            kv_allocator = RankPoolAllocator()
         alloc = kv_allocator or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
         self.kv_cache = alloc(self.kv_shape, self.dtype, self.device)
+        # every rank's KV pool on rank 0, its own first: a KV connector serves and fills them all
+        self.rank_pools, self.rank_ipc = [self.kv_cache], []
+        if self.tp.size > 1:
+            from pdserve.engine import tp_pools
+            if self.tp.rank == 0:
+                self.rank_pools, self.rank_ipc = tp_pools.open_pools(self.tp, self.kv_cache, kv_allocator)
+            else:
+                tp_pools.share_pool(self.tp, kv_allocator)
         # CPU decode attention from the cache in place (no gathered copy), where the kernel builds
         self.decode_kernel = self.device.type == "cpu" and paged_decode_op() is not None
         self.decode_graphs = None

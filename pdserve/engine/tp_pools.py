@@ -6,8 +6,8 @@ rank 0 its pid and descriptor number over the group; rank 0 (the ranks' parent, 
 it through /proc and maps it shared, writable (a decode worker writes pulled heads into it), and
 a second, read-only descriptor goes to the worker's shm allocator for consumers to map. Once rank
 0 has its mappings, each rank seals its memfd against new writable mappings. On CUDA each rank
-exports its pool by IPC and rank 0 opens the handles. All ranks call this right after their
-ModelRunner is built (the same collectives in the same order).
+exports its pool by IPC and rank 0 opens the handles. Every rank's ModelRunner does this right
+after it allocated its pool (the same collectives in the same order).
 """
 from __future__ import annotations
 

@@ -158,10 +158,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     cores = [int(c) for c in a.cores.split(",")] if a.cores else None
     _place(cores, a.threads, f"tensor-parallel rank {a.rank} of {config.tensor_parallel_size}")
     group = _init_group(a.rank, config.tensor_parallel_size, a.port, _device_type(config), config.tp_step_timeout)
-    from pdserve.engine.tp_pools import RankPoolAllocator, share_pool
-    alloc = RankPoolAllocator()
-    runner = ModelRunner(config, a.model_dir, read_hf_config(a.model_dir), a.max_positions, alloc, tp=group)
-    share_pool(group, alloc)   # rank 0 serves and fills this rank's KV heads (engine/tp_pools.py)
+    runner = ModelRunner(config, a.model_dir, read_hf_config(a.model_dir), a.max_positions, tp=group)
     try:
         runner.follow()
     except RankLostError:

@@ -69,7 +69,7 @@ class KVConnector:
         self.config = config
         self.role = engine.config.role
         self.spec = KVSpec.from_engine(engine)
-        self.pool = BlockPool(engine.runner.kv_cache, engine.rank_pools,
+        self.pool = BlockPool(engine.runner.kv_cache, engine.runner.rank_pools,
                               heads.layout_of(engine.config.tensor_parallel_size, self.spec.num_kv_heads))
         self.engine_id = uuid.uuid4().hex
         self.lease = engine.config.kv_lease_duration
@@ -97,7 +97,7 @@ class KVConnector:
             self.hello = {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id,
                           "host_id": host_id(), "transports": self.offers, "shm": shm_desc,
                           "tp": heads.to_wire(self.pool.heads),
-                          "cuda_ipc": [export_pool(self.pool.kv), *engine.rank_ipc] if "cuda_ipc" in self.offers else None}
+                          "cuda_ipc": [export_pool(self.pool.kv), *engine.runner.rank_ipc] if "cuda_ipc" in self.offers else None}
             self.host, self.port = self.transport.serve(self)
             # a wildcard bind is not an address a decode worker can dial: name this host instead
             self.advertise_host = advertise_host or (socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host)
