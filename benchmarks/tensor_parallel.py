@@ -152,6 +152,10 @@ def random_like(model_dir: str, heads: int, kv_heads: int) -> str:
         cfg.update(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=cfg["hidden_size"] // heads)
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(out)
+    import shutil
+    for name in os.listdir(model_dir):   # the tokenizer: a served engine needs one (the hand-off runs engines)
+        if name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+            shutil.copy(os.path.join(model_dir, name), out)
     return out
 
 
