@@ -18,12 +18,11 @@ from pdserve.sim.hardware import get_hardware
 log = logging.getLogger("pdserve.sim")
 
 PD_TYPES = {"prefill": "prefill", "decode": "decode", None: "both", "both": "both", "null": "both"}
-# per-instance overrides of the simulated engine settings (EngineConfig's names, as LLMServingSim's)
-ENGINE_OVERRIDES = SIM_FIELDS
 _TOP = {"num_nodes", "link_bw", "link_latency", "nodes"}
 _NODE = {"num_instances", "cpu_mem", "instances"}
+# an instance may override the simulated engine settings (SIM_FIELDS: EngineConfig's names)
 _INSTANCE = {"model_name", "hardware", "npu_mem", "pd_type", "tp_size", "num_npus", "name", "profile",
-             *ENGINE_OVERRIDES}
+             *SIM_FIELDS}
 _MEM = {"mem_size", "mem_bw", "mem_latency", "mem_util"}
 
 
@@ -37,7 +36,7 @@ class InstanceSpec:
     mem_size: float = 0.0         # bytes per device
     mem_bw: float = 0.0           # bytes/s per device
     mem_util: float = 0.9         # fraction of memory for weights + KV, as --gpu-memory-utilization
-    overrides: dict = field(default_factory=dict)   # ENGINE_OVERRIDES given for this instance
+    overrides: dict = field(default_factory=dict)   # SIM_FIELDS given for this instance
     profile: str | None = None    # this instance's PROFILE.json (pdserve's field), over `--profile`
 
     @property
@@ -114,7 +113,7 @@ def _instance(d: dict, where: str, name: str) -> InstanceSpec:
     spec = InstanceSpec(d.get("name", name), model, hw.name, PD_TYPES[pd], tp,
                         mem_size=float(mem["mem_size"]) * 1e9 if "mem_size" in mem else hw.mem_size,
                         mem_bw=float(mem["mem_bw"]) * 1e9 if "mem_bw" in mem else hw.mem_bw,
-                        mem_util=util, overrides={k: d[k] for k in ENGINE_OVERRIDES if k in d},
+                        mem_util=util, overrides={k: d[k] for k in SIM_FIELDS if k in d},
                         profile=d.get("profile"))
     if spec.profile is not None and not isinstance(spec.profile, str):
         raise ValueError(f"{where}: profile must be a path to a PROFILE.json, got {spec.profile!r}")
