@@ -58,3 +58,14 @@ class Transport(Protocol):
     def renew(self, rps: list) -> None: ...              # one producer's leases; best effort
     def release(self, rp) -> None: ...                   # free a hold without pulling; best effort
     def close(self) -> None: ...
+
+
+class DataPath(Protocol):
+    """How one pull's bytes move once the producer authorised it (kv/paths.py lists them)."""
+    name: str
+    streams: bool        # the producer sends the bytes on the connection after its reply
+
+    def ready(self, engine_id: str, offer: dict) -> bool: ...   # consumer: usable with this producer
+    def send(self, sock, pool, ids: list[int], pieces, deadline: float) -> int: ...   # producer
+    def receive(self, sock, offer: dict, engine_id: str, pool, pieces, src: list[int], dst: list[int],
+                deadline: float) -> int: ...                    # consumer: bytes landed in its pools

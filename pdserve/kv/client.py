@@ -9,13 +9,12 @@ import threading
 import time
 
 from pdserve.kv import auth, heads, tls as kv_tls
-from pdserve.kv.cuda_ipc import ImportedPools
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import RemotePrefill
+from pdserve.kv.paths import consumer_paths
 from pdserve.kv.select import choose
-from pdserve.kv.shm import ShmAttachment
 from pdserve.kv.spec import KVHandshakeError, KVSpec, host_id
-from pdserve.kv.wire import KVTimeout, KVWireError, recv_into_views, recv_msg, send_msg
+from pdserve.kv.wire import KVTimeout, KVWireError, recv_msg, send_msg
 
 log = logging.getLogger("pdserve.kv")
 
@@ -36,8 +35,7 @@ class KVClient:
         self.secret, self.allowed_peers, self.tls = secret, allowed_peers, tls
         self.local_device = pool.kv.device.type
         self.host_id = host_id()
-        self.shm: dict[str, ShmAttachment] = {}   # producer engine id -> its mapped pool
-        self.ipc = ImportedPools()
+        self.paths = consumer_paths(pool.kv.dtype)   # tcp, shm, cuda_ipc (kv/paths.py)
         self._idle: dict[tuple[str, int], list[tuple[socket.socket, dict]]] = {}
         self._lock = threading.Lock()
 
@@ -194,9 +192,12 @@ class KVClient:
             transport = choose(self.wanted, offer.get("transports") or [], same_host, self.local_device)
         except ValueError as e:
             raise KVPullError(str(e)) from e
-        if transport == "shm" and not self._attach(rp.engine_id, offer):
+        if transport not in self.paths:
+            raise KVPullError(f"transport {transport} is not supported by this worker")
+        if not self.paths[transport].ready(rp.engine_id, offer):
             if self.wanted != "auto":
-                raise KVPullError("cannot map the prefill worker's shared-memory KV pool")
+                kind = "shared-memory" if transport == "shm" else transport
+                raise KVPullError(f"cannot map the prefill worker's {kind} KV pool")
             transport = "tcp"   # e.g. another network namespace: the socket is not reachable
         n = 0
         if src:
@@ -211,48 +212,15 @@ class KVClient:
         return n, transport
 
     def _receive(self, sock, reply, transport, engine_id, offer, src, dst, deadline) -> int:
-        """Each piece (kv/heads.py) into the heads of our rank it fills: off the socket in the
-        producer's order over tcp, else copied from the producer's mapped pools."""
-        pool, pieces = self.pool, offer["pieces"]
-        if transport == "tcp":
-            want = sum(pool.piece_bytes(len(dst), p.d_hi - p.d_lo) for p in pieces)
+        path, pieces = self.paths[transport], offer["pieces"]
+        if path.streams:
+            want = sum(self.pool.piece_bytes(len(dst), p.d_hi - p.d_lo) for p in pieces)
             if reply.get("nbytes") != want:
                 raise KVPullError(f"the prefill worker sends {reply.get('nbytes')} bytes, expected {want}")
-            n = 0
-            for p in pieces:
-                if pool.on_cpu and pool.whole(p.d_rank, p.d_lo, p.d_hi):   # straight into our pool
-                    views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, dst, p.d_rank)]
-                    n += recv_into_views(sock, views, deadline)
-                    continue
-                import torch
-                for layer in range(pool.num_layers):   # some of the rank's heads, or a GPU pool
-                    staged = torch.empty((2, len(dst), pool.kv.shape[3], p.d_hi - p.d_lo, pool.kv.shape[5]),
-                                         dtype=pool.kv.dtype)
-                    n += recv_into_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())], deadline)
-                    pool.scatter_layer(layer, dst, staged, p.d_rank, p.d_lo, p.d_hi)
-            return n
-        if transport == "shm":
-            sources = self.shm[engine_id].tensors
-        elif transport == "cuda_ipc":
-            descs = offer["cuda_ipc"] if isinstance(offer["cuda_ipc"], list) else [offer["cuda_ipc"]]
-            sources = [self.ipc.get(f"{engine_id}/{k}", d) for k, d in enumerate(descs)]
-        else:
-            raise KVPullError(f"transport {transport} is not supported by this worker")
-        if any(p.p_rank >= len(sources) for p in pieces):
-            raise KVPullError(f"the prefill worker maps {len(sources)} KV pools for {len(offer.get('tp') or [1])} ranks")
-        return sum(pool.copy_from(sources[p.p_rank], src, dst, p.d_rank, (p.p_lo, p.p_hi), (p.d_lo, p.d_hi))
-                   for p in pieces)
-
-    def _attach(self, engine_id: str, offer: dict) -> bool:
-        """Map a producer's pool once; False if it cannot be mapped from here."""
-        if engine_id in self.shm:
-            return True
         try:
-            self.shm[engine_id] = ShmAttachment(offer["shm"], self.pool.kv.dtype)
-        except (OSError, KeyError, TypeError) as e:
-            log.warning("cannot map the shared-memory KV pool of %s: %s", engine_id, e)
-            return False
-        return True
+            return path.receive(sock, offer, engine_id, self.pool, pieces, src, dst, deadline)
+        except ValueError as e:   # a producer whose pools do not match its own layout
+            raise KVPullError(str(e)) from e
 
     def release(self, rp: RemotePrefill) -> None:
         """Tell the producer it may free the blocks without a pull (best effort). The handshake

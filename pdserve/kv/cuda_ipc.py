@@ -88,6 +88,27 @@ class ImportedPools:
         self.pools.clear()
 
 
+class IpcPath:
+    """cuda_ipc data path (consumer side): open the producer's pools' IPC handles (one per rank)
+    once, then copy each piece device to device; the producer only authorises."""
+    name = "cuda_ipc"
+    streams = False
+
+    def __init__(self, opener=None):
+        self.pools = ImportedPools(opener)
+
+    def ready(self, engine_id: str, offer: dict) -> bool:
+        return bool(offer.get("cuda_ipc"))
+
+    def send(self, sock, pool, ids, pieces, deadline) -> int:
+        return 0
+
+    def receive(self, sock, offer, engine_id, pool, pieces, src, dst, deadline) -> int:
+        descs = offer["cuda_ipc"] if isinstance(offer["cuda_ipc"], list) else [offer["cuda_ipc"]]
+        sources = [self.pools.get(f"{engine_id}/{k}", d) for k, d in enumerate(descs)]
+        return pool.copy_pieces(sources, pieces, src, dst)
+
+
 def _open_handle(desc: dict) -> torch.Tensor:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
     return rebuild_cuda_tensor(*decode_args(desc))

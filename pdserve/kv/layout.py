@@ -79,3 +79,11 @@ class BlockPool:
         if dst.device.type == "cuda":
             torch.cuda.synchronize(dst.device)
         return self.piece_bytes(len(src_ids), dhi - dlo)
+
+    def copy_pieces(self, sources: list[torch.Tensor], pieces, src_ids: list[int], dst_ids: list[int]) -> int:
+        """Every piece (kv/heads.Piece) from the producer's rank pools `sources` into ours."""
+        if any(p.p_rank >= len(sources) for p in pieces):
+            raise ValueError(f"the producer maps {len(sources)} KV pools; a piece needs rank "
+                             f"{max(p.p_rank for p in pieces)}")
+        return sum(self.copy_from(sources[p.p_rank], src_ids, dst_ids, p.d_rank, (p.p_lo, p.p_hi), (p.d_lo, p.d_hi))
+                   for p in pieces)

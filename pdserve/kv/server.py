@@ -30,11 +30,10 @@ import ssl
 import threading
 import time
 
-import torch
-
 from pdserve.kv import auth, tls as kv_tls
 from pdserve.kv.spec import KVHandshakeError
-from pdserve.kv.wire import KVWireError, recv_msg, send_msg, send_views
+from pdserve.kv.paths import producer_path
+from pdserve.kv.wire import KVWireError, recv_msg, send_msg
 
 log = logging.getLogger("pdserve.kv")
 
@@ -188,24 +187,17 @@ class KVServer:
             return
         nbytes = sum(pool.piece_bytes(len(ids), hi - lo) for _, lo, hi in pieces)
         transport = str(msg.get("transport"))
+        path = producer_path(transport)
         deadline = time.monotonic() + SEND_S
-        if transport != "tcp":  # the consumer copies from our pools itself
+        if path is None or not path.streams:   # the consumer copies from our pools itself
             send_msg(sock, {"ok": True}, deadline)
             self.producer.served(nbytes, 0.0, transport)
             return
         t0 = time.perf_counter()
         send_msg(sock, {"ok": True, "nbytes": nbytes}, deadline)
-        n = 0
-        for rank, lo, hi in pieces:
-            if pool.on_cpu and pool.whole(rank, lo, hi):   # one gather-send straight out of the pool
-                views = [v for layer in range(pool.num_layers) for v in pool.layer_views(layer, ids, rank)]
-                n += send_views(sock, views, deadline)
-                continue
-            for layer in range(pool.num_layers):   # some heads, or a GPU pool: staged per layer
-                staged = pool.gather_layer(layer, ids, rank, lo, hi)
-                n += send_views(sock, [memoryview(staged.view(-1).view(torch.uint8).numpy())], deadline)
+        n = path.send(sock, pool, ids, pieces, deadline)
         self.producer.unclaim(owner, rid)   # sent: nothing reads these blocks for this pull any more
-        self.producer.served(n, time.perf_counter() - t0, "tcp")
+        self.producer.served(n, time.perf_counter() - t0, transport)
 
     @staticmethod
     def _pieces(raw, pool) -> list[tuple[int, int, int]] | None:

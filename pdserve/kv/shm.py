@@ -153,6 +153,34 @@ class ShmAttachment:
         return self.tensors[0]
 
 
+class ShmPath:
+    """shm data path (consumer side): map the producer's pools once per engine id, then copy each
+    piece out of them; the producer only authorises (nothing follows its reply)."""
+    name = "shm"
+    streams = False
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.attached: dict[str, ShmAttachment] = {}   # producer engine id -> its mapped pools
+
+    def ready(self, engine_id: str, offer: dict) -> bool:
+        """Map a producer's pools once; False if they cannot be mapped from here."""
+        if engine_id in self.attached:
+            return True
+        try:
+            self.attached[engine_id] = ShmAttachment(offer["shm"], self.dtype)
+        except (OSError, KeyError, TypeError) as e:
+            log.warning("cannot map the shared-memory KV pool of %s: %s", engine_id, e)
+            return False
+        return True
+
+    def send(self, sock, pool, ids, pieces, deadline) -> int:
+        return 0
+
+    def receive(self, sock, offer, engine_id, pool, pieces, src, dst, deadline) -> int:
+        return pool.copy_pieces(self.attached[engine_id].tensors, pieces, src, dst)
+
+
 def memfd_tensor(shape: tuple, dtype: torch.dtype) -> tuple[int, mmap.mmap, torch.Tensor]:
     """A zero-filled tensor backed by a fresh anonymous memfd (mapped shared, writable)."""
     count = torch.Size(shape).numel()
