@@ -78,7 +78,7 @@ def test_gpu_pull(transport):
         assert torch.equal(dst[:, :, [0, 1, 9, 10]].cpu(), src[:, :, [5, 6, 7, 12]])
         assert not dst[:, :, [2, 3, 4, 5, 6, 7, 8, 11]].any()
         client.close()
-        client.ipc.clear()
+        client.paths["cuda_ipc"].pools.clear()
     finally:
         parent.send("stop")
         p.join(20)

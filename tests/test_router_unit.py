@@ -477,8 +477,10 @@ def test_metrics_and_models():
 
 
 @pytest.mark.slow  # starts a process
-def test_router_does_not_import_torch():
-    code = "import sys, pdserve.router.app, pdserve.router.cli, pdserve.launch.cluster; print('torch' in sys.modules)"
+@pytest.mark.parametrize("modules", ["pdserve.router.app, pdserve.router.cli, pdserve.launch.cluster",
+                                     "pdserve.bench", "pdserve.kv.params"])
+def test_router_does_not_import_torch(modules):
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

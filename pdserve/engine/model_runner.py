@@ -12,8 +12,8 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.cuda_graphs import DecodeGraphRunner
-from pdserve.engine.request import Sequence
-from pdserve.engine.sampler import SampleRow, Sampler, TokenLogprobs
+from pdserve.engine.request import Sequence, TokenLogprobs
+from pdserve.engine.sampler import SampleRow, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.models.attention import AttentionMetadata, plan_decode_groups
 from pdserve.models.cpu_kernels import paged_decode_op

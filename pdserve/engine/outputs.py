@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine.sampler import TokenLogprobs
+from pdserve.engine.request import TokenLogprobs
 
 
 @dataclass

@@ -181,6 +181,16 @@ class FinishReason(str, enum.Enum):
     REMOTE_DECODE = "remote_decode"  # prefill role: first token made, KV held for a decode worker
 
 
+@dataclass
+class TokenLogprobs:
+    """One sampled (or prompt) token's logprob and its top alternatives (no torch: it travels in
+    kv_transfer_params and outputs)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    rank: int | None = None     # the token's rank among all (1: the most likely); prompt logprobs
+
+
 @dataclass(eq=False)
 class Sequence:
     """One sequence's tokens, blocks and progress. `token_ids` holds prompt then output."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine import logits_controls
-from pdserve.engine.request import SamplingParams
+from pdserve.engine.request import SamplingParams, TokenLogprobs
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -28,14 +28,6 @@ class SampleRow:
     banned: tuple[int, ...] = ()  # EOS / stop ids while below min_tokens
     seq: object = None            # the Sequence: its tokens, for penalties and bad words
     grammar: object | None = None  # structured output: an engine.grammar.Matcher
-
-
-@dataclass
-class TokenLogprobs:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-    rank: int | None = None     # the token's rank among all (1: the most likely); prompt logprobs
 
 
 class Sampler:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.errors import RequestError
-from pdserve.engine.sampler import TokenLogprobs
+from pdserve.engine.request import TokenLogprobs
 
 PARAM = "kv_transfer_params"
 
