@@ -85,6 +85,21 @@ def test_tp2_prefill_and_tp1_decode_profiles_simulate_a_mixed_tp_cluster(tmp_pat
                          "--summary-json", str(out)]) == 0
     assert not [r for r in caplog.records if "may not apply" in r.getMessage()]
     assert json.loads(out.read_text())["completed"] == 5
+    # `pdserve plan --tp-profiles`: each searched TP simulated with its own measured profile
+    caplog.clear()
+    trace.write_text("".join(json.dumps({"input_toks": 24, "output_toks": 4, "arrival_time_ns": i * 10**8}) + "\n"
+                             for i in range(60)))
+    with caplog.at_level(logging.WARNING, logger="pdserve.sim"):
+        assert cli_main(["plan", "--cluster-config", str(cfg), "--devices", "3", "--dataset", str(trace),
+                         "--slo", "ttft_ms=5000", "tpot_ms=5000", "--tp-profiles", str(tmp_path / "tp1.json"),
+                         str(tmp_path / "tp2.json"), "--output-dir", str(tmp_path / "plan")]) == 0
+    assert not [r for r in caplog.records if "may not apply" in r.getMessage()]
+    ranked = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert {(r["p_tp"], r["d_tp"]) for r in ranked if r["n_prefill"]} == {(1, 1), (1, 2), (2, 1)}
+    assert all(r["max_rate"] > 0 for r in ranked)
+    planned = json.loads((tmp_path / "plan" / "cluster.json").read_text())["nodes"][0]["instances"]
+    assert {(i["tp_size"], i["profile"]) for i in planned} <= {(1, str(tmp_path / "tp1.json")),
+                                                             (2, str(tmp_path / "tp2.json"))}
     # the check itself: the TP=1 profile on the TP=2 prefill instance is warned about
     cfg.write_text(cfg.read_text().replace("tp2.json", "tp1.json"))
     caplog.clear()
