@@ -109,7 +109,7 @@ def _calibrate(args, result: dict, engine) -> dict:
     from pdserve.profile.serve_calibration import calibrate
     perf = ProfilePerf(result)
     flags = ["--device", args.device, "--dtype", args.dtype, "--block-size", str(args.block_size),
-             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+             "--tensor-parallel-size", str(engine.config.tensor_parallel_size), "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.kv_cache_memory:
         flags += ["--kv-cache-memory", str(args.kv_cache_memory)]
     if args.model:
@@ -126,7 +126,8 @@ def _pd_calibrate(args, result: dict, engine) -> dict:
     from pdserve.profile.pd_calibration import calibrate, pd_lengths
     from pdserve.sim.perf import ProfilePerf
     eng = {"max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
-           "block_size": engine.config.block_size, "dtype": args.dtype, "device": args.device}
+           "block_size": engine.config.block_size, "dtype": args.dtype, "device": args.device,
+           "tensor_parallel_size": engine.config.tensor_parallel_size}
     if args.kv_cache_memory:
         eng["kv_cache_memory"] = args.kv_cache_memory
     kv_tok = get_model(engine.model_name).kv_bytes_per_token(engine.runner.dtype.itemsize)
@@ -139,11 +140,19 @@ def _pd_calibrate(args, result: dict, engine) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
     from pdserve import cpu_threads
     from pdserve.engine.engine import LLMEngine
     cpu_threads.setup_from_args(args)
     engine = LLMEngine(engine_config_from_args(args, enable_prefix_caching=True))
+    try:
+        return _profile(args, engine)
+    finally:
+        if engine.ranks is not None:   # the other tensor-parallel ranks (processes) end with the run
+            engine.ranks.stop()
+
+
+def _profile(args: argparse.Namespace, engine) -> int:
+    from tqdm import tqdm
     pre, batches, contexts, mixed_tokens, mixed_batches = GRIDS[args.grid]
     pre = [n for n in (args.prefill_tokens or pre) if n < engine.max_model_len]
     batches = args.decode_batches or batches
@@ -160,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(0)
     measure_prefill(engine, pre[0], 2, rng)   # warm-up: first calls allocate and compile
     result = {"model": engine.model_name, "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
-              "tp_size": 1, "block_size": engine.config.block_size,
+              "tp_size": engine.config.tensor_parallel_size, "block_size": engine.config.block_size,
               "max_num_batched_tokens": engine.config.max_num_batched_tokens, "prefill": [], "decode": [],
               "mixed": []}
     points = ([("prefill", n, 0) for n in pre] + [("decode", b, c) for c in contexts for b in batches]

@@ -1,10 +1,11 @@
-"""`pdserve plan`: which prefill:decode counts and tp_size serve a workload best (DistServe-style).
+"""`pdserve plan`: which prefill:decode counts and tp_size per role serve a workload best (DistServe-style).
 
-For every candidate unit (P prefill + D decode instances of tp_size devices each, or K colocated
-instances) the simulator finds the highest arrival rate at which at least `attainment` of the
-requests meet every SLO, by scaling the trace's arrival times and bisecting. Candidates are
-ranked by that rate per device; the best unit is replicated to fill the devices, written as a
-cluster config and as a `pdserve up --config` file, and goodput is plotted against the ratio.
+For every candidate unit (P prefill instances of p_tp devices each + D decode instances of d_tp
+devices each, or K colocated instances of tp devices) the simulator finds the highest arrival
+rate at which at least `attainment` of the requests meet every SLO, by scaling the trace's
+arrival times and bisecting. Candidates are ranked by that rate per device; the best unit is
+replicated to fill the devices, written as a cluster config and as a `pdserve up --config` file
+(each pool at its role's tensor_parallel_size), and goodput is plotted against the ratio.
 """
 from __future__ import annotations
 
@@ -28,18 +29,19 @@ log = logging.getLogger("pdserve.sim")
 @dataclass(frozen=True)
 class Candidate:
     n_prefill: int      # 0: colocated
+    p_tp: int           # tensor-parallel size of each prefill instance (colocated: = d_tp)
     n_decode: int       # decode instances, or colocated instances when n_prefill == 0
-    tp: int
+    d_tp: int           # tensor-parallel size of each decode (or colocated) instance
 
     @property
     def devices(self) -> int:
-        return (self.n_prefill + self.n_decode) * self.tp
+        return self.n_prefill * self.p_tp + self.n_decode * self.d_tp
 
     @property
     def label(self) -> str:
         if self.n_prefill == 0:
-            return f"colocated x{self.n_decode} tp{self.tp}"
-        return f"{self.n_prefill}P:{self.n_decode}D tp{self.tp}"
+            return f"colocated x{self.n_decode} tp{self.d_tp}"
+        return f"{self.n_prefill}P tp{self.p_tp} : {self.n_decode}D tp{self.d_tp}"
 
 
 @dataclass
@@ -54,20 +56,29 @@ class PlanResult:
 
 
 def candidates(max_devices: int, tp_sizes: list[int], colocated: bool = True) -> list[Candidate]:
+    """Every unit of at most max_devices: P prefill instances of p_tp and D decode instances of
+    d_tp devices, for each (p_tp, d_tp) pair of tp_sizes, and one colocated instance per tp.
+    A unit that is k copies of a smaller one (2P:2D of 1P:1D) is left out: the plan replicates
+    its best unit to fill the devices, so the smaller one stands for it."""
     out = []
-    for tp in tp_sizes:
-        n = max_devices // tp
-        out += [Candidate(p, d, tp) for p in range(1, n) for d in range(1, n - p + 1)]
-        if colocated and n >= 1:
-            out.append(Candidate(0, 1, tp))   # colocated scales linearly: one instance says it
+    for p_tp in tp_sizes:
+        for d_tp in tp_sizes:
+            out += [Candidate(p, p_tp, d, d_tp) for p in range(1, max_devices // p_tp + 1)
+                    for d in range(1, (max_devices - p * p_tp) // d_tp + 1) if math.gcd(p, d) == 1]
+    if colocated:   # colocated scales linearly: one instance says it
+        out += [Candidate(0, tp, 1, tp) for tp in tp_sizes if tp <= max_devices]
     return out
 
 
 def build_cluster(template: InstanceSpec, cand: Candidate, link_bw: float, link_latency: float,
-                  replicas: int = 1) -> ClusterConfig:
+                  replicas: int = 1, tp_profiles: dict[int, str] | None = None) -> ClusterConfig:
+    """tp_profiles: PROFILE.json per tp_size; an instance of that size carries it as its own."""
     roles = (["prefill"] * cand.n_prefill + ["decode"] * cand.n_decode) if cand.n_prefill else ["both"] * cand.n_decode
-    insts = [replace(template, name=f"{role[0]}{i}", role=role, tp_size=cand.tp)
-             for i, role in enumerate(roles * replicas)]
+    insts = []
+    for i, role in enumerate(roles * replicas):
+        tp = cand.p_tp if role == "prefill" else cand.d_tp
+        insts.append(replace(template, name=f"{role[0]}{i}", role=role, tp_size=tp,
+                             profile=(tp_profiles or {}).get(tp, template.profile)))
     return ClusterConfig(1, link_bw, link_latency, insts)
 
 
@@ -120,7 +131,9 @@ def max_rate(cluster: ClusterConfig, sessions: list[Session], slo: dict, attainm
 def plan(template: InstanceSpec, devices: int, sessions: list[Session], slo: dict, attainment: float = 0.9,
          tp_sizes: list[int] | None = None, max_unit: int = 8, link_bw: float = 16e9, link_latency: float = 20e-6,
          engine: EngineConfig | None = None, profile: dict | None = None, routing: str = "round_robin",
-         progress: bool = True) -> list[PlanResult]:
+         progress: bool = True, tp_profiles: dict[int, str] | None = None) -> list[PlanResult]:
+    """tp_profiles: measured PROFILE.json per tp_size (`pdserve profile -tp N`); given, only those
+    sizes are searched, each instance simulated with its size's profile."""
     engine = engine or EngineConfig()
     model = get_model(template.model_name)
     hw = get_hardware(template.hardware)
@@ -130,6 +143,10 @@ def plan(template: InstanceSpec, devices: int, sessions: list[Session], slo: dic
     fits = [t for t in tp_sizes if template.mem_size * t * template.mem_util > weights * 1.05]
     if not fits:
         raise ValueError(f"{template.model_name} does not fit on up to {max(tp_sizes)} x {hw.name}")
+    if tp_profiles:
+        fits = [t for t in fits if t in tp_profiles]
+        if not fits:
+            raise ValueError(f"no profile of a tp_size searched and fitting: profiles of {sorted(tp_profiles)}")
     cands = [c for c in candidates(min(devices, max_unit), fits) if c.devices <= devices]
     from tqdm import tqdm
     results = []
@@ -139,8 +156,8 @@ def plan(template: InstanceSpec, devices: int, sessions: list[Session], slo: dic
               f"requests; the time grows with --num-requests (200 is enough for a first try)", file=sys.stderr)
     t0 = time.perf_counter()
     for cand in (bar := tqdm(cands, desc="planning", unit="config", disable=not progress)):
-        rate, summary = max_rate(build_cluster(template, cand, link_bw, link_latency), sessions, slo,
-                                 attainment, engine, profile, routing)
+        cluster = build_cluster(template, cand, link_bw, link_latency, tp_profiles=tp_profiles)
+        rate, summary = max_rate(cluster, sessions, slo, attainment, engine, profile, routing)
         results.append(PlanResult(cand, rate, summary))
         if progress and len(results) == 1:
             hint = cost_hint(time.perf_counter() - t0, len(cands), n_req)
@@ -178,39 +195,51 @@ def format_table(results: list[PlanResult], slo: dict, attainment: float) -> str
 
 
 def up_config(model_name: str, cand: Candidate, replicas: int, engine: EngineConfig) -> str:
-    """A `pdserve up --config` YAML for the chosen deployment (pdserve workers have no TP)."""
+    """A `pdserve up --config` YAML for the chosen deployment, each pool at its role's TP."""
     eng = {k: getattr(engine, k) for k in SIM_FIELDS if k != "dtype" and getattr(engine, k) is not None}
-    lines = ["# written by `pdserve plan`", f"# plan: {cand.label} x{replicas}"]
-    if cand.tp > 1:
-        lines.append(f"# the plan assumes tp_size={cand.tp} per instance; pdserve workers run one device each")
-    lines += [f"model: {json.dumps(model_name)}", "policy: round_robin", f"engine: {json.dumps(eng)}"]
-    if cand.n_prefill:
-        lines += [f"prefill: {cand.n_prefill * replicas}", f"decode: {cand.n_decode * replicas}"]
-    else:
-        lines += [f"colocated: {cand.n_decode * replicas}"]
+    lines = ["# written by `pdserve plan`", f"# plan: {cand.label} x{replicas}",
+             f"model: {json.dumps(model_name)}", "policy: round_robin", f"engine: {json.dumps(eng)}"]
+    pools = ([("prefill", cand.n_prefill, cand.p_tp), ("decode", cand.n_decode, cand.d_tp)] if cand.n_prefill
+             else [("colocated", cand.n_decode, cand.d_tp)])
+    for key, n, tp in pools:
+        lines.append(f"{key}: {json.dumps({'count': n * replicas, 'engine': {'tensor_parallel_size': tp}})}")
     return "\n".join(lines) + "\n"
 
 
 def plot(results: list[PlanResult], path: str, title: str) -> None:
+    """Goodput per device against the P:D ratio: one line per (prefill TP, decode TP) pair,
+    solid where both roles share a TP; each colocated TP a gray line labelled at its right end."""
     from pdserve.sim.plots import _pyplot
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for tp in sorted({r.cand.tp for r in results}):
-        pts = sorted((r.cand.n_prefill / r.cand.n_decode, r.per_device) for r in results
-                     if r.cand.tp == tp and r.cand.n_prefill)
+    from matplotlib.ticker import NullFormatter
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    pairs = sorted({(r.cand.p_tp, r.cand.d_tp) for r in results if r.cand.n_prefill})
+    for k, (p_tp, d_tp) in enumerate(pairs):
         best = {}
-        for x, y in pts:   # several (P, D) share a ratio: keep the best of each
-            best[x] = max(y, best.get(x, 0.0))
-        if best:
-            ax.plot(list(best), list(best.values()), "o-", label=f"disaggregated, tp{tp}")
-        colo = [r.per_device for r in results if r.cand.tp == tp and not r.cand.n_prefill]
-        if colo:
-            ax.axhline(colo[0], linestyle="--", color=ax.lines[-1].get_color() if best else None,
-                       label=f"colocated, tp{tp}")
+        for r in results:   # several (P, D) share a ratio: keep the best of each
+            if r.cand.n_prefill and (r.cand.p_tp, r.cand.d_tp) == (p_tp, d_tp):
+                x = r.cand.n_prefill / r.cand.n_decode
+                best[x] = max(r.per_device, best.get(x, 0.0))
+        xs = sorted(best)
+        ax.plot(xs, [best[x] for x in xs], "o-" if p_tp == d_tp else "s:", color=f"C{k % 10}",
+                label=f"P tp{p_tp} : D tp{d_tp}")
+    for r in results:
+        if not r.cand.n_prefill:
+            ax.axhline(r.per_device, linestyle="--", linewidth=1, color="gray")
+            ax.annotate(f"colocated tp{r.cand.d_tp}", (1, r.per_device), xycoords=("axes fraction", "data"),
+                        xytext=(-4, 2), textcoords="offset points", ha="right", fontsize=7, color="dimgray")
     ax.set(xscale="log", xlabel="prefill : decode instances (ratio)", ylabel="goodput per device (req/s)",
            title=title)
+    ticks = [2.0 ** k for k in range(-6, 7)]   # P:D as 1:4 .. 4:1, not 10^-1 (log minor labels overlap)
+    ax.set_xticks(ticks, [f"1:{round(1 / t)}" if t < 1 else f"{round(t)}:1" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if pairs:
+        xs = [r.cand.n_prefill / r.cand.n_decode for r in results if r.cand.n_prefill]
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if pairs:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="disaggregated",
+                  title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -233,8 +262,15 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--slo", nargs="+", required=True, help="ttft_ms=... tpot_ms=... [itl_ms=... e2el_ms=...]")
     p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet every SLO")
     p.add_argument("--tp-sizes", type=int, nargs="*", default=None,
-                   help="tensor-parallel sizes to search (default: those of 1 2 4 8 that divide the model's heads)")
-    p.add_argument("--max-unit", type=int, default=8, help="most devices in one searched unit")
+                   help="tensor-parallel sizes to search, per role: prefill and decode each take any of them "
+                        "that fits the model (default: those of 1 2 4 8 that divide the model's heads); a unit "
+                        "of P prefill at tp p and D decode at tp d uses P*p + D*d <= --max-unit devices, and k "
+                        "copies of a smaller unit (2P:2D) are not searched apart from it")
+    p.add_argument("--max-unit", type=int, default=8, help="most devices in one searched unit (the best is "
+                   "replicated to fill --devices)")
+    p.add_argument("--tp-profiles", nargs="+", default=None, metavar="PROFILE",
+                   help="PROFILE.json files of `pdserve profile -tp N`, one per N: only their tp sizes are "
+                        "searched, each instance simulated with its size's (e.g. a -tp 1 and a -tp 2 profile)")
     p.add_argument("--output-dir", default="plan", help="the plan's report, cluster config, up file and plot")
     add_engine_sim_args(p)
 
@@ -264,10 +300,11 @@ def run(args: argparse.Namespace) -> int:
     sessions = read_trace(args.dataset, args.num_requests)
     engine = engine_defaults(args)
     profile = load_profile(args.profile) if args.profile else None
+    tp_profiles = {int(load_profile(path).get("tp_size", 1)): os.path.abspath(path) for path in args.tp_profiles or []}
     from tqdm.contrib.logging import logging_redirect_tqdm
     with logging_redirect_tqdm():   # warnings above the progress bar, not through it
         results = plan(template, devices, sessions, slo, args.attainment, args.tp_sizes, args.max_unit, link_bw,
-                       link_latency, engine, profile, args.routing)
+                       link_latency, engine, profile, args.routing, tp_profiles=tp_profiles)
     print(format_table(results, slo, args.attainment))
     best = results[0]
     if best.rate <= 0:
@@ -275,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     os.makedirs(args.output_dir, exist_ok=True)
     replicas = max(1, devices // best.cand.devices)
-    cluster = build_cluster(template, best.cand, link_bw, link_latency, replicas)
+    cluster = build_cluster(template, best.cand, link_bw, link_latency, replicas, tp_profiles)
     paths = {k: os.path.join(args.output_dir, k) for k in ("cluster.json", "up.yaml", "goodput_vs_ratio.png",
                                                               "plan.json")}
     with open(paths["cluster.json"], "w") as f:
@@ -284,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         f.write(up_config(template.model_name, best.cand, replicas, engine))
     with open(paths["plan.json"], "w") as f:
         json.dump([{"config": r.cand.label, "n_prefill": r.cand.n_prefill, "n_decode": r.cand.n_decode,
-                    "tp_size": r.cand.tp, "devices": r.cand.devices, "max_rate": r.rate,
+                    "p_tp": r.cand.p_tp, "d_tp": r.cand.d_tp, "devices": r.cand.devices, "max_rate": r.rate,
                     "per_device": r.per_device, "summary": r.summary} for r in results], f, indent=1)
     plot(results, paths["goodput_vs_ratio.png"], f"{template.model_name} on {template.hardware}, "
          f"{' '.join(f'{k}={v:g}' for k, v in slo.items())}")
