@@ -163,6 +163,10 @@ def test_gpu_placement():
     assert place_on_gpus(ws, ["0"]) is False                          # sized by the user; cpu stays cpu
     assert [w.gpu for w in ws] == ["0", "0", None]
     assert place_on_gpus([WorkerSpec("decode")], []) is False
+    tp = [WorkerSpec("prefill", {"tensor_parallel_size": 2}), WorkerSpec("decode")]
+    assert place_on_gpus(tp, ["0", "1", "2"]) is False and [w.gpu for w in tp] == ["0,1", "2"]   # a GPU per rank
+    with pytest.raises(ValueError, match="tensor_parallel_size 4 needs 4 GPUs"):
+        place_on_gpus([WorkerSpec("decode", {"tensor_parallel_size": 4})], ["0", "1"])
 
 
 def test_gpu_worker_env(tmp_path, monkeypatch):

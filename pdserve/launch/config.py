@@ -188,11 +188,18 @@ def place_on_gpus(workers: list[WorkerSpec], gpus: list[str]) -> bool:
     if not gpus:
         return False
     placed = [w for w in workers if w.engine.get("device", "auto") in ("auto", "cuda")]
-    for i, w in enumerate(placed):
-        w.gpu = gpus[i % len(gpus)]
+    nxt = 0
+    for w in placed:   # a tensor-parallel worker takes as many consecutive GPUs (rank r on its r-th)
+        tp = max(1, int(w.engine.get("tensor_parallel_size", 1)))
+        if tp > len(gpus):
+            raise ValueError(f"{w.role}: tensor_parallel_size {tp} needs {tp} GPUs; {len(gpus)} visible")
+        if nxt + tp > len(gpus):
+            nxt = 0
+        w.gpu = ",".join(gpus[nxt:nxt + tp])
+        nxt = (nxt + tp) % len(gpus)
     sequential = False
     for g in gpus:
-        group = [w for w in placed if w.gpu == g]
+        group = [w for w in placed if g in w.gpu.split(",")]
         if len(group) < 2 or any("kv_cache_memory" in w.engine or "gpu_memory_utilization" in w.engine
                                  for w in group):
             continue
