@@ -101,6 +101,26 @@ def test_one_pull_per_grant_and_tokens_checked(pair):
     assert not p_conn.done("p2", kvp["kv_token"])   # spent
 
 
+def test_a_pull_in_parallel_parts_claims_each_part_once_and_frees_after_the_last_read(pair):
+    """A decode worker at TP=d pulls over d connections at once (part i of d of one grant)."""
+    (p_eng, p_ae, p_conn), _ = pair
+    outs = asyncio.run(_run(p_ae, "Two decode ranks read these blocks at once, each its own heads.",
+                            SamplingParams(max_tokens=1, temperature=0), "pp", remote_decode=True))
+    kvp = outs[-1].kv_transfer_params
+    ids, tok = kvp["remote_block_ids"], kvp["kv_token"]
+    r0, r1 = object(), object()
+    assert p_conn.authorize("pp", tok, ids, r0, (0, 2)) is None
+    assert "already being pulled" in p_conn.authorize("pp", tok, ids, object(), (0, 2))   # part 0 again
+    assert "already being pulled" in p_conn.authorize("pp", tok, ids, object(), (0, 1))   # another split
+    assert p_conn.authorize("pp", tok, ids, r1, (1, 2)) is None
+    p_conn.unclaim(r0, "pp")
+    assert p_conn.done("pp", tok, r0)          # part 1 still reads: the blocks stay
+    assert p_conn.keep_held("pp")
+    assert p_eng.block_manager.num_used_blocks > 0
+    p_conn.unclaim(r1, "pp")                   # the last read ended: now they go
+    _wait(lambda: p_eng.block_manager.num_used_blocks == 0)
+
+
 def test_export_and_authorize_do_not_wait_for_the_step_in_flight(pair):
     """A prefill worker busy with a long step still hands out the first token's KV params and
     lets the decode worker start pulling at once (no wait for the step boundary)."""

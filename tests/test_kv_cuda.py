@@ -32,7 +32,7 @@ class Producer:
         SPEC.check(remote)
         return self.reply
 
-    def authorize(self, rid, token, ids, reader=None):
+    def authorize(self, rid, token, ids, reader=None, part=(0, 1)):
         return None
 
     def unclaim(self, reader, rid=None):

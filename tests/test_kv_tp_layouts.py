@@ -63,8 +63,9 @@ class RankedProducer:
 
     claims = 0
 
-    def authorize(self, rid, token, ids, reader=None):
+    def authorize(self, rid, token, ids, reader=None, part=(0, 1)):
         self.claims += 1
+        self.parts = getattr(self, "parts", []) + [part]
         g = self.grants.get(rid)
         return None if g and g[0] == token and set(ids) <= g[1] else "refused"
 
@@ -121,6 +122,10 @@ def test_each_decode_rank_gets_exactly_its_heads(serve, transport, p_tp, d_tp, k
         assert torch.equal(pool[:, :, dst], full[:, :, src, :, r.start:r.stop])
         assert not pool[:, :, [b for b in range(BLOCKS) if b not in dst]].any()   # nothing else written
     wait_for(lambda: prod.released == ["r1"], 10, "the producer never got `done`")
+    ranks = len({p.d_rank for p in plan(prod.layout, d_layout)})
+    # over tcp each decode rank pulls its pieces on a connection of its own, at once; a mapped
+    # pool is authorised once and each rank's copies run in parallel
+    assert sorted(prod.parts) == ([(i, ranks) for i in range(ranks)] if transport == "tcp" else [(0, 1)])
 
 
 def test_the_plan_takes_each_head_once_from_the_first_rank_holding_it():

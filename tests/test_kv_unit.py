@@ -48,7 +48,7 @@ class FakeProducer:
         return {"ok": True, "spec": self.spec.to_dict(), "engine_id": self.engine_id, "host_id": host_id(),
                 "transports": self.offers, "shm": shm}
 
-    def authorize(self, rid, token, ids, reader=None):
+    def authorize(self, rid, token, ids, reader=None, part=(0, 1)):
         g = self.grants.get(rid)
         return None if g and g[0] == token and set(ids) <= g[1] else "refused"
 

@@ -2,13 +2,16 @@
 blocks over the chosen transport into our pool, and confirm so the producer frees them."""
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 
 from pdserve.kv import auth, heads, tls as kv_tls
+from pdserve.kv.heads import by_rank
 from pdserve.kv.layout import BlockPool
 from pdserve.kv.params import RemotePrefill
 from pdserve.kv.paths import consumer_paths
@@ -38,6 +41,7 @@ class KVClient:
         self.paths = consumer_paths(pool.kv.dtype)   # tcp, shm, cuda_ipc (kv/paths.py)
         self._idle: dict[tuple[str, int], list[tuple[socket.socket, dict]]] = {}
         self._lock = threading.Lock()
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None   # parallel parts of a pull
 
     def _connect(self, rp: RemotePrefill, deadline: float) -> tuple[socket.socket, dict]:
         """A new connection to the producer's KV server, both sides proven, spec agreed."""
@@ -132,6 +136,8 @@ class KVClient:
             conns, self._idle = [c for idle in self._idle.values() for c in idle], {}
         for sock, _ in conns:
             sock.close()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False)
 
     def pull(self, rp: RemotePrefill, src: list[int], dst: list[int]) -> tuple[int, str]:
         """Copy remote blocks src into local blocks dst; returns (bytes, transport). All of it
@@ -199,20 +205,83 @@ class KVClient:
                 kind = "shared-memory" if transport == "shm" else transport
                 raise KVPullError(f"cannot map the prefill worker's {kind} KV pool")
             transport = "tcp"   # e.g. another network namespace: the socket is not reachable
-        n = 0
-        if src:
-            send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token, "block_ids": src,
-                            "transport": transport, "pieces": [list(p[:3]) for p in offer["pieces"]]}, deadline)
-            reply = recv_msg(sock, self.REPLY_MAX, deadline)
-            if not reply.get("ok"):
-                raise KVPullError(f"the prefill worker refused the pull: {reply.get('error')}")
-            n = self._receive(sock, reply, transport, rp.engine_id, offer, src, dst, deadline)
+        n = self._pull_parts(sock, offer, rp, transport, src, dst, deadline) if src else 0
         # no answer awaited: the producer frees the blocks, we have what we need
         send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token}, deadline)
         return n, transport
 
-    def _receive(self, sock, reply, transport, engine_id, offer, src, dst, deadline) -> int:
-        path, pieces = self.paths[transport], offer["pieces"]
+    def _pull_parts(self, sock, offer, rp, transport, src, dst, deadline) -> int:
+        """Each of our ranks' pieces in parallel: over tcp a connection per rank (part i of n of
+        the grant), over a mapped path one authorisation and then each rank's copies."""
+        path = self.paths[transport]
+        groups = by_rank(offer["pieces"])
+        if not path.streams or len(groups) == 1:
+            reply = self._ask(sock, rp, transport, offer["pieces"], (0, 1), src, deadline)
+            if path.streams:
+                return self._receive(sock, reply, path, rp.engine_id, offer, groups[0], src, dst, deadline)
+            return sum(self._parallel(lambda g: self._receive(sock, reply, path, rp.engine_id, offer, g, src, dst,
+                                                               deadline), groups))
+        conns = [(sock, offer, False)]
+        try:
+            for _ in groups[1:]:
+                conns.append(self._checkout(rp, deadline))
+
+            def part(i: int) -> int:
+                s, o, reused = conns[i]
+                try:
+                    reply = self._ask(s, rp, transport, groups[i], (i, len(groups)), src, deadline)
+                except (OSError, KVWireError):
+                    if not reused or isinstance(sys.exc_info()[1], KVTimeout):
+                        raise
+                    s.close()   # the producer dropped this idle connection: once more, afresh
+                    s, o = self._connect(rp, deadline)
+                    conns[i] = (s, o, False)
+                    reply = self._ask(s, rp, transport, groups[i], (i, len(groups)), src, deadline)
+                return self._receive(s, reply, path, rp.engine_id, o, groups[i], src, dst, deadline)
+            n = sum(self._parallel(part, range(len(groups))))
+        except BaseException:
+            for s, _, _ in conns[1:]:
+                s.close()
+            raise
+        for s, o, _ in conns[1:]:
+            self._checkin(rp, s, o)
+        return n
+
+    def _parallel(self, fn, items) -> list:
+        """fn over items, all but the first on the pool's threads; the first error is raised
+        once every call has ended (none still writes into our pool)."""
+        items = list(items)
+        if len(items) == 1:
+            return [fn(items[0])]
+        with self._lock:
+            if self._workers is None:
+                self._workers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="pdserve-kv-part")
+        futs = [self._workers.submit(fn, x) for x in items[1:]]
+        first, error = None, None
+        try:
+            first = fn(items[0])
+        except BaseException as e:
+            error = e
+        results = [first]
+        for f in futs:
+            try:
+                results.append(f.result())
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
+        return results
+
+    def _ask(self, sock, rp, transport, pieces, part, src, deadline) -> dict:
+        send_msg(sock, {"op": "pull", "request_id": rp.request_id, "token": rp.token, "block_ids": src,
+                        "transport": transport, "pieces": [list(p[:3]) for p in pieces], "part": list(part)},
+                 deadline)
+        reply = recv_msg(sock, self.REPLY_MAX, deadline)
+        if not reply.get("ok"):
+            raise KVPullError(f"the prefill worker refused the pull: {reply.get('error')}")
+        return reply
+
+    def _receive(self, sock, reply, path, engine_id, offer, pieces, src, dst, deadline) -> int:
         if path.streams:
             want = sum(self.pool.piece_bytes(len(dst), p.d_hi - p.d_lo) for p in pieces)
             if reply.get("nbytes") != want:

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.config import KVTransferConfig
@@ -50,9 +50,10 @@ UNTRACKED = object()   # a reader that is no KV connection (a direct call): its 
 class _Grant:
     token: str
     block_ids: frozenset
-    pulled: bool = False           # a pull has started: a second one (a retried request) is refused
-    reader: object = None          # the KV connection reading the blocks right now
-    release_pending: bool = False  # `done` came from elsewhere mid-read: free when the read ends
+    parts: int | None = None       # a pull has started, in this many parallel parts (one per decode
+    claimed: set = field(default_factory=set)   # rank's connection); each part once, then refused
+    readers: set = field(default_factory=set)   # the KV connections reading the blocks right now
+    release_pending: bool = False  # `done` came from elsewhere mid-read: free when the reads end
 
 
 @dataclass
@@ -151,7 +152,7 @@ class KVConnector:
         Otherwise the grant goes in the same locked step, so no pull can start on freed blocks."""
         with self._lock:
             g = self.grants.get(request_id)
-            if g is not None and g.reader is not None:
+            if g is not None and g.readers:
                 return True
             self.grants.pop(request_id, None)
             return False
@@ -174,33 +175,38 @@ class KVConnector:
             return None
         return g
 
-    def authorize(self, request_id: str, token: str, block_ids, reader: object = None) -> str | None:
-        """None if the caller may read these blocks now, else why not."""
+    def authorize(self, request_id: str, token: str, block_ids, reader: object = None,
+                  part: tuple[int, int] = (0, 1)) -> str | None:
+        """None if the caller may read these blocks now, else why not. A pull may come in
+        `part[1]` parallel parts (one connection per decode rank); each part is allowed once."""
         g = self._grant(request_id, token)
         if g is None:
             return f"no KV is held for request {request_id!r} under this token (expired, released or wrong token)"
         if not isinstance(block_ids, list) or not set(block_ids) <= g.block_ids:
             return "the requested blocks are not the ones held for this request"
+        i, n = part
         with self._lock:
             if self.grants.get(request_id) is not g:
                 return f"the KV of request {request_id!r} was already freed"
-            # one pull per grant: the first puller's `done` frees the blocks, which must not
-            # happen while a second one still reads them; a grant being read also keeps the
-            # lease from freeing them mid-read (keep_held)
-            if g.pulled:
+            # one pull per grant: the puller's `done` frees the blocks, which must not happen while
+            # another (a retried request) still reads them; a grant being read also keeps the lease
+            # from freeing them mid-read (keep_held)
+            if (g.parts is not None and g.parts != n) or i in g.claimed or not 0 <= i < n:
                 return f"the KV of request {request_id!r} is already being pulled"
-            g.pulled, g.reader = True, reader if reader is not None else UNTRACKED
+            g.parts = n
+            g.claimed.add(i)
+            g.readers.add(reader if reader is not None else UNTRACKED)
         return None
 
     def unclaim(self, reader: object, request_id: str | None = None) -> None:
         """KV server: `reader` no longer reads (its send ended, or its connection closed). A
-        `done` that came meanwhile from elsewhere takes effect now."""
+        `done` that came meanwhile from elsewhere takes effect when the last reader is gone."""
         release = []
         with self._lock:
             for rid, g in self.grants.items():
-                if g.reader is reader and (request_id is None or rid == request_id):
-                    g.reader = None
-                    if g.release_pending:
+                if reader in g.readers and (request_id is None or rid == request_id):
+                    g.readers.discard(reader)
+                    if g.release_pending and not g.readers:
                         release.append(rid)
             for rid in release:
                 del self.grants[rid]
@@ -215,7 +221,7 @@ class KVConnector:
         if g is None:
             return False
         with self._lock:
-            if g.reader not in (None, reader, UNTRACKED):
+            if g.readers - {reader, UNTRACKED}:
                 g.release_pending = True
                 return True
             self.grants.pop(request_id, None)

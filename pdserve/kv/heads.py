@@ -72,3 +72,12 @@ def plan(producer: list[range], consumer: list[range]) -> list[Piece]:
             else:
                 pieces.append(Piece(k, p_lo, p_lo + 1, r, d_lo, d_lo + 1))
     return pieces
+
+
+def by_rank(pieces: list[Piece]) -> list[list[Piece]]:
+    """The pieces grouped by the consumer rank they fill (in rank order): a pull moves each group
+    in parallel."""
+    groups: dict[int, list[Piece]] = {}
+    for p in pieces:
+        groups.setdefault(p.d_rank, []).append(p)
+    return [groups[r] for r in sorted(groups)]

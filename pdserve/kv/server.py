@@ -6,8 +6,10 @@
     producer -> offer + {"mac"} (with its own "tp" layout), or an error; a spec mismatch or a
                 layout it cannot fill names the field, but only to a consumer that proved the
                 secret; an unproven one hears "authentication failed"
-    consumer -> {"op": "pull", "request_id", "token", "block_ids", "transport", "pieces"}
+    consumer -> {"op": "pull", "request_id", "token", "block_ids", "transport", "pieces", "part"}
         pieces: [[rank, first head, end head], ...] of the producer's ranks (kv/heads.py)
+        part: [i, n]: the i-th of n pulls of this grant in parallel (one connection per decode
+              rank), each allowed once; default [0, 1]
         tcp:  producer -> {"ok": true, "nbytes": n} then n raw bytes (piece by piece; each layer by
               layer, K then V)
         else: producer -> {"ok": true}; the consumer copies from the mapped pool itself
@@ -181,7 +183,13 @@ class KVServer:
             send_msg(sock, {"ok": False, "error": "malformed pieces: each is [rank, first head, end head] "
                                                   "of this worker's ranks"}, time.monotonic() + SEND_S)
             return
-        error = self.producer.authorize(rid, str(msg.get("token")), ids, owner)
+        part = msg.get("part", [0, 1])
+        if not (isinstance(part, list) and len(part) == 2 and all(type(x) is int for x in part)
+                and 0 <= part[0] < part[1] <= MAX_PIECES):
+            send_msg(sock, {"ok": False, "error": "malformed part: [index, count] of a pull in parallel parts"},
+                     time.monotonic() + SEND_S)
+            return
+        error = self.producer.authorize(rid, str(msg.get("token")), ids, owner, tuple(part))
         if error:
             send_msg(sock, {"ok": False, "error": error}, time.monotonic() + SEND_S)
             return
