@@ -141,6 +141,8 @@ class TPGroup:
             return n
         import torch.distributed as dist
         t = torch.tensor([n], dtype=torch.long)
+        if dist.get_backend(self.group) == "nccl":   # NCCL reduces device tensors only
+            t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
