@@ -25,7 +25,8 @@ def test_bf16_logits_close_to_float32_reference(tmp_path):
     d = str(tmp_path)
     ecfg = EngineConfig(model=d, device="cpu", dtype="bfloat16", block_size=4, kv_cache_memory=1 << 22)
     runner = ModelRunner(ecfg, d, read_hf_config(d), 128)
-    assert runner.kv_cache.dtype == torch.bfloat16 and runner.model.lm_head.weight.dtype == torch.bfloat16
+    head = runner.model.lm_head   # a packable Linear too (its packed copy when packed)
+    assert runner.kv_cache.dtype == torch.bfloat16 and (head.weight if head.weight is not None else head.packed).dtype == torch.bfloat16
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():   # oneDNN-packed where the CPU has bf16 support
         assert linears and all(m.packed is not None and m.weight is None for m in linears)
@@ -45,3 +46,16 @@ def test_bf16_logits_close_to_float32_reference(tmp_path):
             worst = max(worst, float((got - want).abs().max() / want.abs().max()))
     # bfloat16 keeps 8 bits of mantissa (~0.4% per rounding); two layers of them stay within a few %
     assert worst < 0.05, worst
+
+
+def test_float32_packs_where_the_cpu_has_avx512(monkeypatch):
+    from pdserve.engine import model_runner as mr
+    monkeypatch.delenv("PDSERVE_CPU_PACK", raising=False)
+    monkeypatch.setattr(mr, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert mr.packs_on_cpu(torch.float32) and mr.packs_on_cpu(torch.bfloat16)
+    monkeypatch.setattr(mr, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not mr.packs_on_cpu(torch.float32) and mr.packs_on_cpu(torch.bfloat16)
+    monkeypatch.setenv("PDSERVE_CPU_PACK", "1")
+    assert mr.packs_on_cpu(torch.float32)
+    monkeypatch.setenv("PDSERVE_CPU_PACK", "0")
+    assert not mr.packs_on_cpu(torch.bfloat16)

@@ -6,6 +6,7 @@ transports can copy without reshaping.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -54,6 +55,18 @@ def cpu_flags() -> set[str]:
 NATIVE_CPU_DTYPE_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
 
 
+def packs_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether the CPU linears run from oneDNN-packed weights. bfloat16: always (1.3-1.45x per
+    linear at 1-256 rows). float32: on AVX-512 CPUs, where packed runs 2.3-2.8x faster from 8 rows
+    and as fast at 1 (a 2,000-token prefill 1.54x, decode at batch 32 1.32x on this project's
+    AVX-512 host); on AVX2 alone packed was slower for 1-2 rows (batch-1 decode +17%), so plain.
+    $PDSERVE_CPU_PACK=0/1 overrides (for measurements)."""
+    env = os.environ.get("PDSERVE_CPU_PACK")
+    if env in ("0", "1"):
+        return env == "1"
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and "avx512f" in cpu_flags())
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU is opt-in: faster where the CPU
     has the instructions, 2-3x on this machine's AMX, but not the reference's numerics)."""
@@ -91,10 +104,8 @@ class ModelRunner:
             torch.set_default_dtype(prev)
         load_weights(self.model, model_dir)
         self.model.rope.float()  # keep cos/sin in float32 whatever the weights' dtype
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            # oneDNN-packed weights: the bf16 matmul stops re-packing each weight on every call
-            # (1.3-1.45x per linear at 1-256 rows here). float32 stays plain: packed it is
-            # faster from 4 rows up but slower for 1-2 rows (batch-1 decode step +17%).
+        if self.device.type == "cpu" and packs_on_cpu(self.dtype):
+            # oneDNN-packed weights: the matmul stops re-packing each weight on every call
             pack_linears_for_cpu(self.model)
         self.model.eval()
         self.sampler = Sampler(config.seed)

@@ -122,7 +122,7 @@ class CausalLM(nn.Module):
         self.tp = tp or TPGroup()
         self.layout = TPLayout.of(cfg, self.tp.size, self.tp.rank)
         self.model = DecoderBody(cfg, self.tp)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)   # packable on CPU (layers.py)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)

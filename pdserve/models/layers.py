@@ -28,11 +28,13 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-    def pack_for_cpu(self, batch_hint: int = 64) -> None:
+    def pack_for_cpu(self, batch_hint: int = 64, keep_weight: bool = False) -> None:
         """Reorder the weight once into oneDNN's blocked layout: the matmul no longer re-packs
-        it on every call. The plain weight is dropped (same bytes, never two copies)."""
+        it on every call. The plain weight is dropped (never two copies) unless another module
+        shares it (a tied lm_head: the embedding keeps it anyway)."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
-        self.weight = None
+        if not keep_weight:
+            self.weight = None
 
 
 def pack_linears_for_cpu(model: nn.Module) -> int:
@@ -42,8 +44,11 @@ def pack_linears_for_cpu(model: nn.Module) -> int:
     mods = [m for m in model.modules() if isinstance(m, Linear)]
     if mods and not _packable(mods[0].weight.dtype):
         return 0
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     for m in mods:
-        m.pack_for_cpu()
+        m.pack_for_cpu(keep_weight=uses.get(id(m.weight), 0) > 1)
     return len(mods)
 
 
