@@ -45,7 +45,8 @@ def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, thread
     t0 = time.perf_counter()
     if engine == "pdserve":
         import torch
-        torch.set_num_threads(threads)
+        if threads:   # 0: pdserve's own placement (threads from the cores it may use, pinned)
+            torch.set_num_threads(threads)
         from pdserve import SamplingParams
         from pdserve.llm import LLM
         llm = LLM(model_dir, dtype=dtype, kv_cache_memory="1GiB", max_num_seqs=64,
@@ -119,19 +120,22 @@ def model_flops(model_dir: str, reqs) -> dict:
 
 
 def matmul_peak(threads: int) -> float:
-    """Best fp32 GFLOP/s of square matmuls and of the model's own MLP shape, this process."""
+    """Best fp32 GFLOP/s of square matmuls and of the model's own MLP shape, this process, plain
+    (torch's mm) or oneDNN-packed (what pdserve's CPU linears use where that is faster)."""
     import torch
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     best = 0.0
     for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (512, 576, 3072)):
         a, b = torch.randn(m, k), torch.randn(k, n)
-        for _ in range(3):
-            a @ b
-        for _ in range(5):
-            t = time.perf_counter()
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
+        for f in (lambda: a @ b, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")):
+            for _ in range(3):
+                f()
             for _ in range(5):
-                a @ b
-            best = max(best, 2 * m * k * n * 5 / (time.perf_counter() - t) / 1e9)
+                t = time.perf_counter()
+                for _ in range(5):
+                    f()
+                best = max(best, 2 * m * k * n * 5 / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -143,7 +147,10 @@ def run_one(py: str, engine: str, args, reqs_file: str, model_dir: str) -> dict:
         env.pop("PYTHONPATH", None)
         cwd = tempfile.gettempdir()        # not beside a `pdserve` or `vllm` source tree
     else:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        else:
+            env.pop("OMP_NUM_THREADS", None)   # pdserve's default placement
         cwd = os.path.dirname(HERE)
     cmd = [py, os.path.abspath(__file__), "--worker", engine, "--tasks", args.tasks, "--model-dir", model_dir,
            "--reqs", reqs_file, "--threads", str(args.threads), "--dtype", args.dtype]
@@ -177,8 +184,9 @@ def main() -> None:
     ap.add_argument("--phases", default="idle,loaded")
     ap.add_argument("--tasks", default="workload,decode1,prefill2000")
     ap.add_argument("--engines", default="pdserve,vllm")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="pdserve's torch threads (vLLM's CPU engine binds one core's worth here by itself)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="pdserve's torch threads (default 0: its own placement, threads from the cores it may "
+                         "use, pinned; vLLM's CPU engine binds its own threads)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--vllm-venv", default="/work/vllm-venv")
