@@ -31,13 +31,16 @@ UP_ARGS ?= --prefill 1 --decode 1
 up: setup
 	$(BIN)/pdserve up $(UP_ARGS) --port $(PORT)
 
-# every test, each named as it runs, the slowest listed at the end (see the README for how long)
+# every test, each named as it runs, the slowest listed at the end (see the README for how long);
+# TEST_WORKERS pytest-xdist workers, each file on one worker (tests/conftest.py's scheduler)
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 test: setup
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra $(XDIST) $(PYTEST_ARGS)
 
 # the quick subset: no default model, no processes started, nothing slow
 test-quick: setup
-	$(BIN)/python -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

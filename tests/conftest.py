@@ -44,10 +44,39 @@ def cpu_kernels_built():
 
 def pytest_collection_modifyitems(config, items):
     """The `slow` marker, kept honest: a test that needs the default model (converting it is
-    minutes on a fresh machine) must be marked slow, so that `-m "not slow"` stays quick."""
+    minutes on a fresh machine) must be marked slow, so that `-m "not slow"` stays quick.
+    Under pytest-xdist the files with slow tests come first (see pytest_xdist_make_scheduler)."""
     unmarked = [it.nodeid for it in items if "default_model_dir" in it.fixturenames and it.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("needs the default model but is not marked slow: " + ", ".join(unmarked))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow_files = {it.path for it in items if it.get_closest_marker("slow") is not None}
+        items.sort(key=lambda it: it.path not in slow_files)   # stable: each file keeps its order
+
+
+# Files that must not run beside each other under pytest-xdist: one group runs on one worker,
+# file after file (two Ray clusters on 2 cores at once would starve both).
+XDIST_GROUPS = {"test_ray_cluster.py": "ray", "test_ray_autoscale.py": "ray"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (`make test`), with XDIST_GROUPS: each file (or group) is one unit on
+    one worker, so its module fixtures (servers, clusters) start once, and the units are handed
+    out in collection order, the slow files first, so that quick files fill the end rather than
+    one long file running alone. (pytest-xdist's own `loadgroup` marks do not reach its
+    scheduler under pytest 9.2, which no longer reads Item._nodeid.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return XDIST_GROUPS.get(os.path.basename(path), path)
+
+    config.option.loadscopereorder = False   # xdist would sort the units by test count
+    return FilesAndGroups(config, log)
 
 
 @pytest.fixture(autouse=True)
