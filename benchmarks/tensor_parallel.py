@@ -183,6 +183,7 @@ def main() -> int:
     hf = read_hf_config(model_dir)
     batches = [int(x) for x in a.batches.split(",")]
     affinity = os.sched_getaffinity(0)
+    load_before = os.getloadavg()[0]
     results = []
     for tp in (1, a.tp):
         print(f"TP={tp} ...", file=sys.stderr, flush=True)
@@ -215,7 +216,8 @@ def main() -> int:
         with open(a.md, "w") as f:
             f.write(f"# Tensor parallelism on this machine\n\n`python benchmarks/tensor_parallel.py --tp {a.tp}` "
                     f"(default model unless named: {os.path.basename(model_dir)}, float32, {os.cpu_count()} cores; "
-                    f"median of {a.repeats} steps, both in the same run).\n\n{table}\n")
+                    f"median of {a.repeats} steps, both in the same run; load average {load_before:.1f} before, "
+                    f"{os.getloadavg()[0]:.1f} after).\n\n{table}\n")
     return 0
 
 

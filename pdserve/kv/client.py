@@ -6,7 +6,6 @@ import concurrent.futures
 import logging
 import socket
 import ssl
-import sys
 import threading
 import time
 
@@ -230,8 +229,10 @@ class KVClient:
                 s, o, reused = conns[i]
                 try:
                     reply = self._ask(s, rp, transport, groups[i], (i, len(groups)), src, deadline)
+                except KVTimeout:
+                    raise
                 except (OSError, KVWireError):
-                    if not reused or isinstance(sys.exc_info()[1], KVTimeout):
+                    if not reused:
                         raise
                     s.close()   # the producer dropped this idle connection: once more, afresh
                     s, o = self._connect(rp, deadline)

@@ -50,8 +50,10 @@ UNTRACKED = object()   # a reader that is no KV connection (a direct call): its 
 class _Grant:
     token: str
     block_ids: frozenset
-    parts: int | None = None       # a pull has started, in this many parallel parts (one per decode
-    claimed: set = field(default_factory=set)   # rank's connection); each part once, then refused
+    # a pull has started in `parts` parallel parts (one per decode rank's connection); each part
+    # index is claimed once, a retried request's pull is refused
+    parts: int | None = None
+    claimed: set = field(default_factory=set)
     readers: set = field(default_factory=set)   # the KV connections reading the blocks right now
     release_pending: bool = False  # `done` came from elsewhere mid-read: free when the reads end
 

@@ -19,5 +19,6 @@ def consumer_paths(dtype: torch.dtype) -> dict[str, DataPath]:
 
 
 def producer_path(name: str) -> DataPath | None:
-    """What a producer does for a pull over `name` (None: not a data path pdserve has)."""
+    """What a producer does for a pull over `name` (None: not a data path pdserve has); only
+    `streams` and `send` are used on this side."""
     return {"tcp": TcpPath, "shm": lambda: ShmPath(torch.float32), "cuda_ipc": IpcPath}.get(name, lambda: None)()
