@@ -110,3 +110,31 @@ def test_real_process_gets_its_threads_and_cores():
     assert probe(num_threads=3)["threads"] == 3
     got = probe(env={"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"})   # the user's own choice
     assert got["threads"] == 1 and got["why"] == "OMP_NUM_THREADS" and got["wait"] == "ACTIVE"
+
+
+def test_threads_step_aside_while_neighbours_hold_cores_and_come_back():
+    from pdserve.cpu_threads import Yielding
+    running, t, set_to = ["1/90"], [0.0], []
+    y = Yielding(2, window=4, interval=0.1, read=lambda: f"0.1 0.2 0.3 {running[0]} 1", clock=lambda: t[0],
+                 set_threads=set_to.append)
+    assert y.tick() == 2 and set_to == []          # alone: every core
+    running[0] = "3/90"                            # two hogs besides us
+    for _ in range(4):
+        t[0] += 0.2
+        y.tick()
+    assert y.now == 1 and set_to == [1]            # the cores left: one
+    t[0] += 0.01
+    running[0] = "1/90"
+    assert y.tick() == 1                           # sampled at most once per interval
+    for _ in range(4):
+        t[0] += 0.2
+        y.tick()
+    assert y.now == 2 and set_to == [1, 2]         # the neighbours left: both again
+
+
+def test_an_explicit_thread_count_never_changes():
+    from pdserve.cpu_threads import plan
+    assert not plan(num_threads=2, affinity=[0, 1], limit=None).yielding
+    assert not plan(env={"OMP_NUM_THREADS": "2"}, affinity=[0, 1], limit=None).yielding
+    assert plan(env={}, affinity=[0, 1], limit=None).yielding
+    assert not plan(env={}, affinity=[0], limit=None).yielding

@@ -109,6 +109,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.step_trace = StepTrace(config.step_trace, config.role) if config.step_trace else None
+        from pdserve import cpu_threads
+        # only without tensor parallelism: the ranks' threads are their own (tp_ranks places them)
+        self.threads = cpu_threads.yielding() if self.runner.device.type == "cpu" and not self.ranks else None
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.model_name, self.runner.device, self.runner.dtype, self.runner.num_blocks,
                  config.block_size, self.max_model_len)
@@ -312,6 +315,8 @@ class LLMEngine:
         """One step. If it fails, the requests it ran fail with the error and the engine goes
         on: one request that slipped past validation must not take every other one down."""
         self._batch, self._early = None, []
+        if self.threads is not None:   # on CPU: fewer threads while neighbours hold cores
+            self.threads.tick()
         try:
             return self._step()
         except RankLostError:   # no step can run without every rank: the worker must go
