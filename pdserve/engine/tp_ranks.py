@@ -75,6 +75,8 @@ class Ranks:
         self.size = config.tensor_parallel_size
         self.port = free_port()
         allowed = sorted(os.sched_getaffinity(0))
+        import torch
+        self._before = (allowed, torch.get_num_threads())   # rank 0's placement, given back by stop()
         self.cores = split_cores(allowed, self.size)
         self.threads = [threads_for(c, allowed, self.size) for c in self.cores]
         cfg = json.dumps(dataclasses.asdict(config))
@@ -122,6 +124,9 @@ class Ranks:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
+        from pdserve import cpu_threads   # this process may go on without ranks (tests, benchmarks)
+        cores, threads = self._before
+        cpu_threads.apply(cpu_threads.Placement(cores, threads, "tensor-parallel ranks stopped", pin=True))
 
 
 def _device_type(config) -> str:
