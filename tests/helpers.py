@@ -50,3 +50,22 @@ def serving(log_dir, *args, env: dict | None = None, timeout: float = 240, name:
         yield f"http://127.0.0.1:{port}"
     finally:
         procs.stop(p)
+
+
+def complete_counted(client, stream: bool, on_first_chunk=lambda: None, **kw) -> tuple[str, str | None, int | None]:
+    """One completion through the openai client, streamed (usage included) or not: (text,
+    finish_reason, completion tokens); on_first_chunk() runs once when a streamed choice arrives."""
+    if not stream:
+        r = client.completions.create(**kw)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+    text, finish, used, started = "", None, None, False
+    for ch in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if ch.choices:
+            if not started:
+                started = True
+                on_first_chunk()
+            text += ch.choices[0].text
+            finish = ch.choices[0].finish_reason or finish
+        if ch.usage:
+            used = ch.usage.completion_tokens
+    return text, finish, used

@@ -30,10 +30,10 @@ from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.launch.cluster import Cluster, add_arguments
 from pdserve.launch.config import load_deployment
 from pdserve.launch.supervise import Supervisor
+from helpers import MODEL, complete_counted
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KEY = "faults-under-load-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 STREAMS = int(os.environ.get("PDSERVE_FAULT_STREAMS", "30"))   # clients, each one request after another
@@ -207,24 +207,15 @@ class Load:
     def _one(self, cl: openai.OpenAI, prompt: str, n: int, stream: bool) -> bool:
         """One request, counted; whether it was answered."""
         want = self.refs[(prompt, n)]
-        counted = False
+        began = []   # a streamed choice arrived: the request counts as mid-stream until it ends
+
+        def first():
+            began.append(True)
+            with self.lock:
+                self.mid_stream += 1
         try:
-            if stream:
-                text, finish, tokens = "", None, None
-                for ch in cl.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}):
-                    if ch.choices:
-                        if not counted:
-                            counted = True
-                            with self.lock:
-                                self.mid_stream += 1
-                        text += ch.choices[0].text
-                        finish = ch.choices[0].finish_reason or finish
-                    if ch.usage:
-                        tokens = ch.usage.completion_tokens
-            else:
-                r = cl.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0)
-                text, finish, tokens = r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+            text, finish, tokens = complete_counted(cl, stream, first, model=MODEL, prompt=prompt,
+                                                    max_tokens=n, temperature=0)
             if finish is None:
                 self._count("hung", f"stream ended without a finish_reason after {text!r}")
             elif (text, finish, tokens) == want:
@@ -244,7 +235,7 @@ class Load:
             else:
                 self._count("hung", f"error without an OpenAI body: {e!r}")
         finally:
-            if counted:
+            if began:
                 with self.lock:
                     self.mid_stream -= 1
         return False

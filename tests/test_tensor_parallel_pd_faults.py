@@ -33,7 +33,7 @@ import pytest
 
 from pdserve.bench.deploy import UpProcess
 from pdserve.config import KVTransferConfig
-from helpers import metric, wait_for
+from helpers import complete_counted, metric, wait_for
 from tiny_model import make_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -205,24 +205,15 @@ class Load:
     def _one(self, c: openai.OpenAI, n: int, stream: bool) -> Outcome:
         tokens = self.tokens[0] if stream else self.tokens[1]
         o = Outcome(n, tokens, stream, "hung")
-        started = False
         kw = dict(model=self.model, prompt=prompt(n), max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True})
+        began = []   # a streamed choice arrived: the request counts as mid-stream until it ends
+
+        def first():
+            began.append(True)
+            with self.lock:
+                self.mid_stream += 1
         try:
-            if stream:
-                text, finish, used = "", None, None
-                for ch in c.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
-                    if ch.choices:
-                        if not started:
-                            started = True
-                            with self.lock:
-                                self.mid_stream += 1
-                        text += ch.choices[0].text
-                        finish = ch.choices[0].finish_reason or finish
-                    if ch.usage:
-                        used = ch.usage.completion_tokens
-            else:
-                r = c.completions.create(**kw)
-                text, finish, used = r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+            text, finish, used = complete_counted(c, stream, first, **kw)
             o.text = text
             if finish == "length" and used == tokens:
                 o.kind = "answered"
@@ -240,7 +231,7 @@ class Load:
             else:
                 o.note = f"error without an OpenAI body: {e!r}"
         finally:
-            if started:
+            if began:
                 with self.lock:
                     self.mid_stream -= 1
             o.ended = time.monotonic()

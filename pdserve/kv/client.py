@@ -148,16 +148,8 @@ class KVClient:
             if reused and offer.get("engine_id") != rp.engine_id:
                 sock.close()   # an idle connection to an earlier server on that port
                 sock, offer, reused = (*self._connect(rp, deadline), False)
-            try:
-                result = self._pull_on(sock, offer, rp, src, dst, deadline)
-            except KVTimeout:
-                raise
-            except (OSError, KVWireError):
-                if not reused:
-                    raise
-                sock.close()   # the producer dropped the idle connection: once more, afresh
-                sock, offer = self._connect(rp, deadline)
-                result = self._pull_on(sock, offer, rp, src, dst, deadline)
+            result, sock, offer = self._afresh_if_dropped(
+                rp, sock, offer, reused, deadline, lambda s, o: self._pull_on(s, o, rp, src, dst, deadline))
         except KVTimeout as e:
             if sock is not None:
                 sock.close()
@@ -209,6 +201,24 @@ class KVClient:
         send_msg(sock, {"op": "done", "request_id": rp.request_id, "token": rp.token}, deadline)
         return n, transport
 
+    def _afresh_if_dropped(self, rp, sock, offer, reused: bool, deadline: float, fn):
+        """fn(sock, offer); once more on a new connection if a reused idle one turns out dropped
+        by the producer (not after a timeout). Returns (fn's result, sock, offer) of the one used."""
+        try:
+            return fn(sock, offer), sock, offer
+        except KVTimeout:
+            raise
+        except (OSError, KVWireError):
+            if not reused:
+                raise
+            sock.close()
+            sock, offer = self._connect(rp, deadline)
+            try:
+                return fn(sock, offer), sock, offer
+            except BaseException:
+                sock.close()   # the caller still holds the dropped one
+                raise
+
     def _pull_parts(self, sock, offer, rp, transport, src, dst, deadline) -> int:
         """Each of our ranks' pieces in parallel: over tcp a connection per rank (part i of n of
         the grant), over a mapped path one authorisation and then each rank's copies."""
@@ -226,18 +236,10 @@ class KVClient:
                 conns.append(self._checkout(rp, deadline))
 
             def part(i: int) -> int:
-                s, o, reused = conns[i]
-                try:
-                    reply = self._ask(s, rp, transport, groups[i], (i, len(groups)), src, deadline)
-                except KVTimeout:
-                    raise
-                except (OSError, KVWireError):
-                    if not reused:
-                        raise
-                    s.close()   # the producer dropped this idle connection: once more, afresh
-                    s, o = self._connect(rp, deadline)
-                    conns[i] = (s, o, False)
-                    reply = self._ask(s, rp, transport, groups[i], (i, len(groups)), src, deadline)
+                reply, s, o = self._afresh_if_dropped(
+                    rp, *conns[i], deadline, lambda s, o: self._ask(s, rp, transport, groups[i], (i, len(groups)),
+                                                                     src, deadline))
+                conns[i] = (s, o, False)
                 return self._receive(s, reply, path, rp.engine_id, o, groups[i], src, dst, deadline)
             n = sum(self._parallel(part, range(len(groups))))
         except BaseException:

@@ -18,7 +18,11 @@ def consumer_paths(dtype: torch.dtype) -> dict[str, DataPath]:
     return {p.name: p for p in (TcpPath(), ShmPath(dtype), IpcPath())}
 
 
+# a producer's side holds no state: one of each serves every pull
+_PRODUCER: dict[str, DataPath] = {"tcp": TcpPath(), "shm": ShmPath(torch.float32), "cuda_ipc": IpcPath()}
+
+
 def producer_path(name: str) -> DataPath | None:
     """What a producer does for a pull over `name` (None: not a data path pdserve has); only
     `streams` and `send` are used on this side."""
-    return {"tcp": TcpPath, "shm": lambda: ShmPath(torch.float32), "cuda_ipc": IpcPath}.get(name, lambda: None)()
+    return _PRODUCER.get(name)
