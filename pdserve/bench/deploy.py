@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from pdserve import procs
+from pdserve.launch.cluster import READY_LINE
 
 
 def _descendants(pid: int) -> list:
@@ -57,13 +58,16 @@ class UpProcess:
         return self
 
     def wait_ready(self) -> None:
-        """Ready when a one-token completion succeeds: /health alone may pass before workers do."""
+        """Ready when a one-token completion succeeds (/health alone may pass before workers do) and,
+        for `up`, once it has printed its table of workers (it does so just after the router answers)."""
         deadline = time.monotonic() + self.ready_timeout
+        answered = False
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"`pdserve {self.spec}` exited with {self.proc.returncode}:\n{self.log_tail()}")
             self.children()
-            if self._probe():
+            answered = answered or self._probe()
+            if answered and self._announced():
                 return
             time.sleep(1.0)
         raise RuntimeError(f"`pdserve {self.spec}` not ready after {self.ready_timeout:.0f}s:\n{self.log_tail()}")
@@ -77,6 +81,15 @@ class UpProcess:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status == 200
         except (OSError, urllib.error.URLError, ValueError, KeyError, IndexError):
+            return False
+
+    def _announced(self) -> bool:
+        if shlex.split(self.spec)[:1] != ["up"]:
+            return True
+        try:
+            with open(self.log_path) as f:
+                return READY_LINE in f.read()
+        except OSError:
             return False
 
     def children(self) -> list[int]:

@@ -30,6 +30,8 @@ from pdserve.launch.config import Deployment, WorkerSpec, load_deployment
 from pdserve.launch.supervise import Supervisor
 from pdserve.procs import Proc, check_port, distinct_free_ports, wait_healthy as _wait_healthy
 
+READY_LINE = "pdserve is up:"   # what `up` prints once the router answers, before its table of workers
+
 log = logging.getLogger("pdserve.up")
 
 
@@ -193,7 +195,7 @@ def ready_message(c: Cluster, model_id: str) -> str:
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
                        "max_tokens": 64})
     auth = f" -H 'Authorization: Bearer {c.dep.api_key}'" if c.dep.api_key else ""
-    lines = [f"pdserve is up: {c.router_url}/v1  ({counts}; model {model_id}; logs in {c.log_dir})"]
+    lines = [f"{READY_LINE} {c.router_url}/v1  ({counts}; model {model_id}; logs in {c.log_dir})"]
     for w in c.workers:
         lines.append(f"  {w.spec.role:8s} {w.url}  pid {w.proc.pid}"
                      + (f"  cpus {format_cpu_list(w.spec.cpus)}" if w.spec.cpus else "")

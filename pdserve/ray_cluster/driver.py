@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pdserve.launch.cluster import engine_flags
+from pdserve.launch.cluster import READY_LINE, engine_flags
 from pdserve.launch.config import Deployment, WorkerSpec
 from pdserve.procs import Proc, free_port, wait_healthy
 from pdserve.ray_cluster.actors import Controller, WorkerActor
@@ -362,7 +362,7 @@ def worker_load(url: str) -> float | None:
 def ready_message(rd: RayDeployment, address: str) -> str:
     roles = [m.role for m in rd.members]
     counts = ", ".join(f"{roles.count(r)} {r}" for r in ROLES if roles.count(r))
-    lines = [f"pdserve is up: {rd.router_url}/v1  ({counts} as Ray actors on {address}, namespace "
+    lines = [f"{READY_LINE} {rd.router_url}/v1  ({counts} as Ray actors on {address}, namespace "
              f"{rd.s.namespace}; router log in {rd.log_dir})"]
     for m in rd.members:
         i = m.info or {}
