@@ -131,6 +131,32 @@ def test_remote_load_reuses_local_prefix_cache():
     assert out.kv_loads == [d] and d.num_cached_tokens == 12  # only the last block must be pulled
 
 
+def test_a_connector_decides_how_many_tokens_load_remotely():
+    s = make(role="decode")
+    asked = []
+    s.get_num_new_matched_tokens = lambda sq, n: asked.append((sq.request_id, n)) or 0   # compute here
+    d = Sequence("d", list(range(10)), SamplingParams(max_tokens=2), remote_first_token=42)
+    s.add(d)
+    out = s.schedule()
+    assert asked == [("d", 0)] and out.kv_loads == [] and out.num_new_tokens == [10]
+    finished, _ = run(s)
+    assert finished[0].output_token_ids == [42, TOKEN]   # the prefill worker's first token still stands
+    s.get_num_new_matched_tokens = lambda sq, n: 10 - n   # a plain request the connector says loads
+    p = seq("p", 10, max_tokens=2)
+    s.add(p)
+    assert s.schedule().kv_loads == [p] and p.status == Status.WAITING_FOR_KV
+
+
+def test_without_a_connector_a_prompt_cached_whole_computes_its_last_block():
+    s = make(role="decode")
+    s.add(seq("warm", 12, max_tokens=1))
+    run(s)
+    d = Sequence("d", list(range(12)), SamplingParams(max_tokens=2), remote_first_token=1)
+    s.add(d)
+    out = s.schedule()
+    assert out.kv_loads == [] and out.num_new_tokens == [4] and d.num_cached_tokens == 8
+
+
 def test_abort_frees_blocks_in_every_state():
     s = make(role="both")
     run_seq, wait_seq = seq("run", 8, max_tokens=50), seq("wait", 8, first=30)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from pdserve.engine.request import Sequence
-from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput, num_remote_tokens
 
 
 @dataclass(slots=True)
@@ -49,8 +49,19 @@ class StepShape:
 class EngineCore:
     def __init__(self, scheduler: Scheduler, connector=None):
         self.scheduler = scheduler
-        self.connector = connector       # kv/base.py's interface, set by a KV connector
         self._pins: dict[str, list[int]] = {}   # loads in flight: the blocks they write, pinned
+        self.connector = connector
+
+    @property
+    def connector(self):
+        """kv/base.py's interface, set by a KV connector; it answers the scheduler's question of
+        how many tokens a request loads from elsewhere."""
+        return self._connector
+
+    @connector.setter
+    def connector(self, c) -> None:
+        self._connector = c
+        self.scheduler.get_num_new_matched_tokens = c.get_num_new_matched_tokens if c is not None else num_remote_tokens
 
     # ---- requests -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:

@@ -44,6 +44,14 @@ class SchedulerOutput:
         return not self.seqs
 
 
+def num_remote_tokens(seq: Sequence, num_computed_tokens: int) -> int:
+    """With no KV connector (the simulator, a hand-driven engine): a request that came with a
+    remote prefill's first token loads every prompt token its prefix cache lacks."""
+    if seq.remote_first_token is None or seq.num_output_tokens:
+        return 0
+    return seq.num_prompt_tokens - num_computed_tokens
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
@@ -53,6 +61,9 @@ class Scheduler:
         self.loading: dict[str, Sequence] = {}                 # remote KV being pulled in
         self.held: dict[str, tuple[Sequence, float]] = {}      # prefill role: KV kept for a puller
         self.num_preemptions = 0
+        # how many prompt tokens a waiting request loads from elsewhere rather than computes:
+        # a KV connector's scheduler side answers (EngineCore wires it), else the rule below
+        self.get_num_new_matched_tokens = num_remote_tokens
 
     # ---- requests in and out ----------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -151,13 +162,14 @@ class Scheduler:
         # admit waiting requests only if nothing was preempted this step
         while self.waiting and budget > 0 and not out.preempted and self.num_running < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if seq.remote_first_token is not None and seq.num_output_tokens == 0:
-                if not self._admit_remote(seq, out):
+            # prompt logprobs need every prompt position computed here (as vLLM: no prefix hit)
+            cached = [] if seq.computes_prompt_logprobs else self.bm.match_prefix(seq, seq.num_tokens)
+            if self.get_num_new_matched_tokens(seq, len(cached) * self.bm.block_size) > 0:
+                if not self._admit_remote(seq, cached, out):
                     break
                 continue
-            # at least one token must be computed to get logits for the next token
-            # prompt logprobs need every prompt position computed here (as vLLM: no prefix hit)
-            cached = [] if seq.computes_prompt_logprobs else self.bm.match_prefix(seq, seq.num_tokens - 1)
+            if len(cached) * self.bm.block_size >= seq.num_tokens:
+                cached = cached[:-1]   # at least one token is computed here, for the next token's logits
             n = seq.num_tokens - len(cached) * self.bm.block_size
             if n > budget and not chunked:
                 break
@@ -173,9 +185,8 @@ class Scheduler:
             budget -= n
         return out
 
-    def _admit_remote(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        """Decode role: allocate blocks for the whole prompt; its KV comes from elsewhere."""
-        cached = self.bm.match_prefix(seq, seq.num_prompt_tokens)
+    def _admit_remote(self, seq: Sequence, cached: list[int], out: SchedulerOutput) -> bool:
+        """Decode role: allocate blocks for the whole prompt; what the prefix cache lacks comes from elsewhere."""
         n = seq.num_prompt_tokens - len(cached) * self.bm.block_size
         if not self.bm.can_allocate(seq, cached, n):
             return False

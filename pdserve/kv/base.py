@@ -4,6 +4,9 @@ Scheduler side: called by the engine core on the engine thread, between steps, n
 The scheduler owns every block and every hold; the connector keeps only what a transport
 needs to serve or fetch them (the one-time token of a hold, the lease of a remote one).
 
+    get_num_new_matched_tokens(seq, n) how many prompt tokens a waiting request, n of them
+                                      in the prefix cache here, loads from elsewhere (0:
+                                      compute them here)
     add_request(seq)                  a request arrived whose prompt KV lies elsewhere
                                       (seq.kv_params: the RemotePrefill it came with)
     update_state_after_alloc(seq)     its blocks are allocated: start loading the remote
@@ -39,6 +42,7 @@ class KVEvents:
 
 class KVConnectorBase(Protocol):
     # ---- scheduler side -----------------------------------------------------------------
+    def get_num_new_matched_tokens(self, seq, num_computed_tokens: int) -> int: ...
     def add_request(self, seq) -> None: ...
     def update_state_after_alloc(self, seq) -> list[int]: ...
     def request_finished(self, seq, first_logprob=None, prompt_logprobs=None) -> dict: ...

@@ -83,7 +83,7 @@ class KVConnector:
         # on_event(kind, **fields): the server's metrics listen here (kv knows no Prometheus)
         self.on_event: Callable[..., None] = lambda kind, **kw: None
         self.produces = self.role in ("prefill", "both")
-        consumes = self.role in ("decode", "both")
+        self.consumes = consumes = self.role in ("decode", "both")
         self._lock = threading.Lock()
         self.grants: dict[str, _Grant] = {}      # producer: request id -> what its hold lets a puller read
         self.leases: dict[str, _Lease] = {}      # consumer: request id -> the remote KV it waits for or pulls
@@ -117,7 +117,7 @@ class KVConnector:
 
     def close(self) -> None:
         self._closed.set()
-        if self.role in ("decode", "both"):
+        if self.consumes:
             self._pulls.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
 
@@ -241,6 +241,17 @@ class KVConnector:
         self.on_event("served", nbytes=nbytes, seconds=seconds, transport=transport)
 
     # ---- consumer: scheduler side -------------------------------------------------------
+    def get_num_new_matched_tokens(self, seq, num_computed_tokens: int) -> int:
+        """Engine thread: how many prompt tokens a waiting request loads from its producer; the
+        producer's blocks cover the whole prompt, so all that the local prefix cache lacks. A
+        prompt the cache holds whole is computed here (its last block), the producer's hold let go."""
+        if not self.consumes or not isinstance(seq.kv_params, RemotePrefill) or seq.num_output_tokens:
+            return 0
+        n = seq.num_prompt_tokens - num_computed_tokens
+        if n <= 0:
+            self.request_aborted(seq)
+        return max(n, 0)
+
     def add_request(self, seq) -> None:
         """Engine thread: a request whose prompt KV a producer holds for us; its lease has just begun."""
         with self._lock:
