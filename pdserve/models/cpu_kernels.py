@@ -3,7 +3,11 @@
 The torch backend gathers each decode row's KV blocks into a padded copy and then runs SDPA on
 it: per step that copies every row's whole context, for every layer, and pads it to the
 group's widest row. This kernel reads each row's K and V where they lie in the cache, once, up
-to the row's own length: no copy, no padding. It is built with the system's C++ compiler (the
+to the row's own length: no copy, no padding. Measured on this project's 2-core AVX-512 host
+(one thread, batch 16 x 200 tokens, 9 heads / 3 KV heads of 64, a 30-layer cache): 2,419 us per
+call as first written, 404 us now; what did it: a head size known when compiled (64, 128) so the
+accumulators stay in registers, the next block of the table prefetched while one is read, e^x
+by a polynomial the compiler vectorizes instead of a std::exp call per score. It is built with the system's C++ compiler (the
 one torch.compile's CPU backend needs too) into the pdserve cache, keyed by the source, torch
 version and CPU; where no compiler works, or with PDSERVE_CPU_KERNELS=0, attention falls back
 to the torch backend, which gives the same results.
@@ -24,53 +28,102 @@ SOURCE = r"""
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
-template <typename T>
+// e^x for x <= 0 (softmax after the max is taken off): x = k ln2 + r, |r| <= ln2 / 2, e^r by its
+// Taylor series to r^7 (relative error < 1e-8 before float rounding); plain arithmetic, so the
+// compiler vectorizes the loop it sits in (std::exp it would call once per element)
+static inline float exp_nonpos(float x) {
+  x = std::max(x, -87.f);
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+  float p = 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// one row's attention over its KV heads [h0, h1); DC > 0: the head size, known when compiled
+// (every loop over it unrolls and its accumulators stay in registers), 0: the runtime D
+template <typename T, int DC>
+static void attend_row(const T* q, const T* cache, const int64_t* tab, int64_t n, T* out,
+                       int64_t H, int64_t KVH, int64_t Drt, int64_t bs, int64_t q_head, int64_t v_off,
+                       float scale, int64_t h0, int64_t h1, std::vector<float>& s) {
+  const int64_t D = DC > 0 ? DC : Drt, G = H / KVH, tok = KVH * D;
+  s.resize(G * n);
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qh = q + (kh * G + g) * q_head;
+      float qf[DC > 0 ? DC : 512];
+      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qh[d]) * scale;
+      float* sg = s.data() + g * n;
+      for (int64_t t0 = 0; t0 < n; t0 += bs) {   // scores, block after block of the row's table
+        const T* kb = cache + tab[t0 / bs] * bs * tok + kh * D;
+        const T* kn = t0 + bs < n ? cache + tab[t0 / bs + 1] * bs * tok + kh * D : nullptr;
+        const int64_t m = std::min(bs, n - t0);
+        for (int64_t u = 0; u < m; ++u) {
+          const T* k = kb + u * tok;
+          if (kn != nullptr && g == 0)   // the next block lies anywhere: ask for it a block ahead
+            for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(kn + u * tok + d);
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qf[d] * static_cast<float>(k[d]);
+          sg[t0 + u] = dot;
+        }
+      }
+      float mx = -INFINITY;   // softmax over the row's own context
+#pragma omp simd reduction(max : mx)
+      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        const float e = exp_nonpos(sg[t] - mx);
+        sg[t] = e;
+        sum += e;
+      }
+      const float inv = 1.f / sum;
+      float acc[DC > 0 ? DC : 512] = {};
+      for (int64_t t0 = 0; t0 < n; t0 += bs) {
+        const T* vb = cache + v_off + tab[t0 / bs] * bs * tok + kh * D;
+        const T* vn = t0 + bs < n ? cache + v_off + tab[t0 / bs + 1] * bs * tok + kh * D : nullptr;
+        const int64_t m = std::min(bs, n - t0);
+        for (int64_t u = 0; u < m; ++u) {
+          const T* v = vb + u * tok;
+          if (vn != nullptr && g == 0)
+            for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(vn + u * tok + d);
+          const float p = sg[t0 + u];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+        }
+      }
+      T* o = out + (kh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    }
+  }
+}
+
+template <typename T, int DC>
 static void decode(const T* q, const T* cache, const int64_t* tables, const int64_t* lens, T* out,
                    int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t W,
                    int64_t q_row, int64_t q_head, int64_t v_off, float scale) {
-  const int64_t G = H / KVH;   // query heads per KV head (grouped-query attention)
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), s;
+  // a work item is a row's KV heads [h0, h1): whole rows, unless there are fewer rows than threads
+  const int64_t P = B >= at::get_num_threads() ? 1 : KVH;
+  at::parallel_for(0, B * P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / KVH, kh = i % KVH, n = lens[b];
-      const int64_t* tab = tables + b * W;
-      s.resize(G * n);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          qf[g * D + d] = static_cast<float>(q[b * q_row + (kh * G + g) * q_head + d]) * scale;
-      for (int64_t t = 0; t < n; ++t) {   // scores: each key once, for all G heads that share it
-        const T* k = cache + ((tab[t / bs] * bs + t % bs) * KVH + kh) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf.data() + g * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<float>(k[d]);
-          s[g * n + t] = dot;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {   // softmax over the row's own context
-        float* sg = s.data() + g * n;
-        const float m = *std::max_element(sg, sg + n);
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - m));
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* v = cache + v_off + ((tab[t / bs] * bs + t % bs) * KVH + kh) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = s[g * n + t];
-          float* ag = acc.data() + g * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<float>(v[d]);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          out[(b * H + kh * G + g) * D + d] = static_cast<T>(acc[g * D + d]);
+      const int64_t b = i / P, h0 = (i % P) * (KVH / P);
+      attend_row<T, DC>(q + b * q_row, cache, tables + b * W, lens[b], out + b * H * D, H, KVH, D, bs,
+                        q_head, v_off, scale, h0, h0 + KVH / P, s);
     }
   });
 }
@@ -86,14 +139,19 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::
   auto l = lens.to(at::kLong).contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = cache.size(2), KVH = cache.size(3);
-  TORCH_CHECK(cache.size(4) == D && H % KVH == 0, "head shapes do not match");
+  TORCH_CHECK(cache.size(4) == D && H % KVH == 0 && D <= 512, "head shapes do not match");
   TORCH_CHECK(t.dim() == 2 && t.size(0) == B && l.numel() == B, "tables/lens do not match q");
   auto out = at::empty({B, H, D}, q.options());
   const int64_t v_off = cache.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode<scalar_t>(q.data_ptr<scalar_t>(), cache.data_ptr<scalar_t>(), t.data_ptr<int64_t>(),
-                     l.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, bs, t.size(1),
-                     q.stride(0), q.stride(1), v_off, static_cast<float>(scale));
+    auto run = [&](auto dc) {
+      decode<scalar_t, decltype(dc)::value>(q.data_ptr<scalar_t>(), cache.data_ptr<scalar_t>(),
+          t.data_ptr<int64_t>(), l.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, bs,
+          t.size(1), q.stride(0), q.stride(1), v_off, static_cast<float>(scale));
+    };
+    if (D == 64) run(std::integral_constant<int, 64>());
+    else if (D == 128) run(std::integral_constant<int, 128>());
+    else run(std::integral_constant<int, 0>());
   });
   return out;
 }
