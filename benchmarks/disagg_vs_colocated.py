@@ -73,11 +73,11 @@ def mixed_workload(a, seed: int) -> list[BenchRequest]:
 def deployments(a) -> list[tuple]:
     eng = f"--kv-cache-memory {a.kv_cache_memory} --max-num-batched-tokens {a.max_num_batched_tokens}"
     return [
-        ("disagg 1P+1D", f"up --prefill 1 --decode 1 --pin-cpus --local-prefill-max-tokens 0 {eng}"),
+        ("disagg 1P+1D", f"up --prefill 1 --decode 1 --local-prefill-max-tokens 0 {eng}"),
         (f"disagg 1P+1D, local prefill <= {a.threshold}",
-         f"up --prefill 1 --decode 1 --pin-cpus --local-prefill-max-tokens {a.threshold} {eng}"),
-        ("colocated x1 (2 cores)", f"up --colocated 1 --pin-cpus {eng}"),
-        ("colocated x2 (1 core each)", f"up --colocated 2 --pin-cpus {eng}"),
+         f"up --prefill 1 --decode 1 --local-prefill-max-tokens {a.threshold} {eng}"),
+        ("colocated x1 (2 cores)", f"up --colocated 1 {eng}"),
+        ("colocated x2 (1 core each)", f"up --colocated 2 {eng}"),
     ]
 
 

@@ -114,11 +114,13 @@ def test_real_process_gets_its_threads_and_cores():
 
 def test_threads_step_aside_while_neighbours_hold_cores_and_come_back():
     from pdserve.cpu_threads import Yielding
-    running, t, set_to = ["1/90"], [0.0], []
+    running, ours, t, set_to = ["2/90"], [2], [0.0], []
     y = Yielding(2, window=4, interval=0.1, read=lambda: f"0.1 0.2 0.3 {running[0]} 1", clock=lambda: t[0],
-                 set_threads=set_to.append)
-    assert y.tick() == 2 and set_to == []          # alone: every core
-    running[0] = "3/90"                            # two hogs besides us
+                 set_threads=set_to.append, own=lambda: ours[0])
+    for _ in range(4):
+        t[0] += 0.2
+        assert y.tick() == 2 and set_to == []      # alone, both our threads running: every core
+    running[0], ours[0] = "3/90", 1                # two hogs besides us
     for _ in range(4):
         t[0] += 0.2
         y.tick()
@@ -130,6 +132,29 @@ def test_threads_step_aside_while_neighbours_hold_cores_and_come_back():
         t[0] += 0.2
         y.tick()
     assert y.now == 2 and set_to == [1, 2]         # the neighbours left: both again
+
+
+def test_own_running_threads_counts_this_process_only():
+    import hashlib
+    import threading
+    from pdserve.cpu_threads import own_running_threads
+    stop, data = threading.Event(), bytes(1 << 20)
+
+    def spin():   # hashing a large buffer releases the GIL: the spinners run beside the asker
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+    spinners = [threading.Thread(target=spin) for _ in range(2)]
+    base = own_running_threads()
+    assert base >= 1
+    for th in spinners:
+        th.start()
+    try:
+        seen = max(own_running_threads() for _ in range(200))   # a spinner may be between its slices
+    finally:
+        stop.set()
+        for th in spinners:
+            th.join()
+    assert seen >= 2   # the asking thread and a spinner at least (runnable counts, on a core or not)
 
 
 def test_an_explicit_thread_count_never_changes():

@@ -1,18 +1,17 @@
 """LLMEngine: one model, one device, one step at a time. The wall clock enters here.
 
-`step()` = schedule -> run the model -> account tokens -> detokenize, stop strings -> outputs.
+`step()` = the engine core's step (schedule, run the model, account tokens), then the output
+processor's (detokenize, stop strings, outputs: engine/output_processor.py).
 Requests come in as text or token ids, for a colocated run (role both), as the prefill half
 of a disaggregated run (`remote_decode`: held after the first token), or as the decode half
 (`remote_first_token`: blocks allocated, the prompt's KV loaded by a connector).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +23,12 @@ from pdserve.engine.core import EngineCore, StepShape
 from pdserve.engine.logits_controls import bad_words_token_ids
 from pdserve.engine.grammar import GrammarCompiler, GrammarError
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
-from pdserve.engine.outputs import CompletionOutput, RequestOutput
-from pdserve.engine.request import FinishReason, SamplingParams, Sequence, Status
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.request import SamplingParams, Sequence, Status
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_trace import StepTrace
-from pdserve.engine.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
+from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.tokenizer import apply_chat_template, load_tokenizer
 from pdserve.models.loader import read_hf_config, resolve_model
 
 log = logging.getLogger("pdserve.engine")
@@ -56,19 +56,6 @@ def _check_strings(obj, param: str) -> None:
             _check_strings(v, param)
 
 
-@dataclass
-class _State:
-    seq: Sequence
-    prompt: str | None
-    detok: IncrementalDetokenizer
-    out: CompletionOutput
-    emitted: int = 0   # characters of out.text already handed out (stop strings are held back)
-    error: str | None = None
-    new_lp: list = field(default_factory=list)
-    prompt_lps: list | None = None   # [None, logprobs of prompt token 1, ...] as computed so far
-    kv_params: dict | None = None    # prefill side: the kv_transfer_params its hold is handed off with
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, kv_allocator: KVAllocator | None = None,
                  **kwargs):
@@ -92,6 +79,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig.of(config, self.max_model_len), self.block_manager)
         self.core = EngineCore(self.scheduler)   # a KV connector sets core.connector
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
         self.eos_token_ids = self._eos_ids(hf)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.model_config.vocab_size, self.eos_token_ids)
         self.runner.sampler.grammars = self.grammars
@@ -101,7 +89,6 @@ class LLMEngine:
         self.max_prompt_chars = self.max_model_len * max(longest, 16)
         self._batch: list[Sequence] | None = None   # what the running step scheduled
         self._early: list[RequestOutput] = []       # and the outputs it made before running them
-        self.states: dict[str, _State] = {}
         self.clock: Callable[[], float] = time.monotonic           # the wall clock enters here (tests inject one)
         self.pending_kv_loads: list[Sequence] = []                 # with no connector: loads to do by hand
         self._loaded: list[str] = []                               # KV arrived, first token to emit
@@ -255,11 +242,7 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence, prompt_text: str | None = None) -> None:
         if seq.request_id in self.states:
             raise RequestError(f"request id {seq.request_id!r} is already in use", "request_id")
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
-        lps = [] if seq.params.logprobs is not None else None
-        st = self.states[seq.request_id] = _State(seq, prompt_text, detok, CompletionOutput(0, logprobs=lps))
-        if seq.params.prompt_logprobs is not None:
-            st.prompt_lps = list(seq.remote_prompt_logprobs) if seq.remote_prompt_logprobs else [None]
+        self.outputs.add(seq, prompt_text)
         parent = self.states.get(seq.wait_for) if seq.wait_for else None
         if parent is not None and parent.seq.status in (Status.WAITING, Status.WAITING_FOR_KV) \
                 and parent.seq.remote_first_token is not None and not parent.seq.num_output_tokens:
@@ -333,10 +316,7 @@ class LLMEngine:
             st = self.states.get(seq.request_id)
             self.abort(seq.request_id)
             if st is not None:
-                o = st.out
-                o.finish_reason, o.new_text, o.new_token_ids = "error", "", []
-                res.append(self._output(st, finished=True,
-                                        error=f"the engine failed while running this request: {e!r}"[:500]))
+                res.append(self.outputs.fail(st, f"the engine failed while running this request: {e!r}"[:500]))
         return res
 
     def _step(self) -> list[RequestOutput]:
@@ -348,7 +328,7 @@ class LLMEngine:
         out = self.core.schedule(now, self.config.kv_lease_duration)
         if self.core.connector is None:
             self.pending_kv_loads += out.kv_loads
-        early = self._early = self._collect_errors() + self._collect_loaded()
+        early = self._early = self.outputs.take_errors() + self._collect_loaded()
         if out.is_empty:
             return early
         self._batch = list(out.seqs)
@@ -374,7 +354,7 @@ class LLMEngine:
                 continue  # aborted or failed
             if seq.num_output_tokens == before[seq.request_id]:
                 if seq.is_finished:   # max_tokens 0: scored, nothing generated
-                    results.append(self._emit(st, []))
+                    results.append(self.outputs.emit(st, []))
                 continue  # a prefill chunk that produced no token
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -386,7 +366,7 @@ class LLMEngine:
             if connector is not None and seq.request_id in held:   # its params leave with this output
                 plp = st.prompt_lps if st.prompt_lps is not None and len(st.prompt_lps) == seq.num_prompt_tokens else None
                 st.kv_params = connector.request_finished(seq, lp if st.out.logprobs is not None else None, plp)
-            results.append(self._emit(st, seq.output_token_ids[len(st.out.token_ids):]))
+            results.append(self.outputs.emit(st, seq.output_token_ids[len(st.out.token_ids):]))
         if self.step_trace:
             self.step_trace.record(start, model_s, shape)
         return early + results
@@ -414,17 +394,7 @@ class LLMEngine:
                 st.seq.first_token_time = st.seq.first_token_time or time.monotonic()
                 if st.seq.remote_first_logprob is not None and st.out.logprobs is not None:
                     st.new_lp.insert(0, st.seq.remote_first_logprob)
-                res.append(self._emit(st, st.seq.output_token_ids))
-        return res
-
-    def _collect_errors(self) -> list[RequestOutput]:
-        res = []
-        for rid, st in list(self.states.items()):
-            if st.error is not None:
-                del self.states[rid]
-                o = st.out
-                o.finish_reason, o.new_text, o.new_token_ids = "error", "", []
-                res.append(self._output(st, finished=True, error=st.error))
+                res.append(self.outputs.emit(st, st.seq.output_token_ids))
         return res
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
@@ -435,67 +405,10 @@ class LLMEngine:
             return tuple(p.stop_token_ids)
         return ()
 
-    def _emit(self, st: _State, new_ids: list[int]) -> RequestOutput:
-        seq, o = st.seq, st.out
-        # decode side: the router already streamed the prefill worker's first token to the
-        # client; it counts (usage, logprobs, text), but is not handed out again
-        skip = int(not o.token_ids and bool(new_ids) and getattr(seq.kv_params, "first_token_sent", False))
-        for i, t in enumerate(new_ids):
-            if seq.finish_reason == FinishReason.STOP and t in seq.eos_token_ids and not seq.params.ignore_eos:
-                continue  # EOS is not part of the text
-            st.detok.add(t)
-            if i < skip:
-                st.emitted = len(st.detok.text)
-        o.token_ids.extend(new_ids)
-        o.new_token_ids = list(new_ids[skip:])
-        if o.logprobs is not None:
-            o.logprobs.extend(st.new_lp)
-        o.new_logprobs, st.new_lp = st.new_lp[skip:], []
-        text = st.detok.text
-        # a remote-decode hold's text goes on elsewhere: a half character stays held back
-        if seq.is_finished and seq.finish_reason != FinishReason.REMOTE_DECODE:
-            text += st.detok.flush()
-        self._check_stop_strings(st, text)
-        finished = seq.is_finished
-        o.finish_reason = seq.finish_reason.value if finished else None
-        o.stop_reason = seq.stop_reason
-        # hold back a tail that could be the start of a stop string
-        hold = 0 if finished else max((len(s) - 1 for s in seq.params.stop), default=0)
-        visible = len(o.text) - hold
-        o.new_text = o.text[st.emitted:max(visible, st.emitted)]
-        st.emitted = max(visible, st.emitted)
-        if finished:
-            self.states.pop(seq.request_id, None)
-        return self._output(st, finished)
-
-    def _check_stop_strings(self, st: _State, text: str) -> None:
-        seq, p = st.seq, st.seq.params
-        st.out.text = text
-        if not p.stop or seq.finish_reason == FinishReason.REMOTE_DECODE:
-            return
-        # look only where a new match can be: the new text plus a stop string's length before it
-        start = max(0, st.emitted - max(len(s) for s in p.stop))
-        hits = [(text.find(s, start), s) for s in p.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits or seq.num_output_tokens < p.min_tokens:
-            return
-        i, s = min(hits)
-        st.out.text = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
-        if seq.is_finished:  # the same token also hit max_tokens or EOS: the stop string wins
-            seq.finish_reason, seq.stop_reason = FinishReason.STOP, s
-        else:
-            self.scheduler.finish(seq, FinishReason.STOP, s)
-
-    def _output(self, st: _State, finished: bool, error: str | None = None) -> RequestOutput:
-        seq = st.seq
-        # a snapshot: the output crosses to another thread, and the next step rewrites st.out's
-        # new_* fields before a slow consumer may have read them
-        out = dataclasses.replace(st.out, token_ids=list(st.out.token_ids))
-        plp = st.prompt_lps
-        plp = plp if plp is not None and len(plp) == seq.num_prompt_tokens else None   # complete: final
-        return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [out], finished,
-                             seq.num_cached_tokens, seq.arrival_time, seq.first_token_time, error,
-                             prompt_logprobs=plp, kv_transfer_params=st.kv_params)
+    @property
+    def states(self):
+        """Every request in the engine, by id: the output processor's (it owns them)."""
+        return self.outputs.states
 
     # ---- introspection ------------------------------------------------------------------
     def stats(self) -> dict:
