@@ -3,6 +3,9 @@ cache: grouped-query heads, contexts that end inside a block, scattered block ta
 is a strided view (as the merged qkv projection gives), half-precision caches, head sizes the
 kernel compiles in (64, 128) and any other, fewer rows than threads (a row split by its heads),
 and scores far apart (the polynomial e^x at the bottom of its range)."""
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -13,8 +16,11 @@ from pdserve.models.cpu_kernels import paged_decode_op
 @pytest.fixture(scope="module")
 def op():
     op = paged_decode_op()
+    if op is None and os.environ.get("PDSERVE_CPU_KERNELS") != "0":
+        # with a compiler here, a library that does not build is a bug, not a reason to skip
+        assert shutil.which(os.environ.get("CXX", "c++")) is None, "the CPU kernels did not build (see stderr)"
     if op is None:
-        pytest.skip("no C++ compiler here: the torch backend serves (tested by test_numerics)")
+        pytest.skip("no C++ kernels here: the torch backend serves (tested by test_numerics)")
     return op
 
 
@@ -73,3 +79,36 @@ def test_fewer_rows_than_threads_and_far_apart_scores(op, rows):
     # float32 sums of 300 terms this large are off by ~1e-5 in any order: as good as the torch
     # backend's within a small factor (the first kernel, with std::exp, was 2x it here too)
     assert (got.double() - exact).abs().max() <= 3 * torch_err
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_silu_and_mul_matches_torch(op, dtype, tol, rows):
+    from pdserve.models.cpu_kernels import silu_and_mul_op
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 2 * 192, generator=g) * 30).to(dtype)   # far into both tails of the sigmoid
+    x[0, :4] = torch.tensor([0.0, -0.0, 88.0, -100.0]).to(dtype)
+    gate, up = x.float().chunk(2, -1)
+    want = torch.nn.functional.silu(gate) * up
+    got = silu_and_mul_op()(x)
+    assert got.dtype == dtype and got.shape == (rows, 192)
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    strided = torch.randn(rows, 2 * 192 + 10, generator=g)[:, :2 * 192]   # rows with a stride of their own
+    gate, up = strided.chunk(2, -1)
+    torch.testing.assert_close(silu_and_mul_op()(strided), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rope_matches_torch_on_a_view_of_merged_qkv(op, dtype, tol):
+    from pdserve.models.cpu_kernels import rope_op
+    from pdserve.models.layers import RotaryEmbedding
+    g = torch.Generator().manual_seed(1)
+    rope = RotaryEmbedding(64, 512, 10000.0, None)
+    cos, sin = rope(torch.tensor([0, 5, 17, 300, 511]))
+    qkv = torch.randn(5, (9 + 2 * 3) * 64, generator=g).to(dtype)
+    qk = qkv[:, :12 * 64].view(5, 12, 64)              # q and k heads of a merged projection: strided rows
+    xf = qk.float()
+    want = xf * cos + xf.roll(32, -1) * sin
+    got = rope_op()(qk, cos, sin)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)

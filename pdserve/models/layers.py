@@ -95,9 +95,20 @@ class GatedMLP(nn.Module):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        y = self.down_proj(F.silu(gate) * up)
+        y = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return self.tp.all_reduce(y) if self.tp is not None else y
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the merged gate/up output [T, 2I]: one pass on CPU where the C++
+    library builds (models/cpu_kernels.py), else torch's two ops."""
+    if gate_up.device.type == "cpu" and gate_up.dim() == 2:
+        from pdserve.models.cpu_kernels import silu_and_mul_op
+        op = silu_and_mul_op()
+        if op is not None:
+            return op(gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -138,6 +149,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; q and k heads may come in one tensor (they share positions)."""
+    """x: [T, heads, head_dim]; q and k heads may come in one tensor (they share positions).
+    One pass on CPU where the C++ library builds (models/cpu_kernels.py)."""
+    if x.device.type == "cpu" and x.dim() == 3 and x.stride(-1) == 1:
+        from pdserve.models.cpu_kernels import rope_op
+        op = rope_op()
+        if op is not None:
+            return op(x, cos, sin)
     xf = x.float()
     return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
