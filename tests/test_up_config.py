@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pdserve.launch import cluster as launch, config as launch_config
-from pdserve.cli_args import add_engine_args
+from pdserve.cli.args import add_engine_args
 from pdserve.launch.config import WorkerSpec, load_deployment, parse_cpus, pin_evenly, place_on_gpus
 
 

@@ -219,7 +219,7 @@ def model_id(c: Cluster) -> str:
 
 # ---- the command ---------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser, name: str = "up") -> None:
-    from pdserve.cli_args import add_engine_args
+    from pdserve.cli.args import add_engine_args
     add_engine_args(p, exclude=("role",))   # --prefill, --decode and --colocated give the roles
     g = p.add_argument_group("deployment")
     g.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill workers (default 1)")
