@@ -19,7 +19,7 @@ def parse_size(value: int | str | None) -> int | None:
 
 
 def setting(default, help: str, *, sim: bool = False, flags: tuple[str, ...] = (), env: str | None = None, **argparse_kw):
-    """An EngineConfig field and what its command-line flag needs (pdserve.cli_args reads it).
+    """An EngineConfig field and what its command-line flag needs (pdserve.cli.args reads it).
     sim: the simulator models it (`pdserve sim` and `pdserve plan` have its flag too); flags:
     option strings other than --field-name; env: a variable that overrides the default."""
     return field(default=default, metadata={"help": help, "sim": sim, "flags": flags, "env": env,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pdserve import SamplingParams
-from pdserve.cli_generate import chat
+from pdserve.cli.generate import chat
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.llm import LLM

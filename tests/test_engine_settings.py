@@ -95,7 +95,7 @@ def test_sim_flags_reach_the_simulated_engine():
 
 
 def test_serve_flags_make_the_engine_config():
-    from pdserve.cli_args import engine_config_from_args
+    from pdserve.cli.args import engine_config_from_args
     args = command("serve").parse_args(["m", "--role", "prefill", "--kv-lease", "5", "--no-enable-prefix-caching",
                                         "--enforce-eager", "--kv-cache-memory", "64MiB"])
     ec = engine_config_from_args(args)
@@ -110,7 +110,7 @@ def test_env_sets_a_flag_default(monkeypatch):
 
 def test_up_passes_every_engine_option_to_serve_as_a_flag():
     """An `engine:` option of `pdserve up` becomes a `pdserve serve` flag that gives it back."""
-    from pdserve.cli_args import engine_config_from_args
+    from pdserve.cli.args import engine_config_from_args
     from pdserve.launch.cluster import engine_flags
     from pdserve.launch.config import ENGINE_KEYS
     opts = {"device": "cpu", "dtype": "float32", "block_size": 8, "max_model_len": 512, "max_num_seqs": 3,

@@ -10,7 +10,7 @@ import pytest
 import pdserve
 from pdserve.bench.metrics import RequestRecord as Measured, parse_slo, summarize
 from pdserve.sim.metrics import Collector, format_summary
-from pdserve.sim.simulator import RequestRecord as Simulated
+from pdserve.sim.simulator import SimRecord as Simulated
 from pdserve.sim.trace import Session, TraceRequest
 
 # (arrival, token times) in seconds; the third's gaps are even, the first has one long gap

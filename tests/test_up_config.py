@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pdserve.launch import cluster as launch, config as launch_config
-from pdserve.cli_args import add_engine_args
+from pdserve.cli.args import add_engine_args
 from pdserve.launch.config import WorkerSpec, load_deployment, parse_cpus, pin_evenly, place_on_gpus
 
 
@@ -96,7 +96,7 @@ def test_command_lines(tmp_path):
     dep = load_deployment(parse("--prefill", "1", "--decode", "2", "--api-key", "k", "--kv-transport", "tcp",
                                 "--policy", "least_loaded", "--max-num-seqs", "4"))
     c = launch.Cluster(dep, str(tmp_path))
-    c.workers = [launch.Worker(s, 9000 + i, "127.0.0.1") for i, s in enumerate(dep.workers)]
+    c.workers = [launch.WorkerProcess(s, 9000 + i, "127.0.0.1") for i, s in enumerate(dep.workers)]
     w = " ".join(c.worker_cmd(c.workers[1]))
     assert "serve --role decode --host 127.0.0.1 --port 9001 --kv-transport tcp --max-num-seqs 4" in w
     assert "--api-key" not in w and c.key_env() == {"PDSERVE_API_KEY": "k"}   # not visible in `ps`
@@ -108,7 +108,7 @@ def test_command_lines(tmp_path):
     # --colocated: `both` workers, all in the router's decode pool (each prefills locally)
     dep = load_deployment(parse("--colocated", "2"))
     c = launch.Cluster(dep, str(tmp_path))
-    c.workers = [launch.Worker(s, 9000 + i, "127.0.0.1") for i, s in enumerate(dep.workers)]
+    c.workers = [launch.WorkerProcess(s, 9000 + i, "127.0.0.1") for i, s in enumerate(dep.workers)]
     assert "serve --role both" in " ".join(c.worker_cmd(c.workers[0]))
     s = " ".join(c.router_cmd(8123))
     assert "--decode 127.0.0.1:9000 --decode 127.0.0.1:9001" in s and "--prefill" not in s
@@ -155,7 +155,7 @@ def test_gpu_placement():
     assert [w.engine["gpu_memory_utilization"] for w in ws] == [0.3, 0.6, 0.9]
     # restarted while the other two hold their thirds: it may take all that is left
     c = launch.Cluster(launch_config.Deployment(workers=ws), "")
-    w = launch.Worker(ws[0], 9000, "127.0.0.1", name="prefill0")
+    w = launch.WorkerProcess(ws[0], 9000, "127.0.0.1", name="prefill0")
     assert " --gpu-memory-utilization 0.3" in " ".join(c.worker_cmd(w))
     assert " --gpu-memory-utilization 0.9" in " ".join(c.worker_cmd(w, restart=True))
     ws = [WorkerSpec("prefill", {"kv_cache_memory": "2GiB"}), WorkerSpec("decode", {"kv_cache_memory": "8GiB"}),
@@ -176,7 +176,7 @@ def test_gpu_worker_env(tmp_path, monkeypatch):
     dep.workers[0].gpu = "2"
     monkeypatch.delenv("PDSERVE_KV_SECRET", raising=False)
     c = launch.Cluster(dep, str(tmp_path))
-    c._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1", name="decode0"))
+    c._spawn(launch.WorkerProcess(dep.workers[0], 9000, "127.0.0.1", name="decode0"))
     assert seen["env"] == {"CUDA_VISIBLE_DEVICES": "2", "PDSERVE_KV_SECRET": c.kv_secret}
 
 
@@ -190,11 +190,11 @@ def test_workers_of_one_deployment_share_a_kv_secret_in_their_environment(tmp_pa
     dep = load_deployment(parse("--prefill", "1", "--decode", "1"))
     c = launch.Cluster(dep, str(tmp_path))
     for i, spec in enumerate(dep.workers):
-        c._spawn(launch.Worker(spec, 9000 + i, "127.0.0.1", name=f"w{i}"))
+        c._spawn(launch.WorkerProcess(spec, 9000 + i, "127.0.0.1", name=f"w{i}"))
     assert envs[0]["PDSERVE_KV_SECRET"] == envs[1]["PDSERVE_KV_SECRET"] == c.kv_secret
     assert len(c.kv_secret) == 32 and launch.Cluster(dep, str(tmp_path)).kv_secret != c.kv_secret
     assert not any(c.kv_secret in " ".join(cmd) for cmd in cmds)
     envs.clear()
     dep = load_deployment(parse("--prefill", "1", "--decode", "1", "--api-key", "k"))
-    launch.Cluster(dep, str(tmp_path))._spawn(launch.Worker(dep.workers[0], 9000, "127.0.0.1", name="w0"))
+    launch.Cluster(dep, str(tmp_path))._spawn(launch.WorkerProcess(dep.workers[0], 9000, "127.0.0.1", name="w0"))
     assert envs[0] == {"PDSERVE_API_KEY": "k"}

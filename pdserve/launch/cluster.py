@@ -40,7 +40,7 @@ def wait_healthy(proc: Proc, url: str, deadline: float) -> None:
 
 
 @dataclass
-class Worker:
+class WorkerProcess:
     spec: WorkerSpec
     port: int
     host: str
@@ -57,7 +57,7 @@ class Cluster:
     """A running deployment. Tests use it directly to kill and restart workers."""
     dep: Deployment
     log_dir: str
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[WorkerProcess] = field(default_factory=list)
     router: Proc | None = None
     router_url: str = ""
     router_port: int = 0
@@ -66,7 +66,7 @@ class Cluster:
     kv_secret: str = field(default_factory=lambda: secrets.token_hex(16))
 
     # ---- commands ----------------------------------------------------------------------
-    def worker_cmd(self, w: Worker, restart: bool = False) -> list[str]:
+    def worker_cmd(self, w: WorkerProcess, restart: bool = False) -> list[str]:
         d = self.dep
         cmd = [sys.executable, "-m", "pdserve.cli", "serve"] + ([d.model] if d.model else [])
         cmd += ["--role", w.spec.role, "--host", w.host, "--port", str(w.port), "--kv-transport", d.kv_transport]
@@ -100,7 +100,7 @@ class Cluster:
             fixed = [d.port] if d.port else []
             ports = distinct_free_ports(d.host, len(d.workers) + (0 if d.port else 1), avoid=fixed)
             self.router_port = d.port or ports.pop()
-            self.workers = [Worker(spec, port, d.host, name=f"{spec.role}{i}")
+            self.workers = [WorkerProcess(spec, port, d.host, name=f"{spec.role}{i}")
                             for i, (spec, port) in enumerate(zip(d.workers, ports))]
             self.router_url = f"http://{d.host}:{self.router_port}"
         for port in [self.router_port] + [w.port for w in self.workers]:
@@ -125,7 +125,7 @@ class Cluster:
             raise
         return self
 
-    def _spawn(self, w: Worker, restart: bool = False) -> None:
+    def _spawn(self, w: WorkerProcess, restart: bool = False) -> None:
         # no thread settings here: the worker sets its torch threads from the affinity it is
         # started with (pdserve.cpu_threads); OMP_NUM_THREADS given to `up` still wins there
         env = self.key_env()
@@ -134,7 +134,7 @@ class Cluster:
         w.proc = Proc(self.worker_cmd(w, restart), os.path.join(self.log_dir, f"{w.name}.log"), name=w.name,
                       cpus=w.spec.cpus, env=env)
 
-    def respawn(self, w: Worker) -> None:
+    def respawn(self, w: WorkerProcess) -> None:
         """Start a worker that exited again on its port, without waiting for it."""
         if w.proc and w.proc.alive():
             w.proc.stop()
@@ -148,10 +148,10 @@ class Cluster:
         self.router = Proc(self.router_cmd(self.router_port), os.path.join(self.log_dir, "router.log"),
                            name="router", env=self.key_env())
 
-    def kill(self, w: Worker, sig: int = signal.SIGKILL) -> None:
+    def kill(self, w: WorkerProcess, sig: int = signal.SIGKILL) -> None:
         w.proc.stop(sig)
 
-    def restart(self, w: Worker, timeout: float = 300.0) -> None:
+    def restart(self, w: WorkerProcess, timeout: float = 300.0) -> None:
         """Start a stopped worker again on the same port (the router finds it by health check)."""
         self.respawn(w)
         wait_healthy(w.proc, w.url, time.monotonic() + timeout)
@@ -219,7 +219,7 @@ def model_id(c: Cluster) -> str:
 
 # ---- the command ---------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser, name: str = "up") -> None:
-    from pdserve.cli_args import add_engine_args
+    from pdserve.cli.args import add_engine_args
     add_engine_args(p, exclude=("role",))   # --prefill, --decode and --colocated give the roles
     g = p.add_argument_group("deployment")
     g.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill workers (default 1)")

@@ -109,7 +109,7 @@ def _pool(v, role: str) -> tuple[int, dict, list | None]:
 
 def cli_engine_overrides(args: argparse.Namespace) -> dict:
     """Engine flags the user actually gave on the command line (not argparse defaults)."""
-    from pdserve.cli_args import add_engine_args
+    from pdserve.cli.args import add_engine_args
     p = argparse.ArgumentParser()
     add_engine_args(p, exclude=("role",))
     defaults = vars(p.parse_args([]))

@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 
-from pdserve.cli_args import WORKER_FIELDS, add_engine_args, engine_config_from_args
+from pdserve.cli.args import WORKER_FIELDS, add_engine_args, engine_config_from_args
 
 GRIDS = {  # (prefill tokens, decode batch sizes, decode contexts, mixed prefill tokens, mixed batches)
     "full": ([16, 32, 64, 128, 256, 512, 1024], [1, 2, 4, 8, 16, 32, 64], [64, 256, 1024, 2048],

@@ -5,7 +5,7 @@ import argparse
 import logging
 import signal
 
-from pdserve.cli_args import add_engine_args, engine_config_from_args
+from pdserve.cli.args import add_engine_args, engine_config_from_args
 from pdserve.api_key import add_api_key_args, resolve_api_key
 from pdserve.config import KVTransferConfig, parse_size
 from pdserve.kv.select import check_transport

@@ -18,7 +18,7 @@ from pdserve.llm import child_params
 from pdserve.server import fields, tools
 from pdserve.errors import error_body
 from pdserve.server.errors import APIError
-from pdserve.server.outputs import (chat_logprobs, completion_logprobs, echo_logprobs, finish_reason, text_end,
+from pdserve.server.openai_outputs import (chat_logprobs, completion_logprobs, echo_logprobs, finish_reason, text_end,
                                     usage, usage as _usage, vllm_prompt_logprobs)
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 

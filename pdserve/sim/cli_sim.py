@@ -12,7 +12,7 @@ from pdserve.sim.tracegen import GenConfig
 
 def add_engine_sim_args(p: argparse.ArgumentParser) -> None:
     """Engine settings the simulated instances share (a cluster config may override them)."""
-    from pdserve.cli_args import add_engine_args
+    from pdserve.cli.args import add_engine_args
     g = add_engine_args(p, model_positional=False, only=SIM_FIELDS, title="simulated engine (defaults as `pdserve serve`)")
     g.add_argument("--profile", default=None, help="PROFILE.json from `pdserve profile` (else analytical); an instance's own "
                    "\"profile\" field in the cluster config (a path relative to it) wins")

@@ -15,7 +15,7 @@ from pdserve.sim.perf import AnalyticalPerf, ProfilePerf
 log = logging.getLogger("pdserve.sim")
 
 
-class Instance:
+class SimInstance:
     def __init__(self, spec: InstanceSpec, engine: EngineConfig, profile: dict | None = None):
         """engine: the run-wide settings (`pdserve serve`'s defaults unless the flags say otherwise),
         which the cluster config may override per instance."""

@@ -33,7 +33,7 @@ from pdserve.router.placement import cached_tokens, local_prefill_reason
 from pdserve.router.policies import make_policy
 from pdserve.sim.cluster_config import ClusterConfig
 from pdserve.config import EngineConfig
-from pdserve.sim.instance import Instance
+from pdserve.sim.instance import SimInstance
 from pdserve.sim.perf import load_profile
 from pdserve.sim.trace import Session
 
@@ -45,7 +45,7 @@ ARRIVAL, STEP_DONE, KV_DONE, HANDOFF = 0, 1, 2, 3
 
 
 @dataclass(slots=True)
-class RequestRecord:
+class SimRecord:
     request_id: str
     session: Session
     index: int                       # sub-request index in its session
@@ -83,7 +83,7 @@ class ClusterSim:
         engine = engine or EngineConfig()
         # an instance's own profile (cluster config) wins over the run-wide one; each file read once
         own = {s.profile: load_profile(s.profile) for s in cluster.instances if s.profile}
-        self.instances = [Instance(s, engine, own.get(s.profile, profile)) for s in cluster.instances]
+        self.instances = [SimInstance(s, engine, own.get(s.profile, profile)) for s in cluster.instances]
         self.by_name = {i.name: i for i in self.instances}
         # the engine's own step core on each instance; the KV moves over the simulated link
         self.cores = {i.name: EngineCore(i.sched) for i in self.instances}
@@ -98,7 +98,7 @@ class ClusterSim:
         self._rid = itertools.count()
         self._base = 0                    # next unused synthetic token id
         self._params: dict[int, SamplingParams] = {}
-        self.records: dict[str, RequestRecord] = {}
+        self.records: dict[str, SimRecord] = {}
         self.now = 0.0
         self.mem_history: list[tuple[float, list[float]]] = []   # (time, bytes used per instance)
         self._log_state = (0, 0, 0)
@@ -111,7 +111,7 @@ class ClusterSim:
     def _push(self, t: float, kind: int, a, b=None) -> None:
         heapq.heappush(self.events, (t, next(self._seq), kind, a, b))
 
-    def run(self, sessions: list[Session], on_finish: Callable[[RequestRecord], None] | None = None,
+    def run(self, sessions: list[Session], on_finish: Callable[[SimRecord], None] | None = None,
             progress: Callable[[int], None] | None = None) -> float:
         """Simulate until every request has finished. Sets wall_s and cpu_s (this process's CPU
         time, the fairer speed figure on a shared machine); returns wall_s."""
@@ -158,7 +158,7 @@ class ClusterSim:
     def _arrive(self, s: Session, k: int, t: float) -> None:
         r = s.requests[k]
         rid = f"r{next(self._rid)}"
-        rec = RequestRecord(rid, s, k, r.input_toks, r.output_toks, t)
+        rec = SimRecord(rid, s, k, r.input_toks, r.output_toks, t)
         ids = self._prompt(s, k)
         params = self._params.get(r.output_toks)
         if params is None:
@@ -196,7 +196,7 @@ class ClusterSim:
             self._kick(target, t)
 
     # ---- one instance step ----------------------------------------------------------------
-    def _kick(self, inst: Instance, t: float) -> None:
+    def _kick(self, inst: SimInstance, t: float) -> None:
         """Start inst's next step at time t if it has anything to run."""
         out = self.cores[inst.name].schedule(t, NO_LEASE)
         for seq in out.kv_loads:
@@ -225,7 +225,7 @@ class ClusterSim:
         inst.busy_time += dt
         self._push(t + dt, STEP_DONE, inst)
 
-    def _step_done(self, inst: Instance, t: float) -> None:
+    def _step_done(self, inst: SimInstance, t: float) -> None:
         out = inst.out
         finished = self.cores[inst.name].update(out, [TOKEN] * len(out.seqs), t)
         records = self.records
@@ -243,7 +243,7 @@ class ClusterSim:
                 self._complete(inst, rec, t)
         self._kick(inst, t)
 
-    def _drop_unservable(self, inst: Instance, t: float) -> None:
+    def _drop_unservable(self, inst: SimInstance, t: float) -> None:
         """An idle instance fails a waiting request that could not fit even in its whole KV cache
         (a real worker would reject it); anything smaller waits for blocks to come free."""
         s, bm = inst.sched, inst.bm
@@ -260,7 +260,7 @@ class ClusterSim:
             self._finish(rec, t)
 
     # ---- the hand-off -----------------------------------------------------------------------
-    def _prefilled(self, p: Instance, seq: Sequence, rec: RequestRecord, t: float) -> None:
+    def _prefilled(self, p: SimInstance, seq: Sequence, rec: SimRecord, t: float) -> None:
         """P exported the first token and the held KV: the router gets the first token after the
         measured path cost, then sends the request on to its decode instance."""
         self.inflight[p.name] -= 1
@@ -277,12 +277,12 @@ class ClusterSim:
         else:
             self._to_decode(self.by_name[rec.decode_instance], dseq, t)
 
-    def _to_decode(self, d: Instance, dseq: Sequence, t: float) -> None:
+    def _to_decode(self, d: SimInstance, dseq: Sequence, t: float) -> None:
         d.sched.add(dseq)
         if not d.busy:
             self._kick(d, t)
 
-    def _start_kv(self, d: Instance, seq: Sequence, t: float) -> None:
+    def _start_kv(self, d: SimInstance, seq: Sequence, t: float) -> None:
         rec = self.records[seq.request_id]
         rec.kv_bytes = (seq.num_prompt_tokens - seq.num_cached_tokens) * d.kv_bytes_per_token
         start = max(t, d.link_free)
@@ -291,7 +291,7 @@ class ClusterSim:
         rec.kv_start = start
         self._push(start + busy + self.handoff_latency, KV_DONE, d, seq.request_id)
 
-    def _kv_done(self, d: Instance, rid: str, t: float) -> None:
+    def _kv_done(self, d: SimInstance, rid: str, t: float) -> None:
         rec = self.records[rid]
         rec.kv_done = t
         d.sched.finish_kv_load(rid, True)
@@ -303,12 +303,12 @@ class ClusterSim:
             self._kick(p, t)
 
     # ---- completion ---------------------------------------------------------------------------
-    def _complete(self, inst: Instance, rec: RequestRecord, t: float) -> None:
+    def _complete(self, inst: SimInstance, rec: SimRecord, t: float) -> None:
         self.inflight[inst.name] -= 1
         del self.records[rec.request_id]
         self._finish(rec, t)
 
-    def _finish(self, rec: RequestRecord, t: float) -> None:
+    def _finish(self, rec: SimRecord, t: float) -> None:
         self.records.pop(rec.request_id, None)
         rec.end = t
         self.on_finish(rec)

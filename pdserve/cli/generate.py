@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from pdserve.cli_args import WORKER_FIELDS, add_engine_args, engine_config_from_args
+from pdserve.cli.args import WORKER_FIELDS, add_engine_args, engine_config_from_args
 
 HISTORY = os.path.join(os.path.expanduser("~"), ".cache", "pdserve", "chat_history")
 

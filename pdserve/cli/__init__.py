@@ -8,8 +8,8 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "generate": ("pdserve.cli_generate", "generate text for prompts with the local engine"),
-    "chat": ("pdserve.cli_generate", "chat with the model in the terminal"),
+    "generate": ("pdserve.cli.generate", "generate text for prompts with the local engine"),
+    "chat": ("pdserve.cli.generate", "chat with the model in the terminal"),
     "serve": ("pdserve.server.cli", "serve one worker (role prefill, decode or both) with the OpenAI API"),
     "sim": ("pdserve.sim.cli_sim", "simulate a P/D cluster on a request trace (LLMServingSim configs)"),
     "profile": ("pdserve.profile.cli", "measure the engine's step time over a grid -> PROFILE.json"),
@@ -71,6 +71,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
