@@ -143,3 +143,31 @@ def test_async_engine_streams_and_abort_frees(engines):
         ae.shutdown()
     assert len(deltas) == 16 and "".join(deltas).strip()
     assert both.block_manager.num_used_blocks == 0 and not both.has_unfinished()
+
+
+def test_forks_of_a_parent_that_computes_its_prompt_here_do_not_wait_for_a_load(engines):
+    """Forks (n > 1) of a remote prefill wait for the parent's KV; when the scheduler's KV source
+    says the parent computes its prompt here instead (None), no load ever ends: they go at once."""
+    _, d, _ = engines
+    rule = d.scheduler.get_num_new_matched_tokens
+    d.scheduler.get_num_new_matched_tokens = lambda seq, n: None
+    try:
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        parent, _ = d.make_sequence(PROMPT, params, "fp", remote_first_token=7)
+        fork, _ = d.make_sequence(PROMPT, params, "fp-1")
+        fork.wait_for = "fp"
+        d.add_sequence(parent)
+        d.add_sequence(fork)
+        assert run_to_end(d, "fp-1").outputs[0].token_ids and not d.pending_kv_loads
+    finally:
+        d.scheduler.get_num_new_matched_tokens = rule
+        d.pending_kv_loads.clear()
+    run_to_end_all(d)
+
+
+def run_to_end_all(eng):
+    for _ in range(1000):
+        if not eng.has_unfinished():
+            return
+        eng.step()
+    raise AssertionError("requests did not finish")

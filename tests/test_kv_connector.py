@@ -230,12 +230,12 @@ def test_a_decode_request_aborted_before_its_pull_lets_the_remote_kv_go(pair):
     _wait(lambda: "p8" not in p_eng.scheduler.held and p_eng.block_manager.num_used_blocks == 0)
 
 
-def test_a_prompt_the_decode_cache_holds_whole_is_not_pulled_and_its_hold_let_go(pair):
+def test_a_prompt_the_decode_cache_holds_whole_pulls_no_block_and_ends_the_hold(pair):
     (p_eng, p_ae, p_conn), (d_eng, d_ae, d_conn) = pair
     ids = list(range(1000, 1000 + 2 * p_eng.config.block_size))   # exactly two blocks
     greedy = SamplingParams(max_tokens=4, temperature=0)
     events = []
-    d_conn.on_event = lambda kind, **kw: events.append(kind)
+    d_conn.on_event = lambda kind, **kw: events.append((kind, kw.get("blocks")))
     try:
         got = []
         for i in range(2):
@@ -246,7 +246,7 @@ def test_a_prompt_the_decode_cache_holds_whole_is_not_pulled_and_its_hold_let_go
             _wait(lambda: f"p9-{i}" not in p_eng.scheduler.held and p_eng.block_manager.num_used_blocks == 0)
     finally:
         d_conn.on_event = lambda kind, **kw: None
-    assert events == ["pulled"]   # the second time the decode worker's prefix cache had it all
-    assert got[1][-1].error is None and got[1][-1].num_cached_tokens == len(ids) - p_eng.config.block_size
+    assert events[0] == ("pulled", 2) and events[1][1] == 0   # the second time D's prefix cache had it all
+    assert got[1][-1].error is None and got[1][-1].num_cached_tokens == len(ids)
     assert got[1][-1].outputs[0].token_ids == got[0][-1].outputs[0].token_ids
     assert not d_conn.leases and d_eng.block_manager.num_used_blocks == 0

@@ -134,7 +134,7 @@ def test_remote_load_reuses_local_prefix_cache():
 def test_a_connector_decides_how_many_tokens_load_remotely():
     s = make(role="decode")
     asked = []
-    s.get_num_new_matched_tokens = lambda sq, n: asked.append((sq.request_id, n)) or 0   # compute here
+    s.get_num_new_matched_tokens = lambda sq, n: asked.append((sq.request_id, n))   # None: compute here
     d = Sequence("d", list(range(10)), SamplingParams(max_tokens=2), remote_first_token=42)
     s.add(d)
     out = s.schedule()
@@ -147,14 +147,16 @@ def test_a_connector_decides_how_many_tokens_load_remotely():
     assert s.schedule().kv_loads == [p] and p.status == Status.WAITING_FOR_KV
 
 
-def test_without_a_connector_a_prompt_cached_whole_computes_its_last_block():
+def test_a_remote_prompt_cached_whole_loads_nothing_and_takes_its_first_token():
     s = make(role="decode")
     s.add(seq("warm", 12, max_tokens=1))
     run(s)
     d = Sequence("d", list(range(12)), SamplingParams(max_tokens=2), remote_first_token=1)
     s.add(d)
     out = s.schedule()
-    assert out.kv_loads == [] and out.num_new_tokens == [4] and d.num_cached_tokens == 8
+    assert out.kv_loads == [d] and out.seqs == [] and d.num_cached_tokens == 12   # no block to pull
+    s.finish_kv_load("d", ok=True)
+    assert d.output_token_ids == [1]
 
 
 def test_abort_frees_blocks_in_every_state():

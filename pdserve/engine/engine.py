@@ -328,6 +328,9 @@ class LLMEngine:
         out = self.core.schedule(now, self.config.kv_lease_duration)
         if self.core.connector is None:
             self.pending_kv_loads += out.kv_loads
+        for seq in out.seqs if self._parked else ():
+            if seq.request_id in self._parked:   # a parent that computes its prompt here loads no KV
+                self._unpark(seq.request_id)     # to wait for: its forks go now
         early = self._early = self.outputs.take_errors() + self._collect_loaded()
         if out.is_empty:
             return early

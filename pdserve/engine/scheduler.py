@@ -44,11 +44,13 @@ class SchedulerOutput:
         return not self.seqs
 
 
-def num_remote_tokens(seq: Sequence, num_computed_tokens: int) -> int:
+def num_remote_tokens(seq: Sequence, num_computed_tokens: int) -> int | None:
     """With no KV connector (the simulator, a hand-driven engine): a request that came with a
-    remote prefill's first token loads every prompt token its prefix cache lacks."""
+    remote prefill's first token loads every prompt token its prefix cache lacks (0 when it
+    holds them all: the request then only takes its first token from the producer); None: the
+    request computes its prompt here."""
     if seq.remote_first_token is None or seq.num_output_tokens:
-        return 0
+        return None
     return seq.num_prompt_tokens - num_computed_tokens
 
 
@@ -61,8 +63,8 @@ class Scheduler:
         self.loading: dict[str, Sequence] = {}                 # remote KV being pulled in
         self.held: dict[str, tuple[Sequence, float]] = {}      # prefill role: KV kept for a puller
         self.num_preemptions = 0
-        # how many prompt tokens a waiting request loads from elsewhere rather than computes:
-        # a KV connector's scheduler side answers (EngineCore wires it), else the rule below
+        # how many prompt tokens a waiting request loads from elsewhere (None: it computes them
+        # here): a KV connector's scheduler side answers (EngineCore wires it), else the rule above
         self.get_num_new_matched_tokens = num_remote_tokens
 
     # ---- requests in and out ----------------------------------------------------------
@@ -164,7 +166,7 @@ class Scheduler:
             seq = self.waiting[0]
             # prompt logprobs need every prompt position computed here (as vLLM: no prefix hit)
             cached = [] if seq.computes_prompt_logprobs else self.bm.match_prefix(seq, seq.num_tokens)
-            if self.get_num_new_matched_tokens(seq, len(cached) * self.bm.block_size) > 0:
+            if self.get_num_new_matched_tokens(seq, len(cached) * self.bm.block_size) is not None:
                 if not self._admit_remote(seq, cached, out):
                     break
                 continue

@@ -5,8 +5,8 @@ The scheduler owns every block and every hold; the connector keeps only what a t
 needs to serve or fetch them (the one-time token of a hold, the lease of a remote one).
 
     get_num_new_matched_tokens(seq, n) how many prompt tokens a waiting request, n of them
-                                      in the prefix cache here, loads from elsewhere (0:
-                                      compute them here)
+                                      in the prefix cache here, loads from elsewhere (None:
+                                      it computes them here)
     add_request(seq)                  a request arrived whose prompt KV lies elsewhere
                                       (seq.kv_params: the RemotePrefill it came with)
     update_state_after_alloc(seq)     its blocks are allocated: start loading the remote
@@ -42,7 +42,7 @@ class KVEvents:
 
 class KVConnectorBase(Protocol):
     # ---- scheduler side -----------------------------------------------------------------
-    def get_num_new_matched_tokens(self, seq, num_computed_tokens: int) -> int: ...
+    def get_num_new_matched_tokens(self, seq, num_computed_tokens: int) -> int | None: ...
     def add_request(self, seq) -> None: ...
     def update_state_after_alloc(self, seq) -> list[int]: ...
     def request_finished(self, seq, first_logprob=None, prompt_logprobs=None) -> dict: ...

@@ -241,16 +241,14 @@ class KVConnector:
         self.on_event("served", nbytes=nbytes, seconds=seconds, transport=transport)
 
     # ---- consumer: scheduler side -------------------------------------------------------
-    def get_num_new_matched_tokens(self, seq, num_computed_tokens: int) -> int:
-        """Engine thread: how many prompt tokens a waiting request loads from its producer; the
-        producer's blocks cover the whole prompt, so all that the local prefix cache lacks. A
-        prompt the cache holds whole is computed here (its last block), the producer's hold let go."""
+    def get_num_new_matched_tokens(self, seq, num_computed_tokens: int) -> int | None:
+        """Engine thread: how many prompt tokens a waiting request loads from its producer (None:
+        it computes its prompt here). The producer's blocks cover the whole prompt: all that the
+        local prefix cache lacks; 0 when it lacks none (the pull then moves no blocks, and still
+        ends the producer's hold and brings the first token in, as any load does)."""
         if not self.consumes or not isinstance(seq.kv_params, RemotePrefill) or seq.num_output_tokens:
-            return 0
-        n = seq.num_prompt_tokens - num_computed_tokens
-        if n <= 0:
-            self.request_aborted(seq)
-        return max(n, 0)
+            return None
+        return max(seq.num_prompt_tokens - num_computed_tokens, 0)
 
     def add_request(self, seq) -> None:
         """Engine thread: a request whose prompt KV a producer holds for us; its lease has just begun."""
