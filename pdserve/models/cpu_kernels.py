@@ -279,23 +279,27 @@ def rope_op():
 
 def _library() -> bool:
     """Whether the library is loaded (built first if this source, torch and CPU have no build yet)."""
-    with _lock:
-        if "op" in _state:
-            return _state["op"]
-        _state["op"] = False
-        if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
-            return False
-        from pdserve.models.loader import cache_root
-        key = hashlib.sha256("\0".join((SOURCE, torch.__version__, _cpu_id())).encode()).hexdigest()[:16]
-        path = str(cache_root() / "kernels" / f"pdserve_cpu-{key}.so")
-        try:
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                _build(path)
-            torch.ops.load_library(path)
-            _state["op"] = True
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            print(f"pdserve: CPU kernels unavailable, using torch's ops: "
-                  f"{detail.strip()[-500:]}", file=sys.stderr)
+    if "op" in _state:   # every layer asks, every step: no lock once decided
         return _state["op"]
+    with _lock:
+        if "op" not in _state:   # set once the answer is final: a caller meanwhile waits on the lock
+            _state["op"] = _load()
+        return _state["op"]
+
+
+def _load() -> bool:
+    if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
+        return False
+    from pdserve.models.loader import cache_root
+    key = hashlib.sha256("\0".join((SOURCE, torch.__version__, _cpu_id())).encode()).hexdigest()[:16]
+    path = str(cache_root() / "kernels" / f"pdserve_cpu-{key}.so")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _build(path)
+        torch.ops.load_library(path)
+        return True
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        print(f"pdserve: CPU kernels unavailable, using torch's ops: {detail.strip()[-500:]}", file=sys.stderr)
+        return False
