@@ -2,7 +2,9 @@
 cache: grouped-query heads, contexts that end inside a block, scattered block tables, a q that
 is a strided view (as the merged qkv projection gives), half-precision caches, head sizes the
 kernel compiles in (64, 128) and any other, fewer rows than threads (a row split by its heads),
-and scores far apart (the polynomial e^x at the bottom of its range)."""
+and scores far apart (the polynomial e^x at the bottom of its range). The prefill kernel against
+paged_attention's SDPA path in the same ways, plus prompt chunks after a cached prefix, block
+sizes 4-32, head sizes 32/64/80/128, and a row that must not see the keys after it."""
 import os
 import shutil
 
@@ -112,3 +114,102 @@ def test_rope_matches_torch_on_a_view_of_merged_qkv(op, dtype, tol):
     got = rope_op()(qk, cos, sin)
     assert got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def _prefill_case(g, seqs, heads, kv_heads, d, bs, dtype, blocks=None):
+    """A step's prompt chunks (query rows, tokens in cache after the step) on a scattered paged
+    cache whose K/V for the chunks are already written, as paged_attention leaves them."""
+    from pdserve.models.attention import AttentionMetadata
+    need = sum(-(-ctx // bs) for _, ctx in seqs)
+    blocks = blocks or need + 3
+    order = torch.randperm(blocks, generator=g).tolist()
+    tables, used = [], 0
+    for _, ctx in seqs:
+        n = -(-ctx // bs)
+        tables.append(order[used:used + n])
+        used += n
+    cache = torch.randn(2, blocks, bs, kv_heads, d, generator=g).to(dtype)
+    rows = sum(q for q, _ in seqs)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q = qkv[:, :heads * d].view(rows, heads, d)   # strided rows, as after the merged projection
+    k = qkv[:, heads * d:(heads + kv_heads) * d].view(rows, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d:].view(rows, kv_heads, d)
+    slots = [t[p // bs] * bs + p % bs for (qlen, ctx), t in zip(seqs, tables) for p in range(ctx - qlen, ctx)]
+
+    def meta(kernel: bool) -> AttentionMetadata:
+        m = AttentionMetadata(slot_mapping=torch.tensor(slots), prefill_query_lens=[s[0] for s in seqs],
+                              prefill_context_lens=[s[1] for s in seqs],
+                              prefill_block_tables=[torch.tensor(t) for t in tables])
+        if kernel:
+            w = max(map(len, tables))
+            starts = torch.tensor([0] + [s[0] for s in seqs[:-1]]).cumsum(0)
+            m.prefill_kernel_args = (torch.tensor([(t + [0] * w)[:w] for t in tables]), starts,
+                                     torch.tensor([s[0] for s in seqs]), torch.tensor([s[1] for s in seqs]))
+        return m
+    return q, k, v, cache, meta, tables
+
+
+# (query rows, tokens in cache after the step): whole prompts, chunks after a cached prefix, one
+# row, chunks that end inside a block, a tile's worth and more
+PREFILL_STEPS = [[(37, 37)], [(1, 1), (5, 5), (16, 16), (17, 17)], [(100, 130), (1, 17), (64, 64)],
+                 [(200, 333), (33, 33), (8, 300)]]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 64), (8, 2, 128), (6, 2, 32), (4, 1, 80)])
+@pytest.mark.parametrize("step", range(len(PREFILL_STEPS)))
+def test_prefill_kernel_matches_sdpa(op, dtype, tol, heads, kv_heads, d, step):
+    """paged_attention with the prefill kernel against its SDPA path, each prompt causal over its
+    cached prefix and its own rows (the rows come out in the same places)."""
+    from pdserve.models.attention import paged_attention
+    g = torch.Generator().manual_seed(step * 100 + heads * 10 + d)
+    bs = (16, 4, 8, 32)[step]
+    q, k, v, cache, meta, _ = _prefill_case(g, PREFILL_STEPS[step], heads, kv_heads, d, bs, dtype)
+    want = paged_attention(q, k, v, cache.clone(), meta(False), 0.2)
+    got = paged_attention(q, k, v, cache.clone(), meta(True), 0.2)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_prefill_kernel_reads_only_keys_a_row_may_see(op):
+    """Poisoning the cache outside each sequence's own tokens (other blocks, the tail of its last
+    block) with NaN changes nothing, and a row's output does not depend on the keys after it."""
+    from pdserve.models.attention import write_kv
+    from pdserve.models.cpu_kernels import paged_prefill_op
+    g = torch.Generator().manual_seed(3)
+    seqs = [(40, 70), (9, 9)]
+    q, k, v, cache, meta, tables = _prefill_case(g, seqs, 9, 3, 64, 16, torch.float32)
+    m = meta(True)
+    write_kv(cache, k, v, m.slot_mapping)
+    clean = paged_prefill_op()(q, cache, *m.prefill_kernel_args, 0.125)
+    poisoned = torch.full_like(cache, float("nan"))
+    for (_, ctx), t in zip(seqs, tables):
+        for p in range(ctx):
+            poisoned[:, t[p // 16], p % 16] = cache[:, t[p // 16], p % 16]
+    torch.testing.assert_close(paged_prefill_op()(q, poisoned, *m.prefill_kernel_args, 0.125), clean)
+    later = cache.clone()   # the first sequence's last 10 tokens changed: its rows before them are not
+    for p in range(60, 70):
+        later[:, tables[0][p // 16], p % 16] = torch.randn(2, 3, 64, generator=g)
+    again = paged_prefill_op()(q, later, *m.prefill_kernel_args, 0.125)
+    torch.testing.assert_close(again[:30], clean[:30])   # rows at positions 30..59
+    assert not torch.equal(again[30:40], clean[30:40])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_kernel_far_apart_scores_and_threads(op, threads):
+    """Scores spread over hundreds (e^x down to underflow in the running softmax) on one and two
+    threads: as close to float64 as the SDPA path is, within a small factor."""
+    from pdserve.models.attention import paged_attention
+    g = torch.Generator().manual_seed(threads)
+    seqs = [(300, 300), (50, 250)]
+    q, k, v, cache, meta, _ = _prefill_case(g, seqs, 9, 3, 64, 16, torch.float32)
+    q, k, cache = q * 4, k * 4, cache * 4
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_attention(q, k, v, cache.clone(), meta(True), 1.0)
+    finally:
+        torch.set_num_threads(before)
+    exact = paged_attention(q.double(), k.double(), v.double(), cache.double(), meta(False), 1.0)
+    sdpa_err = (paged_attention(q, k, v, cache.clone(), meta(False), 1.0).double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= 3 * sdpa_err + 1e-6

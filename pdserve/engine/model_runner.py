@@ -130,8 +130,10 @@ class ModelRunner:
                 self.rank_pools, self.rank_ipc = tp_pools.open_pools(self.tp, self.kv_cache, kv_allocator)
             else:
                 tp_pools.share_pool(self.tp, kv_allocator)
-        # CPU decode attention from the cache in place (no gathered copy), where the kernel builds
+        # CPU decode and prefill attention from the cache in place (no gathered copy), where the
+        # kernels build (the prefill kernel takes head sizes in multiples of 16)
         self.decode_kernel = self.device.type == "cpu" and paged_decode_op() is not None
+        self.prefill_kernel = self.decode_kernel and mc.head_dim % 16 == 0
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.tp.size == 1:
             self.decode_graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size,
@@ -247,6 +249,14 @@ class ModelRunner:
     def _forward_eager(self, ids, pos, slots, dec_tables, dec_lens, meta: AttentionMetadata):
         dev, bs = self.device, self.block_size
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if self.prefill_kernel and meta.prefill_query_lens:
+            w = max(len(t) for t in meta.prefill_block_tables)
+            starts = [0]
+            for n in meta.prefill_query_lens[:-1]:
+                starts.append(starts[-1] + n)
+            meta.prefill_kernel_args = (torch.tensor([(t + [0] * w)[:w] for t in meta.prefill_block_tables]),
+                                        torch.tensor(starts), torch.tensor(meta.prefill_query_lens),
+                                        torch.tensor(meta.prefill_context_lens))
         meta.prefill_block_tables = [torch.tensor(t, device=dev) for t in meta.prefill_block_tables]
         if dec_tables:
             widths = [-(-n // bs) for n in dec_lens]   # blocks each row reads (ascending)

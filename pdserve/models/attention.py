@@ -6,7 +6,9 @@ sorted by context length, and are attended in padded groups: one group pads ever
 the longest context, so one long sequence among short ones would multiply the work of the
 whole batch; `plan_decode_groups` splits the rows where a group's padding costs more than
 another gather and attention call. On CPU, decode rows are attended by a kernel that reads
-the cache in place instead (pdserve.models.cpu_kernels): no gather, no padding.
+the cache in place instead (pdserve.models.cpu_kernels): no gather, no padding; so are the
+prompt chunks, all of a step's in one call (a flash-attention kernel that reads a cached prefix
+where it lies instead of gathering it).
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class AttentionMetadata:
     # several groups instead: (rows, block tables [rows, width], mask, context lens [rows]) in row
     # order; mask is None where the CPU kernel attends (it reads each row up to its own length)
     decode_groups: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
+    # the prefill part as the CPU kernel takes it (None: SDPA per sequence): block tables [S, W],
+    # first query row, query rows, tokens in cache after the step [S] (pdserve.models.cpu_kernels)
+    prefill_kernel_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -49,8 +54,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     write_kv(cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     start = 0
+    if meta.prefill_kernel_args is not None:   # every prompt chunk in one call, from the cache in place
+        from pdserve.models.cpu_kernels import paged_prefill_op
+        start = meta.num_prefill_tokens
+        out[:start] = paged_prefill_op()(q[:start], cache, *meta.prefill_kernel_args, scale)
     for qlen, ctx, table in zip(meta.prefill_query_lens, meta.prefill_context_lens,
-                                meta.prefill_block_tables):
+                                meta.prefill_block_tables) if meta.prefill_kernel_args is None else ():
         qs = q[start:start + qlen]
         if ctx == qlen:  # nothing cached before: attend to this step's own keys
             ks, vs = k[start:start + qlen], v[start:start + qlen]

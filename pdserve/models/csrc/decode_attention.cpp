@@ -1,0 +1,111 @@
+// Decode attention straight from the paged KV cache: one query token per row (see cpu_kernels.py).
+#include "common.h"
+
+// one row's attention over its KV heads [h0, h1); DC > 0: the head size, known when compiled
+// (every loop over it unrolls and its accumulators stay in registers), 0: the runtime D
+template <typename T, int DC>
+static void attend_row(const T* q, const T* cache, const int64_t* tab, int64_t n, T* out,
+                       int64_t H, int64_t KVH, int64_t Drt, int64_t bs, int64_t q_head, int64_t v_off,
+                       float scale, int64_t h0, int64_t h1, std::vector<float>& s) {
+  const int64_t D = DC > 0 ? DC : Drt, G = H / KVH, tok = KVH * D;
+  s.resize(G * n);
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qh = q + (kh * G + g) * q_head;
+      float qf[DC > 0 ? DC : 512];
+      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qh[d]) * scale;
+      float* sg = s.data() + g * n;
+      for (int64_t t0 = 0; t0 < n; t0 += bs) {   // scores, block after block of the row's table
+        const T* kb = cache + tab[t0 / bs] * bs * tok + kh * D;
+        const T* kn = t0 + bs < n ? cache + tab[t0 / bs + 1] * bs * tok + kh * D : nullptr;
+        const int64_t m = std::min(bs, n - t0);
+        for (int64_t u = 0; u < m; ++u) {
+          const T* k = kb + u * tok;
+          if (kn != nullptr && g == 0)   // the next block lies anywhere: ask for it a block ahead
+            for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(kn + u * tok + d);
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qf[d] * static_cast<float>(k[d]);
+          sg[t0 + u] = dot;
+        }
+      }
+      float mx = -INFINITY;   // softmax over the row's own context
+#pragma omp simd reduction(max : mx)
+      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        const float e = exp_nonpos(sg[t] - mx);
+        sg[t] = e;
+        sum += e;
+      }
+      const float inv = 1.f / sum;
+      float acc[DC > 0 ? DC : 512] = {};
+      for (int64_t t0 = 0; t0 < n; t0 += bs) {
+        const T* vb = cache + v_off + tab[t0 / bs] * bs * tok + kh * D;
+        const T* vn = t0 + bs < n ? cache + v_off + tab[t0 / bs + 1] * bs * tok + kh * D : nullptr;
+        const int64_t m = std::min(bs, n - t0);
+        for (int64_t u = 0; u < m; ++u) {
+          const T* v = vb + u * tok;
+          if (vn != nullptr && g == 0)
+            for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(vn + u * tok + d);
+          const float p = sg[t0 + u];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+        }
+      }
+      T* o = out + (kh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    }
+  }
+}
+
+template <typename T, int DC>
+static void decode(const T* q, const T* cache, const int64_t* tables, const int64_t* lens, T* out,
+                   int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t W,
+                   int64_t q_row, int64_t q_head, int64_t v_off, float scale) {
+  // a work item is a row's KV heads [h0, h1): whole rows, unless there are fewer rows than threads
+  const int64_t P = B >= at::get_num_threads() ? 1 : KVH;
+  at::parallel_for(0, B * P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / P, h0 = (i % P) * (KVH / P);
+      attend_row<T, DC>(q + b * q_row, cache, tables + b * W, lens[b], out + b * H * D, H, KVH, D, bs,
+                        q_head, v_off, scale, h0, h0 + KVH / P, s);
+    }
+  });
+}
+
+// q [B, H, D] (last dim contiguous); cache [2, blocks, bs, KVH, D] of one layer, contiguous;
+// tables [B, W] int64 (a row's first ceil(len / bs) entries are read); lens [B] int64.
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
+                        const at::Tensor& lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with a contiguous last dim");
+  TORCH_CHECK(cache.dim() == 5 && cache.is_contiguous(), "cache must be a contiguous [2, N, bs, KVH, D]");
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "q and cache dtypes differ");
+  auto t = tables.to(at::kLong).contiguous();
+  auto l = lens.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = cache.size(2), KVH = cache.size(3);
+  TORCH_CHECK(cache.size(4) == D && H % KVH == 0 && D <= 512, "head shapes do not match");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && l.numel() == B, "tables/lens do not match q");
+  auto out = at::empty({B, H, D}, q.options());
+  const int64_t v_off = cache.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+    auto run = [&](auto dc) {
+      decode<scalar_t, decltype(dc)::value>(q.data_ptr<scalar_t>(), cache.data_ptr<scalar_t>(),
+          t.data_ptr<int64_t>(), l.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, bs,
+          t.size(1), q.stride(0), q.stride(1), v_off, static_cast<float>(scale));
+    };
+    if (D == 64) run(std::integral_constant<int, 64>());
+    else if (D == 128) run(std::integral_constant<int, 128>());
+    else run(std::integral_constant<int, 0>());
+  });
+  return out;
+}
+
+
+TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
+  m.def("paged_decode(Tensor q, Tensor cache, Tensor tables, Tensor lens, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
