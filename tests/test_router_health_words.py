@@ -101,3 +101,50 @@ def test_a_timeout_in_words(caplog):
     assert inst.last_error == "health check failed: no answer to /health within 0.2 s"
     assert any(r.getMessage() == f"prefill instance {inst.url} not reachable yet "
                                  f"(health check failed: no answer to /health within 0.2 s)" for r in caplog.records)
+
+
+def test_one_late_answer_from_a_busy_worker_does_not_take_it_down(caplog):
+    """A worker that has answered before and misses one check (a busy machine) stays up; the
+    MISSED_CHECKS-th miss in a row takes it down; an answer in between resets the count."""
+    from pdserve.router.instances import MISSED_CHECKS
+    caplog.set_level(logging.INFO, logger="pdserve.router")
+    port = free_port()
+
+    async def scenario():
+        late = {"on": False}
+        release = asyncio.Event()
+
+        async def health(request):
+            if late["on"]:
+                await release.wait()
+            return web.Response(text="ok")
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        pools = Pools()
+        inst = pools.add(f"127.0.0.1:{port}", "decode")
+        seen = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                await check_one(s, pools, inst, 0.2)       # answers: reachable
+                for rnd in range(2):
+                    late["on"] = True
+                    for _ in range(MISSED_CHECKS - 1):
+                        await check_one(s, pools, inst, 0.2)
+                        seen.append(inst.healthy)
+                    if rnd == 0:                            # then it answers again: the count restarts
+                        late["on"] = False
+                        await check_one(s, pools, inst, 0.2)
+                        seen.append(inst.healthy)
+                await check_one(s, pools, inst, 0.2)       # the MISSED_CHECKS-th miss in a row
+                seen.append(inst.healthy)
+        finally:
+            release.set()
+            await runner.cleanup()
+        return inst, seen
+
+    inst, seen = asyncio.run(scenario())
+    assert seen == [True] * (2 * MISSED_CHECKS - 1) + [False], seen
+    assert inst.last_error == "health check failed: no answer to /health within 0.2 s"

@@ -1,7 +1,12 @@
 """The router's view of its workers: who they are, whether they answer, how busy they are.
 
 Plain state plus one health-check loop. A request that cannot reach an instance marks it down
-at once (no need to wait for the next check); the periodic check brings it back.
+at once (no need to wait for the next check); the periodic check brings it back. A check that
+gets no answer in time takes an instance that has answered before down only when it is the
+MISSED_CHECKS-th in a row: a worker whose machine is busy may answer late once (measured: a
+decode worker beside two CPU hogs and three TP ranks missed single 1 s checks mid-stream, and
+its in-flight calls were given up on), while a dead one refuses at once and a frozen one keeps
+missing.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import aiohttp
 log = logging.getLogger("pdserve.router")
 
 ROLES = ("prefill", "decode")
+MISSED_CHECKS = 2   # health checks in a row with no answer in time that take a reachable instance down
 
 
 def normalize_url(addr: str) -> str:
@@ -47,6 +53,7 @@ class Instance:
     failures: int = 0
     assigned: int = 0              # requests routed here and not finished (in_flight counts only calls)
     draining: bool = False         # no new requests: it is about to be removed
+    missed: int = 0                # health checks in a row that got no answer in time
     meta: dict = field(default_factory=dict)   # who registered it says where it runs (e.g. ray_node_id)
     # calls that would rather give up than wait on an instance that went down (see went_down)
     _down_waiters: set = field(default_factory=set, repr=False)
@@ -160,8 +167,16 @@ async def check_one(session: aiohttp.ClientSession, pools: Pools, inst: Instance
                 body = " ".join((await r.text(errors="replace")).split())[:160]
                 raise HealthAnswer(f"/health answered {r.status}" + (f": {body}" if body else ""))
     except (aiohttp.ClientError, asyncio.TimeoutError, HealthAnswer, OSError) as e:
-        inst.mark_down("health check failed: " + describe_failure(e, timeout))
+        why = "health check failed: " + describe_failure(e, timeout)
+        late = isinstance(e, asyncio.TimeoutError)
+        inst.missed = inst.missed + 1 if late else 0
+        if late and inst.reachable and inst.healthy and inst.missed < MISSED_CHECKS:
+            log.info("%s instance %s answered no check in time (%d of %d before it counts as down): %s",
+                     inst.role, inst.url, inst.missed, MISSED_CHECKS, why)
+            return
+        inst.mark_down(why)
         return
+    inst.missed = 0
     pools.mark_up(inst)
 
 
