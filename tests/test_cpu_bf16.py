@@ -48,12 +48,14 @@ def test_bf16_logits_close_to_float32_reference(tmp_path):
     assert worst < 0.05, worst
 
 
-def test_float32_packs_where_the_cpu_has_avx512(monkeypatch):
+def test_float32_packs_where_the_cpu_has_avx2_or_avx512(monkeypatch):
     from pdserve.engine import model_runner as mr
     monkeypatch.delenv("PDSERVE_CPU_PACK", raising=False)
     monkeypatch.setattr(mr, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert mr.packs_on_cpu(torch.float32) and mr.packs_on_cpu(torch.bfloat16)
     monkeypatch.setattr(mr, "cpu_flags", lambda: {"avx2", "fma"})
+    assert mr.packs_on_cpu(torch.float32) and mr.packs_on_cpu(torch.bfloat16)
+    monkeypatch.setattr(mr, "cpu_flags", lambda: {"sse4_2"})   # or an Arm CPU's flags: no oneDNN fast path known
     assert not mr.packs_on_cpu(torch.float32) and mr.packs_on_cpu(torch.bfloat16)
     monkeypatch.setenv("PDSERVE_CPU_PACK", "1")
     assert mr.packs_on_cpu(torch.float32)

@@ -213,3 +213,20 @@ def test_prefill_kernel_far_apart_scores_and_threads(op, threads):
     exact = paged_attention(q.double(), k.double(), v.double(), cache.double(), meta(False), 1.0)
     sdpa_err = (paged_attention(q, k, v, cache.clone(), meta(False), 1.0).double() - exact).abs().max()
     assert (got.double() - exact).abs().max() <= 3 * sdpa_err + 1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hidden", [576, 100])          # a whole number of vectors, and not
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_torch(op, dtype, tol, hidden, with_delta):
+    from pdserve.models.cpu_kernels import add_rms_norm_op
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(7, hidden + 3, generator=g) * 3).to(dtype)[:, :hidden]   # rows with a stride of their own
+    delta = torch.randn(7, hidden, generator=g).to(dtype) if with_delta else None
+    w = torch.randn(hidden, generator=g).to(dtype)
+    s_want = x + delta if with_delta else x
+    n_want = torch.nn.functional.rms_norm(s_want.float(), (hidden,), w.float(), 1e-5)
+    s, n = add_rms_norm_op()(x, delta, w, 1e-5)
+    assert s.dtype == n.dtype == dtype
+    torch.testing.assert_close(s, s_want, atol=0, rtol=0)       # the sum rounded as x + delta is
+    torch.testing.assert_close(n.float(), n_want, atol=tol, rtol=tol)

@@ -57,14 +57,18 @@ NATIVE_CPU_DTYPE_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.flo
 
 def packs_on_cpu(dtype: torch.dtype) -> bool:
     """Whether the CPU linears run from oneDNN-packed weights. bfloat16: always (1.3-1.45x per
-    linear at 1-256 rows). float32: on AVX-512 CPUs, where packed runs 2.3-2.8x faster from 8 rows
-    and as fast at 1 (a 2,000-token prefill 1.54x, decode at batch 32 1.32x on this project's
-    AVX-512 host); on AVX2 alone packed was slower for 1-2 rows (batch-1 decode +17%), so plain.
-    $PDSERVE_CPU_PACK=0/1 overrides (for measurements)."""
+    linear at 1-256 rows). float32: on x86 CPUs with AVX2 or AVX-512. Measured on this project's
+    2-core AVX-512 host: packed 2.3-2.8x faster from 8 rows and as fast at 1 (a 2,000-token
+    prefill 1.54x, decode at batch 32 1.32x). On a 2-core AVX2 host (2 threads, GFLOP/s plain /
+    packed, best of 4): 16-128 rows 57-113 / 75-140, 1,024 rows 127-161 / 140-144, the 49,152-wide
+    lm_head 39-88 / 89-140; at 1 row the layers' own linears are 10-40% slower packed but the
+    lm_head 2.3x faster, per token 31 / 26 ms in all; the 64-request workload of
+    benchmarks/engine_vs_vllm_cpu.py 44.2 s plain, 38.0 s packed. $PDSERVE_CPU_PACK=0/1
+    overrides (for measurements)."""
     env = os.environ.get("PDSERVE_CPU_PACK")
     if env in ("0", "1"):
         return env == "1"
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and "avx512f" in cpu_flags())
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and bool({"avx2", "avx512f"} & cpu_flags()))
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -263,7 +267,10 @@ class ModelRunner:
             meta.decode_context_lens = torch.tensor(dec_lens, device=dev)
             meta.decode_groups = []
             start = 0
-            for rows in plan_decode_groups(widths, DECODE_GROUP_COST.get(dev.type, DECODE_GROUP_COST["cuda"])):
+            # the CPU kernel reads each row to its own length: padding costs it nothing, one call
+            sizes = [len(widths)] if self.decode_kernel else \
+                plan_decode_groups(widths, DECODE_GROUP_COST.get(dev.type, DECODE_GROUP_COST["cuda"]))
+            for rows in sizes:
                 w = widths[start + rows - 1]
                 rows_tables = [(t + [0] * w)[:w] for t in dec_tables[start:start + rows]]   # padded with block 0
                 tables = torch.tensor(rows_tables, device=dev)

@@ -1,6 +1,7 @@
 """CPU ops as a small C++ library built on first use (the sources: csrc/, one op family per
 file, compiled as one unit): decode and prefill attention straight from the paged KV cache; the
-gated MLP's silu(gate) * up and the rotary embedding, each in one pass.
+gated MLP's silu(gate) * up, the rotary embedding, and the residual add with the RMSNorm after
+it, each in one pass.
 
 The torch backend gathers each decode row's KV blocks into a padded copy and then runs SDPA on
 it: per step that copies every row's whole context, for every layer, and pads it to the
@@ -89,6 +90,11 @@ def paged_decode_op():
 def paged_prefill_op():
     """torch.ops.pdserve_cpu.paged_prefill (None as paged_decode_op)."""
     return torch.ops.pdserve_cpu.paged_prefill if _library() else None
+
+
+def add_rms_norm_op():
+    """torch.ops.pdserve_cpu.add_rms_norm (None as paged_decode_op)."""
+    return torch.ops.pdserve_cpu.add_rms_norm if _library() else None
 
 
 def silu_and_mul_op():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pdserve.models.attention import AttentionMetadata, paged_attention
-from pdserve.models.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from pdserve.models.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, add_rms_norm, apply_rotary
 from pdserve.models.shape import ModelShape
 from pdserve.models.tensor_parallel import TPGroup, TPLayout
 
@@ -102,9 +102,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, h, rope, kv_cache, meta, next_norm: RMSNorm):
+        """x: the residual stream, h: input_layernorm(x). Returns the stream after this layer and
+        next_norm of it (the next layer's input norm, or the final one): each residual add is
+        fused with the norm that follows it."""
+        x, h = add_rms_norm(x, self.self_attn(h, rope, kv_cache, meta), self.post_attention_layernorm)
+        return add_rms_norm(x, self.mlp(h), next_norm)
 
 
 class DecoderBody(nn.Module):
@@ -133,9 +136,12 @@ class CausalLM(nn.Module):
         Returns final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rope(positions)
-        for layer in self.model.layers:
-            x = layer(x, rope, kv_cache, meta)
-        return self.model.norm(x)
+        layers = self.model.layers
+        h = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, h = layer(x, h, rope, kv_cache, meta, nxt)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -16,7 +16,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_rows(x):
+            return _add_rms_norm_op()(x, None, self.weight, self.eps)[1]
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's step: (s = x + delta, norm(s)); one pass on CPU where the C++ library
+    builds (models/cpu_kernels.py), else torch's ops (the same numbers up to rounding)."""
+    if _cpu_rows(x) and _cpu_rows(delta):
+        return _add_rms_norm_op()(x, delta, norm.weight, norm.eps)
+    s = x + delta
+    return s, norm(s)
+
+
+def _cpu_rows(x: torch.Tensor) -> bool:
+    """A CPU [T, H] tensor with contiguous rows, and the C++ ops here."""
+    return x.device.type == "cpu" and x.dim() == 2 and x.stride(-1) == 1 and _add_rms_norm_op() is not None
+
+
+def _add_rms_norm_op():
+    from pdserve.models.cpu_kernels import add_rms_norm_op
+    return add_rms_norm_op()
 
 
 class Linear(nn.Linear):

@@ -30,3 +30,33 @@ static inline float exp_nonpos(float x) {
   return p * scale;
 }
 
+// ---- vectors: GCC/Clang vector extensions, lowered to what -march=native has ----------------
+// floats per vector register
+#if defined(__AVX512F__)
+constexpr int VW = 16, REGS = 32;
+#else
+constexpr int VW = 8, REGS = 16;   // AVX2 (narrower targets: the compiler splits the vectors)
+#endif
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
+static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline vf vsplat(float x) { return vf{} + x; }
+
+// e^x for x in [-87, 0] on a vector: exp_nonpos's formula, k rounded by the 1.5 * 2^23 trick
+static inline vf vexp_nonpos(vf x) {
+  const vf lo = vsplat(-87.f), magic = vsplat(12582912.f);
+  x = x < lo ? lo : x;
+  const vf t = x * 1.44269504088896341f + magic;
+  const vf k = t - magic;
+  const vf r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+  vf p = r * (1.f / 5040) + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi bits = ((vi)t - (vi)magic + 127) << 23;
+  return p * (vf)bits;
+}

@@ -10,14 +10,6 @@
 
 namespace {
 
-// floats per vector register (GCC/Clang vector extensions, lowered to what -march=native has)
-#if defined(__AVX512F__)
-constexpr int VW = 16, REGS = 32;
-#else
-constexpr int VW = 8, REGS = 16;   // AVX2 (narrower targets: the compiler splits the vectors)
-#endif
-typedef float vf __attribute__((vector_size(VW * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
 // Tile shapes, measured on a 2-core AVX2 host (one 2,000-token prompt, 9 / 3 heads of 64, one
 // thread, CPU time): 24 lanes x 32 keys 50 GFLOP/s; 32 x 32 43; 48 x 32 40; 64 x 64 40; 24 x 16 45
 constexpr int MV = 3;                   // vectors of (query row, head) lanes per tile
@@ -26,28 +18,6 @@ constexpr int KC = 32;                  // keys per chunk of the running softmax
 constexpr int JB = std::min(8, (REGS - 4) / MV);   // keys whose scores are accumulated together
 constexpr int DB = std::min(8, (REGS - 4) / MV);   // head dims whose outputs are accumulated together
 static_assert(MT % VW == 0 && KC % JB == 0, "tile shapes");
-
-inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf vsplat(float x) { return vf{} + x; }
-
-// e^x for x in [-87, 0] on a vector: exp_nonpos's formula, k rounded by the 1.5 * 2^23 trick
-inline vf vexp_nonpos(vf x) {
-  const vf lo = vsplat(-87.f), magic = vsplat(12582912.f);
-  x = x < lo ? lo : x;
-  const vf t = x * 1.44269504088896341f + magic;
-  const vf k = t - magic;
-  const vf r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
-  vf p = r * (1.f / 5040) + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vi bits = ((vi)t - (vi)magic + 127) << 23;
-  return p * (vf)bits;
-}
 
 struct Item {
   int64_t seq, kv_head, row0, rows, keys;   // keys: how many this tile reads (its last row's)
