@@ -13,6 +13,16 @@ from pdserve.procs import free_port
 from pdserve.router.instances import Pools, check_one
 
 
+async def serve_health(port: int, handler) -> web.AppRunner:
+    """A real HTTP server on 127.0.0.1:port whose /health is handler; cleanup() stops it."""
+    app = web.Application()
+    app.router.add_get("/health", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
 def test_health_check_messages(caplog):
     caplog.set_level(logging.INFO, logger="pdserve.router")
     port = free_port()
@@ -43,11 +53,7 @@ def test_health_check_messages(caplog):
             await check_one(s, pools, inst, 2.0)                 # still nothing: said once, not every check
             assert new_messages() == []
 
-            app = web.Application()
-            app.router.add_get("/health", health)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            runner = await serve_health(port, health)
             try:
                 await check_one(s, pools, inst, 2.0)
                 assert new_messages() == [f"decode instance {url} is reachable"]   # not "up again"
@@ -82,11 +88,7 @@ def test_a_timeout_in_words(caplog):
         async def slow(request):
             await release.wait()     # answers only after the check gave up
             return web.Response(text="late")
-        app = web.Application()
-        app.router.add_get("/health", slow)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner = await serve_health(port, slow)
         pools = Pools()
         inst = pools.add(f"127.0.0.1:{port}", "prefill")
         try:
@@ -118,11 +120,7 @@ def test_one_late_answer_from_a_busy_worker_does_not_take_it_down(caplog):
             if late["on"]:
                 await release.wait()
             return web.Response(text="ok")
-        app = web.Application()
-        app.router.add_get("/health", health)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner = await serve_health(port, health)
         pools = Pools()
         inst = pools.add(f"127.0.0.1:{port}", "decode")
         seen = []
