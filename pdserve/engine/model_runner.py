@@ -261,7 +261,8 @@ class ModelRunner:
             meta.prefill_kernel_args = (torch.tensor([(t + [0] * w)[:w] for t in meta.prefill_block_tables]),
                                         torch.tensor(starts), torch.tensor(meta.prefill_query_lens),
                                         torch.tensor(meta.prefill_context_lens))
-        meta.prefill_block_tables = [torch.tensor(t, device=dev) for t in meta.prefill_block_tables]
+        else:   # SDPA per sequence reads these
+            meta.prefill_block_tables = [torch.tensor(t, device=dev) for t in meta.prefill_block_tables]
         if dec_tables:
             widths = [-(-n // bs) for n in dec_lens]   # blocks each row reads (ascending)
             meta.decode_context_lens = torch.tensor(dec_lens, device=dev)
