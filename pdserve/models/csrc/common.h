@@ -9,21 +9,26 @@
 #include <type_traits>
 #include <vector>
 
-// e^x for x <= 0 (softmax after the max is taken off): x = k ln2 + r, |r| <= ln2 / 2, e^r by its
-// Taylor series to r^7 (relative error < 1e-8 before float rounding); plain arithmetic, so the
-// compiler vectorizes the loop it sits in (std::exp it would call once per element)
-static inline float exp_nonpos(float x) {
-  x = std::max(x, -87.f);
-  const float k = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
-  float p = 1.f / 5040;
-  p = p * r + 1.f / 720;
+// e^r for |r| <= ln2 / 2 by its Taylor series to r^7 (relative error < 1e-8 before float
+// rounding); V: float or a vector of floats, the same arithmetic either way
+template <typename V>
+static inline V exp_taylor(V r) {
+  V p = r * (1.f / 5040) + 1.f / 720;
   p = p * r + 1.f / 120;
   p = p * r + 1.f / 24;
   p = p * r + 1.f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.f;
-  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
+// e^x for x <= 0 (softmax after the max is taken off): x = k ln2 + r, e^r by exp_taylor; plain
+// arithmetic, so the compiler vectorizes the loop it sits in (std::exp it would call once per element)
+static inline float exp_nonpos(float x) {
+  x = std::max(x, -87.f);
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+  const float p = exp_taylor(r);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -50,13 +55,7 @@ static inline vf vexp_nonpos(vf x) {
   const vf t = x * 1.44269504088896341f + magic;
   const vf k = t - magic;
   const vf r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
-  vf p = r * (1.f / 5040) + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  const vf p = exp_taylor(r);
   const vi bits = ((vi)t - (vi)magic + 127) << 23;
   return p * (vf)bits;
 }
