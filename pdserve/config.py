@@ -57,6 +57,10 @@ class EngineConfig:
                                      "before the worker gives up (a frozen rank); the wait for the next step "
                                      "has no limit", env="PDSERVE_TP_STEP_TIMEOUT", metavar="SECONDS")
     enforce_eager: bool = setting(False, "CUDA: do not capture CUDA graphs")
+    step_parts: int | None = setting(None, "CPU: run each step's sequences as up to N independent parts, one "
+                                     "thread each, that meet once per step (default: as many as the engine's "
+                                     "threads while other processes keep cores busy, else every op split over "
+                                     "the threads; 1: never)", metavar="N")
     kv_lease_duration: float = setting(30.0, "prefill role: seconds held KV outlives its decode worker's last "
                                        "renewal", flags=("--kv-lease",), env="PDSERVE_KV_LEASE", metavar="SECONDS")
     served_model_name: str | None = setting(None, "model name in the API (default: the model's own)")
@@ -72,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.step_parts is not None and self.step_parts < 1:
+            raise ValueError(f"step_parts must be >= 1, got {self.step_parts}")
         if self.tp_step_timeout <= 0:
             raise ValueError(f"tp_step_timeout must be positive, got {self.tp_step_timeout}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

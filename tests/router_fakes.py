@@ -45,7 +45,9 @@ class FakeWorker:
         self.aborted = 0
         self.fail_status: int | None = None  # answer every generation call with this status
         self.unhealthy = False
-        self.gate: asyncio.Event | None = None  # a stream starts only once the test sets it
+        self.health_delay = 0.0              # seconds /health takes to answer (a busy machine)
+        self.health_checks = 0
+        self.gate: asyncio.Event | None = None  # a decode answers only once the test sets it
         self.prefill_gate: asyncio.Event | None = None  # a remote prefill answers only once the test sets it
         self.die_after: int | None = None    # drop the connection after this many token chunks
         self.runner: web.AppRunner | None = None
@@ -65,6 +67,8 @@ class FakeWorker:
         await self.runner.cleanup()
 
     async def _health(self, request):
+        self.health_checks += 1
+        await asyncio.sleep(self.health_delay)
         return web.json_response({}, status=503 if self.unhealthy else 200)
 
     async def _models(self, request):
@@ -105,6 +109,8 @@ class FakeWorker:
             toks = tokens(kind, body, n)
             if not body.get("stream"):
                 await asyncio.sleep(self.first_delay + self.token_delay * n)
+                if self.gate is not None:
+                    await self.gate.wait()
                 return web.json_response(self._full(kind, body, rid, toks, None))
             # as a pdserve decode worker: the first token the router streamed itself is not sent again
             return await self._stream(request, kind, body, rid, toks, skip=ktp.get("first_token_sent") is True)

@@ -117,7 +117,7 @@ def test_up_passes_every_engine_option_to_serve_as_a_flag():
             "max_num_batched_tokens": 99, "enable_chunked_prefill": False, "enable_prefix_caching": False,
             "kv_cache_memory": 1 << 20, "gpu_memory_utilization": 0.5, "seed": 4, "enforce_eager": True,
             "kv_lease_duration": 1.5, "served_model_name": "x", "step_trace": "/tmp/t.jsonl",
-            "tensor_parallel_size": 2, "tp_step_timeout": 7.5}
+            "tensor_parallel_size": 2, "tp_step_timeout": 7.5, "step_parts": 2}
     assert set(opts) == ENGINE_KEYS
     ec = engine_config_from_args(command("serve").parse_args(engine_flags(opts)))
     assert {k: getattr(ec, k) for k in opts} == opts

@@ -112,7 +112,10 @@ def test_prompt_logprobs_field_and_scoring_only(urls, hf, where):
     for i in range(1, len(ids)):
         e = plp[i][str(ids[i])]
         assert abs(e["logprob"] - ref[i - 1, ids[i]].item()) < 1e-3
-        assert e["rank"] == int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1
+        # the rank among 49,152 logits, up to the reference's ties within the logprob tolerance
+        # (seen: one logit 1e-5 from the token's flipped its rank on an AVX-512 host)
+        chosen = ref[i - 1, ids[i]]
+        assert int((ref[i - 1] > chosen + 1e-3).sum()) + 1 <= e["rank"] <= int((ref[i - 1] > chosen - 1e-3).sum()) + 1
         top = ref[i - 1].topk(2).indices.tolist()
         assert all(str(t) in plp[i] for t in top)
     # scoring only: a list of prompts, nothing generated

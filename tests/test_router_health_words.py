@@ -126,7 +126,9 @@ def test_one_late_answer_from_a_busy_worker_does_not_take_it_down(caplog):
         seen = []
         try:
             async with aiohttp.ClientSession() as s:
-                await check_one(s, pools, inst, 0.2)       # answers: reachable
+                # a check that is answered gets all the time it needs (a busy machine), one that is
+                # not waits 0.2 s
+                await check_one(s, pools, inst, 30)        # answers: reachable
                 for rnd in range(2):
                     late["on"] = True
                     for _ in range(MISSED_CHECKS - 1):
@@ -134,7 +136,7 @@ def test_one_late_answer_from_a_busy_worker_does_not_take_it_down(caplog):
                         seen.append(inst.healthy)
                     if rnd == 0:                            # then it answers again: the count restarts
                         late["on"] = False
-                        await check_one(s, pools, inst, 0.2)
+                        await check_one(s, pools, inst, 30)
                         seen.append(inst.healthy)
                 await check_one(s, pools, inst, 0.2)       # the MISSED_CHECKS-th miss in a row
                 seen.append(inst.healthy)

@@ -298,8 +298,8 @@ class LLMEngine:
         """One step. If it fails, the requests it ran fail with the error and the engine goes
         on: one request that slipped past validation must not take every other one down."""
         self._batch, self._early = None, []
-        if self.threads is not None:   # on CPU: fewer threads while neighbours hold cores
-            self.threads.tick()
+        if self.threads is not None:   # on CPU: fewer threads while neighbours hold cores, steps in parts
+            self.runner.busy = self.threads.tick() < self.threads.full
         try:
             return self._step()
         except RankLostError:   # no step can run without every rank: the worker must go

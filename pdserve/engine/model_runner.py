@@ -7,6 +7,7 @@ transports can copy without reshaping.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from pdserve.engine.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.request import Sequence, TokenLogprobs
 from pdserve.engine.sampler import SampleRow, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.engine.step_split import PartWorkers, plan_parts, row_cost
 from pdserve.models.attention import AttentionMetadata, plan_decode_groups
 from pdserve.models.cpu_kernels import paged_decode_op
 from pdserve.models.decoder import CausalLM, ModelConfig
@@ -138,6 +140,13 @@ class ModelRunner:
         # kernels build (the prefill kernel takes head sizes in multiples of 16)
         self.decode_kernel = self.device.type == "cpu" and paged_decode_op() is not None
         self.prefill_kernel = self.decode_kernel and mc.head_dim % 16 == 0
+        # CPU: a step's sequences in independent parts, one thread each (pdserve.engine.step_split):
+        # always with step_parts N > 1; by default (None) while neighbours hold cores (busy, set by
+        # the engine between steps), as many parts as the process has threads when idle
+        self.splits = self.device.type == "cpu" and self.tp.size == 1
+        self.max_parts = torch.get_num_threads() if config.step_parts is None else config.step_parts
+        self.busy = False
+        self.part_workers: PartWorkers | None = None   # started on first use
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.tp.size == 1:
             self.decode_graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size,
@@ -174,51 +183,70 @@ class ModelRunner:
             decode = out.num_new_tokens[i] == 1
             return decode, out.seqs[i].num_computed_tokens if decode else 0
         order = sorted(range(len(out.seqs)), key=row_order)
-        ids, pos, slots, sample_at = [], [], [], []
-        meta = AttentionMetadata(slot_mapping=None, prefill_query_lens=[], prefill_context_lens=[],
-                                 prefill_block_tables=[])
-        dec_tables, dec_lens = [], []
-        bs = self.block_size
-        prompt_rows = []   # (seq, first position, row in the batch, rows) for prompt logprobs
-        for i in order:
-            seq, n = out.seqs[i], out.num_new_tokens[i]
-            c = seq.num_computed_tokens
-            if seq.computes_prompt_logprobs:
-                last = min(c + n, seq.num_prompt_tokens - 1)   # position p predicts prompt token p+1
-                if last > c:
-                    prompt_rows.append((seq, c, len(ids), last - c))
-            ids.extend(seq.token_ids[c:c + n])
-            pos.extend(range(c, c + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
-            if n == 1:
-                dec_tables.append(table)
-                dec_lens.append(c + 1)
-            else:
-                meta.prefill_query_lens.append(n)
-                meta.prefill_context_lens.append(c + n)
-                meta.prefill_block_tables.append(table[:-(-(c + n) // bs)])
-            if c + n == seq.num_tokens:
-                sample_at.append((i, len(ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq), seq=seq,
-                                                             grammar=seq.grammar)))
-        if (self.decode_graphs is not None and dec_tables and not meta.prefill_query_lens
-                and self.decode_graphs.fits(dec_tables, dec_lens)):
-            hidden = self.decode_graphs.forward(ids, pos, slots, dec_tables, dec_lens)
+        parts = self._parts(out, order)
+        steps = [StepInputs.of(out, part, banned, self.block_size) for part in parts]
+        if len(steps) > 1:
+            results = self.part_workers.run(self._run_part, [(s,) for s in steps])
         else:
-            if self.tp.size > 1:   # the other ranks run the same forward on their shards
-                self.tp.broadcast_step((ids, pos, slots, dec_tables, dec_lens, meta.prefill_query_lens,
-                                        meta.prefill_context_lens, meta.prefill_block_tables))
-            hidden = self._forward_eager(ids, pos, slots, dec_tables, dec_lens, meta)
-        self.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
+            results = [self._run_part(steps[0])]
+        prompt_rows, offset = [], 0   # prompt logprobs read the step's hidden rows, parts in order
+        for s, (hidden, _) in zip(steps, results):
+            prompt_rows += [(seq, first, offset + row, count) for seq, first, row, count in s.prompt_rows]
+            offset += len(s.ids)
+        self.prompt_logprobs = {}
+        if prompt_rows:
+            hidden = results[0][0] if len(results) == 1 else torch.cat([h for h, _ in results])
+            self.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows)
         tokens: list[int | None] = [None] * len(out.seqs)
         logprobs = [None] * len(out.seqs)
+        sample_at = [(i, r) for s in steps for i, _, r in s.sample_at]   # the logits' row order
         if sample_at:
-            sample_at.sort(key=lambda x: x[0])   # logits rows in out.seqs order, whatever the batch order
-            logits = self.model.compute_logits(hidden[[j for _, j, _ in sample_at]])
-            sampled, lps = self.sampler(logits, [r for _, _, r in sample_at])
-            for (i, _, _), t, lp in zip(sample_at, sampled, lps):
+            logits = torch.cat([lg for _, lg in results if lg is not None]) if len(results) > 1 else results[0][1]
+            by_seq = sorted(range(len(sample_at)), key=lambda j: sample_at[j][0])
+            if by_seq != list(range(len(by_seq))):   # sample in out.seqs order, whatever the batch order
+                logits = logits[by_seq]
+                sample_at = [sample_at[j] for j in by_seq]
+            sampled, lps = self.sampler(logits, [r for _, r in sample_at])
+            for (i, _), t, lp in zip(sample_at, sampled, lps):
                 tokens[i], logprobs[i] = t, lp
         return tokens, logprobs
+
+    def _parts(self, out: SchedulerOutput, order: list[int]) -> list[list[int]]:
+        """The step's rows (indices into out.seqs, in `order`) as parts for the part workers,
+        or one part (pdserve.engine.step_split)."""
+        parts = self.max_parts if self.config.step_parts is not None or self.busy else 1
+        if not self.splits or parts < 2 or len(order) < 2:
+            return [order]
+        mc = self.model_config
+        per_token = 2 * mc.layer_params / self.tp.size
+        per_pair = 4 * mc.num_layers * self.model.layout.local_heads * mc.head_dim
+        per_sample = 2 * mc.hidden_size * mc.vocab_size
+        costs = []
+        for i in order:
+            seq, n = out.seqs[i], out.num_new_tokens[i]
+            context = seq.num_computed_tokens + n
+            costs.append(row_cost(n, context, context == seq.num_tokens, per_token, per_pair, per_sample))
+        groups = plan_parts(costs, parts)
+        if groups is None:
+            return [order]
+        if self.part_workers is None:
+            self.part_workers = PartWorkers(parts)
+        return [[order[j] for j in g] for g in groups]
+
+    def _run_part(self, s: "StepInputs"):
+        """One part's forward and the logits of the rows it samples: (hidden, logits or None)."""
+        with torch.inference_mode():   # per thread: a part worker enters it too
+            if (self.decode_graphs is not None and s.dec_tables and not s.meta.prefill_query_lens
+                    and self.decode_graphs.fits(s.dec_tables, s.dec_lens)):
+                hidden = self.decode_graphs.forward(s.ids, s.pos, s.slots, s.dec_tables, s.dec_lens)
+            else:
+                meta = s.meta
+                if self.tp.size > 1:   # the other ranks run the same forward on their shards
+                    self.tp.broadcast_step((s.ids, s.pos, s.slots, s.dec_tables, s.dec_lens, meta.prefill_query_lens,
+                                            meta.prefill_context_lens, meta.prefill_block_tables))
+                hidden = self._forward_eager(s.ids, s.pos, s.slots, s.dec_tables, s.dec_lens, meta)
+            rows = [j for _, j, _ in s.sample_at]
+            return hidden, self.model.compute_logits(hidden[rows]) if rows else None
 
     PROMPT_LOGITS_ROWS = 256   # logits of this many prompt positions at a time: [rows, vocab] float32
 
@@ -281,3 +309,46 @@ class ModelRunner:
                 meta.decode_groups.append((rows, tables, mask, lens))
                 start += rows
         return self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)
+
+
+@dataclass
+class StepInputs:
+    """One part of a step as the forward takes it: token rows, their positions and cache slots,
+    the attention metadata, and which rows sample or score prompt tokens."""
+    ids: list[int]
+    pos: list[int]
+    slots: list[int]
+    dec_tables: list[list[int]]
+    dec_lens: list[int]
+    meta: AttentionMetadata
+    sample_at: list[tuple[int, int, SampleRow]]        # (index in out.seqs, row, how to sample)
+    prompt_rows: list[tuple[Sequence, int, int, int]]  # (seq, first position, row, rows) for prompt logprobs
+
+    @classmethod
+    def of(cls, out: SchedulerOutput, rows: list[int], banned, bs: int) -> "StepInputs":
+        s = cls([], [], [], [], [], AttentionMetadata(slot_mapping=None, prefill_query_lens=[],
+                                                      prefill_context_lens=[], prefill_block_tables=[]), [], [])
+        meta = s.meta
+        for i in rows:
+            seq, n = out.seqs[i], out.num_new_tokens[i]
+            c = seq.num_computed_tokens
+            if seq.computes_prompt_logprobs:
+                last = min(c + n, seq.num_prompt_tokens - 1)   # position p predicts prompt token p+1
+                if last > c:
+                    s.prompt_rows.append((seq, c, len(s.ids), last - c))
+            s.ids.extend(seq.token_ids[c:c + n])
+            s.pos.extend(range(c, c + n))
+            table = seq.block_table
+            s.slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
+            if n == 1:
+                s.dec_tables.append(table)
+                s.dec_lens.append(c + 1)
+            else:
+                meta.prefill_query_lens.append(n)
+                meta.prefill_context_lens.append(c + n)
+                meta.prefill_block_tables.append(table[:-(-(c + n) // bs)])
+            if c + n == seq.num_tokens:
+                s.sample_at.append((i, len(s.ids) - 1, SampleRow(seq.params, seq.num_tokens, banned(seq), seq=seq,
+                                                                 grammar=seq.grammar)))
+        s.sample_at.sort(key=lambda x: x[0])   # logits in out.seqs order within the part
+        return s

@@ -54,12 +54,15 @@ class Instance:
     assigned: int = 0              # requests routed here and not finished (in_flight counts only calls)
     draining: bool = False         # no new requests: it is about to be removed
     missed: int = 0                # health checks in a row that got no answer in time
+    late: bool = False             # down for missed checks only: reachable, maybe just busy
     meta: dict = field(default_factory=dict)   # who registered it says where it runs (e.g. ray_node_id)
     # calls that would rather give up than wait on an instance that went down (see went_down)
     _down_waiters: set = field(default_factory=set, repr=False)
 
-    def mark_down(self, error: str) -> bool:
-        """Record a failure; True if this took a healthy instance down."""
+    def mark_down(self, error: str, late: bool = False) -> bool:
+        """Record a failure; True if this took a healthy instance down. late: the instance
+        stopped answering health checks in time but never refused one (see went_down)."""
+        self.late = late
         self.last_error, self.last_error_time = error, time.time()
         self.failures += 1
         was = self.healthy
@@ -131,7 +134,7 @@ class Pools:
         if first or not inst.healthy:
             log.info("%s instance %s is reachable%s", inst.role, inst.url, "" if first else " again")
         if not inst.healthy:
-            inst.healthy, inst.down_since = True, None
+            inst.healthy, inst.down_since, inst.late = True, None, False
             # it may have restarted with an empty cache: forget what we believed it held
             self._notify(inst, "up")
 
@@ -174,7 +177,7 @@ async def check_one(session: aiohttp.ClientSession, pools: Pools, inst: Instance
             log.info("%s instance %s answered no check in time (%d of %d before it counts as down): %s",
                      inst.role, inst.url, inst.missed, MISSED_CHECKS, why)
             return
-        inst.mark_down(why)
+        inst.mark_down(why, late=late and inst.reachable)
         return
     inst.missed = 0
     pools.mark_up(inst)

@@ -149,7 +149,7 @@ class Router:
             call = asyncio.ensure_future(post_json(self.session, inst, PATHS[job.kind], body,
                                                    self.headers(job.rid), self.timeout))
             try:
-                resp = await self._unless_down(inst, asyncio.shield(call))
+                resp = await self._unless_down(inst, asyncio.shield(call), fallback=True)
             except asyncio.CancelledError:
                 # the client left mid-prefill, but the prefill worker may finish anyway and hold
                 # the KV for a decode worker that never comes: take its answer, release the KV
@@ -170,14 +170,22 @@ class Router:
             return Prefilled(inst, params, first_text(job.kind, resp), model)
         return None
 
-    async def _unless_down(self, inst: Instance, coro):
+    async def _unless_down(self, inst: Instance, coro, fallback: bool = False):
         """Await coro, but give up when the instance is marked down meanwhile. Only for calls
         whose answer nobody has seen any of (a prefill, a decode not streamed): another
-        instance can take them over."""
+        instance can take them over. One that went down only for answering health checks late
+        keeps its calls when no other instance of its role is healthy and the caller has no
+        fallback (a prefill has one: the decode worker prefills itself): giving up would turn a
+        slow answer on a busy machine into a 503 (seen on 2 cores beside CPU hogs)."""
         call = asyncio.ensure_future(coro)
         down = inst.went_down()
         try:
             await asyncio.wait({call, down}, return_when=asyncio.FIRST_COMPLETED)
+            if (not call.done() and inst.late and not fallback
+                    and not self.pools.healthy(inst.role, exclude={inst.url})):
+                log.info("%s call to %s, which answers health checks late, goes on: no other %s instance "
+                         "is healthy", inst.role, inst.url, inst.role)
+                await asyncio.wait({call})
         except asyncio.CancelledError:
             call.cancel()   # we are cancelled (client gone): so is the call, which the worker sees
             await asyncio.wait({call})   # finished before anyone closes what it was reading

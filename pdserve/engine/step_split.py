@@ -1,0 +1,79 @@
+"""A CPU step's sequences as independent parts, each run by its own one-thread worker.
+
+Splitting every op of a step over N OpenMP threads joins them at a barrier after each op: a
+decode step of the default model is hundreds of them, and while a neighbour's process holds a
+core, each barrier waits for the thread it descheduled (cpu_threads). Here the step's sequences
+are divided into N parts of about equal work instead; each part runs the whole forward on one
+thread of its own, and the parts meet once, at the end of the step. Beside two CPU hogs on two
+cores such a process runs N threads the kernel shares out fairly, with nothing to wait on
+between ops.
+
+A step splits when it pays: at least two sequences and no part holding more than SPLIT_SHARE of
+the step's work (a lone 2,000-token prefill, or batch-1 decode, runs on the op-split threads).
+Rows of different sequences share nothing within a step: each writes its own KV slots, and a
+block becomes a prefix-cache hit only after the step that computed it (BlockManager.commit).
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+SPLIT_SHARE = 0.75   # the largest part's share of the step's work above which one part runs it
+
+
+def row_cost(new_tokens: int, context: int, sampled: bool, per_token: float, per_pair: float,
+             per_sample: float) -> float:
+    """Work of one sequence's rows in a step: the linears per token, attention per (query,
+    key) pair (each new token attends to the context before it and itself), the lm_head if it
+    samples. Units are the caller's (FLOPs from the model's shapes)."""
+    first = context - new_tokens + 1   # keys seen by the first new token
+    pairs = new_tokens * (first + context) / 2
+    return new_tokens * per_token + pairs * per_pair + (per_sample if sampled else 0.0)
+
+
+def plan_parts(costs: list[float], parts: int, share: float = SPLIT_SHARE) -> list[list[int]] | None:
+    """Indices of `costs` in `parts` groups of about equal sum (longest first to the lightest
+    group), each group in the input's order; None when the step should run as one part."""
+    if parts < 2 or len(costs) < 2:
+        return None
+    parts = min(parts, len(costs))
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0.0] * parts
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        g = min(range(parts), key=load.__getitem__)
+        groups[g].append(i)
+        load[g] += costs[i]
+    total = sum(load)
+    if total <= 0 or max(load) > share * total:
+        return None
+    return [sorted(g) for g in groups]
+
+
+class PartWorkers:
+    """`n` threads that each run torch ops on one OpenMP thread (the ICV is per thread: torch's
+    count in the thread that set the engine's stays as it was)."""
+
+    def __init__(self, n: int):
+        import torch
+        main = torch.get_num_threads()
+        ready = threading.Barrier(n + 1)
+
+        def init():
+            torch.set_num_threads(1)
+            torch.get_num_threads()   # torch reads its count once per thread, on first use: now, at 1
+            ready.wait()
+
+        self.n = n
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="pdserve-part", initializer=init)
+        for _ in range(n):            # start every thread now, while nothing else sets the count
+            self.pool.submit(lambda: None)
+        ready.wait()
+        torch.set_num_threads(main)   # the process default, for threads started later
+
+    def run(self, fn, args_per_part: list[tuple]) -> list:
+        """fn(*args) for each part on its own worker; the results in part order."""
+        futures: list[Future] = [self.pool.submit(fn, *a) for a in args_per_part]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
