@@ -8,6 +8,13 @@ thread of its own, and the parts meet once, at the end of the step. Beside two C
 cores such a process runs N threads the kernel shares out fairly, with nothing to wait on
 between ops.
 
+It is the engine's default only while neighbours hold cores (cpu_threads.Yielding): each part
+reads every weight, where the op-split threads read half each, so idle it costs more than it
+saves. Measured on 2 cores of an AVX-512 host, the 64-request workload of
+benchmarks/engine_vs_vllm_cpu.py: idle, ops split over 2 threads 14-16 s against 2 parts
+17.5-18.7 s; beside two CPU hogs, 2 parts 30-33 s against one thread (what the engine ran there
+before) 35-42 s.
+
 A step splits when it pays: at least two sequences and no part holding more than SPLIT_SHARE of
 the step's work (a lone 2,000-token prefill, or batch-1 decode, runs on the op-split threads).
 Rows of different sequences share nothing within a step: each writes its own KV slots, and a
