@@ -11,7 +11,7 @@ between ops.
 It is the engine's default only while neighbours hold cores (cpu_threads.Yielding): each part
 reads every weight, where the op-split threads read half each, so idle it costs more than it
 saves. Measured on 2 cores of an AVX-512 host, the 64-request workload of
-benchmarks/engine_vs_vllm_cpu.py: idle, ops split over 2 threads 14-16 s against 2 parts
+benchmarks/engine_vs_vllm_cpu.py: idle, ops split over 2 threads 13.9-16.1 s against 2 parts
 17.5-18.7 s; beside two CPU hogs, 2 parts 30-33 s against one thread (what the engine ran there
 before) 35-42 s.
 
