@@ -130,3 +130,18 @@ def test_by_default_steps_split_only_while_neighbours_hold_cores(tiny_llama):
     finally:
         torch.set_num_threads(before)
     assert idle_calls == [] and busy_calls and set(busy_calls) == {2}
+
+
+def test_a_failed_part_raises_only_after_every_part_ended():
+    import time
+    workers, ended = PartWorkers(2), []
+
+    def part(fail):
+        if fail:
+            raise ValueError("bad row")
+        time.sleep(0.2)   # still running when the other part has failed
+        ended.append(True)
+    with pytest.raises(ValueError, match="bad row"):
+        workers.run(part, [(True,), (False,)])
+    assert ended == [True]
+    workers.close()

@@ -141,9 +141,9 @@ class ModelRunner:
         self.decode_kernel = self.device.type == "cpu" and paged_decode_op() is not None
         self.prefill_kernel = self.decode_kernel and mc.head_dim % 16 == 0
         # CPU: a step's sequences in independent parts, one thread each (pdserve.engine.step_split):
-        # always with step_parts N > 1; by default (None) while neighbours hold cores (busy, set by
-        # the engine between steps), as many parts as the process has threads when idle
-        self.splits = self.device.type == "cpu" and self.tp.size == 1
+        # always with step_parts N > 1; by default (None) only while neighbours hold cores (busy,
+        # set by the engine between steps), in as many parts as the engine has threads at start
+        self.can_split = self.device.type == "cpu" and self.tp.size == 1
         self.max_parts = torch.get_num_threads() if config.step_parts is None else config.step_parts
         self.busy = False
         self.part_workers: PartWorkers | None = None   # started on first use
@@ -215,7 +215,7 @@ class ModelRunner:
         """The step's rows (indices into out.seqs, in `order`) as parts for the part workers,
         or one part (pdserve.engine.step_split)."""
         parts = self.max_parts if self.config.step_parts is not None or self.busy else 1
-        if not self.splits or parts < 2 or len(order) < 2:
+        if not self.can_split or parts < 2 or len(order) < 2:
             return [order]
         mc = self.model_config
         per_token = 2 * mc.layer_params / self.tp.size

@@ -23,7 +23,7 @@ block becomes a prefix-cache hit only after the step that computed it (BlockMana
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 SPLIT_SHARE = 0.75   # the largest part's share of the step's work above which one part runs it
 
@@ -78,8 +78,10 @@ class PartWorkers:
         torch.set_num_threads(main)   # the process default, for threads started later
 
     def run(self, fn, args_per_part: list[tuple]) -> list:
-        """fn(*args) for each part on its own worker; the results in part order."""
+        """fn(*args) for each part on its own worker; the results in part order. A part that
+        fails raises here only once every part has ended: none runs on into the next step."""
         futures: list[Future] = [self.pool.submit(fn, *a) for a in args_per_part]
+        wait(futures)
         return [f.result() for f in futures]
 
     def close(self) -> None:
