@@ -20,9 +20,10 @@ reads it itself), else the count above, which then follows the machine between s
 left (at least one thread); a parallel region split over a core a neighbour holds waits for
 that neighbour's time slice at every barrier. Measured here (2 cores, 2 CPU hogs, the 64-request
 workload of benchmarks/engine_vs_vllm_cpu.py): two threads 86 s, four times their idle time.
-A step of several sequences does not split its ops at all: the engine runs it as that many
-parts, one thread each, that meet once per step (pdserve.engine.step_split); the count here
-then applies to the steps that do not split (one sequence, one long prefill). No torch import
+While other work holds cores, a step of several sequences does not split its ops at all: the
+engine runs it as parts of equal work, one thread each, that meet once per step
+(pdserve.engine.step_split); the count here then applies to the steps that do not split (one
+sequence, one long prefill). No torch import
 at module level: the router and `pdserve up` use the parsing helpers.
 """
 from __future__ import annotations
