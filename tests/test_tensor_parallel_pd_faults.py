@@ -39,7 +39,8 @@ from tiny_model import make_tiny_model
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 LEASE = 5.0                                  # --kv-lease: held KV nobody renews is freed after this
-STEP_TIMEOUT = 5.0                           # --tp-step-timeout
+STEP_TIMEOUT = 30.0                          # --tp-step-timeout, its default: only a bound here (no rank
+# freezes); at 5 s a rank 0 starved beside two CPU hogs stalled past it mid-step and its rank 1 gave up
 HEALTH_INTERVAL = 1.0
 ROUTER_TIMEOUT = 60.0                        # the router's --request-timeout (upstream read)
 PULL_TIMEOUT = KVTransferConfig.kv_pull_timeout

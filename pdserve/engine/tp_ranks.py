@@ -166,7 +166,8 @@ def rank_main(argv: list[str] | None = None) -> int:
     runner = ModelRunner(config, a.model_dir, read_hf_config(a.model_dir), a.max_positions, tp=group)
     try:
         runner.follow()
-    except RankLostError:
+    except RankLostError as e:   # said here: rank 0 sees only its peer gone
+        print(f"pdserve: tensor-parallel rank {a.rank}: {e}; exiting", file=sys.stderr, flush=True)
         return 1
     return 0
 
