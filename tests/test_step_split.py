@@ -11,7 +11,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import SamplingParams, Sequence
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
-from pdserve.engine.step_split import PartWorkers, plan_parts, row_cost
+from pdserve.engine.step_split import PartWorkers, plan_parts
 from pdserve.models.loader import read_hf_config
 from engine_drive import drive_with_logits
 from tiny_model import save_random_family
@@ -37,11 +37,20 @@ def test_no_more_parts_than_sequences():
     assert plan_parts([1.0, 1.0, 1.0], 8) == [[0], [1], [2]]
 
 
-def test_row_cost_counts_linears_pairs_and_the_sample():
-    # a decode at context 10 attends 10 keys; a 4-token prefill after 6 cached: 7+8+9+10 pairs
-    assert row_cost(1, 10, True, per_token=100, per_pair=1, per_sample=50) == 100 + 10 + 50
-    assert row_cost(4, 10, False, per_token=100, per_pair=1, per_sample=50) == 400 + 34
-    assert row_cost(3, 3, True, per_token=0, per_pair=1, per_sample=0) == 1 + 2 + 3
+def test_a_sequences_work_counts_linears_pairs_and_the_sample():
+    """What a part's share is measured in: StepShape.flops of one sequence's rows."""
+    from pdserve.engine.core import StepShape
+    from pdserve.engine.request import Sequence
+    from pdserve.models.shape import ModelShape
+    m = ModelShape("m", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1,
+                   head_dim=4, vocab_size=10)
+    per_token, per_pair, per_sample = m.flops_per_token, m.flops_per_pair, m.flops_per_sample
+    seq = Sequence("a", list(range(10)), SamplingParams(max_tokens=4))
+    seq.num_computed_tokens = 9   # a decode at context 10 attends 10 keys and samples
+    assert StepShape.of([seq], [1]).flops(m) == per_token + 10 * per_pair + per_sample
+    seq.num_computed_tokens = 6   # a 4-token prefill chunk after 6 cached: 7+8+9+10 pairs
+    assert StepShape.of([seq], [3]).flops(m) == 3 * per_token + (7 + 8 + 9) * per_pair
+    assert StepShape.of([seq], [4]).flops(m) == 4 * per_token + 34 * per_pair + per_sample
 
 
 def test_each_part_worker_runs_one_thread_and_the_caller_keeps_its_count():

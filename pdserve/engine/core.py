@@ -42,6 +42,11 @@ class StepShape:
             ns += c + n >= s.num_tokens
         return cls(pt, pairs, pkv, nd, dctx, dmax, ns)
 
+    def flops(self, model) -> float:
+        """Matmul FLOPs of the batch for a ModelShape (what the performance model prices)."""
+        return (model.flops_per_token * (self.prefill_tokens + self.decode_seqs)
+                + model.flops_per_pair * (self.pairs + self.decode_ctx) + model.flops_per_sample * self.sampled)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

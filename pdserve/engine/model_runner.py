@@ -13,11 +13,12 @@ from typing import Callable
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.engine.core import StepShape
 from pdserve.engine.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.request import Sequence, TokenLogprobs
 from pdserve.engine.sampler import SampleRow, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.engine.step_split import PartWorkers, plan_parts, row_cost
+from pdserve.engine.step_split import PartWorkers, plan_parts
 from pdserve.models.attention import AttentionMetadata, plan_decode_groups
 from pdserve.models.cpu_kernels import paged_decode_op
 from pdserve.models.decoder import CausalLM, ModelConfig
@@ -217,15 +218,7 @@ class ModelRunner:
         parts = self.max_parts if self.config.step_parts is not None or self.busy else 1
         if not self.can_split or parts < 2 or len(order) < 2:
             return [order]
-        mc = self.model_config
-        per_token = 2 * mc.layer_params / self.tp.size
-        per_pair = 4 * mc.num_layers * self.model.layout.local_heads * mc.head_dim
-        per_sample = 2 * mc.hidden_size * mc.vocab_size
-        costs = []
-        for i in order:
-            seq, n = out.seqs[i], out.num_new_tokens[i]
-            context = seq.num_computed_tokens + n
-            costs.append(row_cost(n, context, context == seq.num_tokens, per_token, per_pair, per_sample))
+        costs = [StepShape.of([out.seqs[i]], [out.num_new_tokens[i]]).flops(self.model_config) for i in order]
         groups = plan_parts(costs, parts)
         if groups is None:
             return [order]

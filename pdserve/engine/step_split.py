@@ -28,16 +28,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 SPLIT_SHARE = 0.75   # the largest part's share of the step's work above which one part runs it
 
 
-def row_cost(new_tokens: int, context: int, sampled: bool, per_token: float, per_pair: float,
-             per_sample: float) -> float:
-    """Work of one sequence's rows in a step: the linears per token, attention per (query,
-    key) pair (each new token attends to the context before it and itself), the lm_head if it
-    samples. Units are the caller's (FLOPs from the model's shapes)."""
-    first = context - new_tokens + 1   # keys seen by the first new token
-    pairs = new_tokens * (first + context) / 2
-    return new_tokens * per_token + pairs * per_pair + (per_sample if sampled else 0.0)
-
-
 def plan_parts(costs: list[float], parts: int, share: float = SPLIT_SHARE) -> list[list[int]] | None:
     """Indices of `costs` in `parts` groups of about equal sum (longest first to the lightest
     group), each group in the input's order; None when the step should run as one part."""

@@ -27,6 +27,21 @@ class ModelShape:
         return self.num_layers * (attn + 3 * h * self.intermediate_size)
 
     @property
+    def flops_per_token(self) -> int:
+        """Matmul FLOPs of one token through the decoder layers."""
+        return 2 * self.layer_params
+
+    @property
+    def flops_per_pair(self) -> int:
+        """Attention FLOPs of one (query, key) pair over all layers: QK^T and PV."""
+        return 4 * self.num_layers * self.num_heads * self.head_dim
+
+    @property
+    def flops_per_sample(self) -> int:
+        """The lm_head's FLOPs for one sampled row."""
+        return 2 * self.hidden_size * self.vocab_size
+
+    @property
     def num_params(self) -> int:
         emb = self.vocab_size * self.hidden_size
         return self.layer_params + emb * (1 if self.tie_word_embeddings else 2)

@@ -36,9 +36,9 @@ class AnalyticalPerf:
         self.flops = hw.flops * tp_size * COMPUTE_EFF
         self.bw = (mem_bw or hw.mem_bw) * tp_size * MEMORY_EFF
         self.overhead = hw.step_overhead
-        self.lp2 = 2 * model.layer_params                      # FLOPs per token through the layers
-        self.head2 = 2 * model.hidden_size * model.vocab_size  # FLOPs per sampled row
-        self.attn4 = 4 * model.num_layers * model.num_heads * model.head_dim  # per (query, key) pair
+        self.lp2 = model.flops_per_token      # FLOPs per token through the layers
+        self.head2 = model.flops_per_sample   # FLOPs per sampled row
+        self.attn4 = model.flops_per_pair     # per (query, key) pair
         self.weights = model.weight_bytes(dtype_bytes)
         self.kv_tok = model.kv_bytes_per_token(dtype_bytes)
         # two all-reduces per layer of tokens x hidden activations, ring: 2(tp-1)/tp of the data
