@@ -27,7 +27,7 @@ def op():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (9, 3)])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (9, 3), (12, 2)])   # 12/2: groups of 6, run 4 + 2
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_kernel_matches_gather_and_sdpa(op, dtype, tol, heads, kv_heads, d):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)

@@ -5,6 +5,9 @@
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -47,6 +50,20 @@ typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
 static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 static inline vf vsplat(float x) { return vf{} + x; }
+// the sum of a vector's lanes
+static inline float vsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#elif defined(__AVX2__)
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+#else
+  float r = 0.f;
+  for (int j = 0; j < VW; ++j) r += v[j];
+  return r;
+#endif
+}
 
 // e^x for x in [-87, 0] on a vector: exp_nonpos's formula, k rounded by the 1.5 * 2^23 trick
 static inline vf vexp_nonpos(vf x) {
