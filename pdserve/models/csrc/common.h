@@ -48,6 +48,13 @@ constexpr int VW = 8, REGS = 16;   // AVX2 (narrower targets: the compiler split
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
 static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+// VW bfloat16 values widened to floats (a bfloat16 is a float's upper 16 bits)
+static inline vf vload(const c10::BFloat16* p) {
+  typedef uint16_t vh __attribute__((vector_size(VW * sizeof(uint16_t))));
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vi) << 16);
+}
 static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 static inline vf vsplat(float x) { return vf{} + x; }
 // the sum of a vector's lanes

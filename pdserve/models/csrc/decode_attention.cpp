@@ -60,26 +60,26 @@ static void attend_row(const T* q, const T* cache, const int64_t* tab, int64_t n
   }
 }
 
-// float K/V of head size DC (a multiple of the vector width): GB query heads of one kv head at
-// a time, their queries and outputs held in vector registers while the kv head's K, then V, go by
-// once; per token the K slice is loaded once for all GB heads (the generic attend_row below
-// reloads it per head and reduces each dot with scalar code: 3-4x slower on one thread).
-template <int DC, int GB>
-static void attend_group_f32(const float* const* qh, const float* cache, const int64_t* tab, int64_t n,
-                             float* const* oh, int64_t bs, int64_t tok, int64_t off, int64_t v_off,
-                             float scale, int64_t prefetch, float* s) {
+// float or bfloat16 K/V of head size DC (a multiple of the vector width): GB query heads of one
+// kv head at a time, their queries and outputs held in vector registers while the kv head's K,
+// then V, go by once; per token the K slice is loaded once for all GB heads (attend_row above
+// reloads it per head and reduces each dot with scalar code: 2x slower on one thread, 1.3x on two).
+template <typename T, int DC, int GB>
+static void attend_group(const T* const* qh, const T* cache, const int64_t* tab, int64_t n,
+                         T* const* oh, int64_t bs, int64_t tok, int64_t off, int64_t v_off,
+                         float scale, int64_t prefetch, float* s) {
   constexpr int NV = DC / VW;
   vf qv[GB][NV];
   for (int g = 0; g < GB; ++g)
     for (int i = 0; i < NV; ++i) qv[g][i] = vload(qh[g] + i * VW) * scale;
   for (int64_t t0 = 0; t0 < n; t0 += bs) {   // scores
-    const float* kb = cache + tab[t0 / bs] * bs * tok + off;
-    const float* kn = prefetch && t0 + bs < n ? cache + tab[t0 / bs + 1] * bs * tok + off : nullptr;
+    const T* kb = cache + tab[t0 / bs] * bs * tok + off;
+    const T* kn = prefetch && t0 + bs < n ? cache + tab[t0 / bs + 1] * bs * tok + off : nullptr;
     const int64_t m = std::min(bs, n - t0);
     for (int64_t u = 0; u < m; ++u) {
-      const float* k = kb + u * tok;
+      const T* k = kb + u * tok;
       if (kn != nullptr)   // the next block lies anywhere: ask for it a block ahead
-        for (int64_t d = 0; d < prefetch; d += 16) __builtin_prefetch(kn + u * tok + d);
+        for (int64_t d = 0; d < prefetch; d += 64 / sizeof(T)) __builtin_prefetch(kn + u * tok + d);
       vf kv[NV];
       for (int i = 0; i < NV; ++i) kv[i] = vload(k + i * VW);
       for (int g = 0; g < GB; ++g) {
@@ -106,13 +106,13 @@ static void attend_group_f32(const float* const* qh, const float* cache, const i
   }
   vf acc[GB][NV] = {};
   for (int64_t t0 = 0; t0 < n; t0 += bs) {   // values
-    const float* vb = cache + v_off + tab[t0 / bs] * bs * tok + off;
-    const float* vn = prefetch && t0 + bs < n ? cache + v_off + tab[t0 / bs + 1] * bs * tok + off : nullptr;
+    const T* vb = cache + v_off + tab[t0 / bs] * bs * tok + off;
+    const T* vn = prefetch && t0 + bs < n ? cache + v_off + tab[t0 / bs + 1] * bs * tok + off : nullptr;
     const int64_t m = std::min(bs, n - t0);
     for (int64_t u = 0; u < m; ++u) {
-      const float* v = vb + u * tok;
+      const T* v = vb + u * tok;
       if (vn != nullptr)
-        for (int64_t d = 0; d < prefetch; d += 16) __builtin_prefetch(vn + u * tok + d);
+        for (int64_t d = 0; d < prefetch; d += 64 / sizeof(T)) __builtin_prefetch(vn + u * tok + d);
       vf vv[NV];
       for (int i = 0; i < NV; ++i) vv[i] = vload(v + i * VW);
       for (int g = 0; g < GB; ++g) {
@@ -122,20 +122,27 @@ static void attend_group_f32(const float* const* qh, const float* cache, const i
     }
   }
   for (int g = 0; g < GB; ++g)
-    for (int i = 0; i < NV; ++i) vstore(oh[g] + i * VW, acc[g][i] * inv[g]);
+    for (int i = 0; i < NV; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        vstore(oh[g] + i * VW, acc[g][i] * inv[g]);
+      } else {
+        const vf o = acc[g][i] * inv[g];
+        for (int j = 0; j < VW; ++j) oh[g][i * VW + j] = static_cast<T>(o[j]);
+      }
+    }
 }
 
-// attend_row's float path for DC % VW == 0: each kv head's query heads, up to 4 at a time
-template <int DC>
-static void attend_row_f32(const float* q, const float* cache, const int64_t* tab, int64_t n, float* out,
+// attend_row's vector path (float or bfloat16, DC % VW == 0): each kv head's query heads, up to 4 at a time
+template <typename T, int DC>
+static void attend_row_vec(const T* q, const T* cache, const int64_t* tab, int64_t n, T* out,
                            int64_t H, int64_t KVH, int64_t bs, int64_t q_head, int64_t v_off, float scale,
                            int64_t h0, int64_t h1, std::vector<float>& s) {
   const int64_t G = H / KVH, tok = KVH * DC;
   s.resize(std::min<int64_t>(G, 4) * n);
   for (int64_t kh = h0; kh < h1; ++kh) {
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      const float* qh[4];
-      float* oh[4];
+      const T* qh[4];
+      T* oh[4];
       const int64_t gb = std::min<int64_t>(4, G - g0);
       for (int64_t g = 0; g < gb; ++g) {
         qh[g] = q + (kh * G + g0 + g) * q_head;
@@ -143,10 +150,10 @@ static void attend_row_f32(const float* q, const float* cache, const int64_t* ta
       }
       const int64_t pf = g0 == 0 ? DC : 0;   // later passes over the same kv head find it in cache
       switch (gb) {
-        case 1: attend_group_f32<DC, 1>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data()); break;
-        case 2: attend_group_f32<DC, 2>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data()); break;
-        case 3: attend_group_f32<DC, 3>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data()); break;
-        default: attend_group_f32<DC, 4>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data());
+        case 1: attend_group<T, DC, 1>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data()); break;
+        case 2: attend_group<T, DC, 2>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data()); break;
+        case 3: attend_group<T, DC, 3>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data()); break;
+        default: attend_group<T, DC, 4>(qh, cache, tab, n, oh, bs, tok, kh * DC, v_off, scale, pf, s.data());
       }
     }
   }
@@ -162,8 +169,8 @@ static void decode(const T* q, const T* cache, const int64_t* tables, const int6
     std::vector<float> s;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / P, h0 = (i % P) * (KVH / P);
-      if constexpr (std::is_same_v<T, float> && DC > 0 && DC % VW == 0)
-        attend_row_f32<DC>(q + b * q_row, cache, tables + b * W, lens[b], out + b * H * D, H, KVH, bs,
+      if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && DC > 0 && DC % VW == 0)
+        attend_row_vec<T, DC>(q + b * q_row, cache, tables + b * W, lens[b], out + b * H * D, H, KVH, bs,
                            q_head, v_off, scale, h0, h0 + KVH / P, s);
       else
         attend_row<T, DC>(q + b * q_row, cache, tables + b * W, lens[b], out + b * H * D, H, KVH, D, bs,
