@@ -56,6 +56,16 @@ static inline vf vload(const c10::BFloat16* p) {
   return (vf)(__builtin_convertvector(h, vi) << 16);
 }
 static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// VW floats rounded to bfloat16 as c10::BFloat16(float) rounds them: to nearest, ties to even; NaN
+// stays a NaN
+static inline void vstore(c10::BFloat16* p, vf v) {
+  typedef uint32_t vu __attribute__((vector_size(VW * sizeof(uint32_t))));
+  typedef uint16_t vh __attribute__((vector_size(VW * sizeof(uint16_t))));
+  const vu bits = (vu)v, nan = (vu)(v != v);
+  const vu r = ((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
+  const vh h = __builtin_convertvector(r, vh);
+  std::memcpy(p, &h, sizeof h);
+}
 static inline vf vsplat(float x) { return vf{} + x; }
 // the sum of a vector's lanes
 static inline float vsum(vf v) {

@@ -132,7 +132,7 @@ static void attend_group(const T* const* qh, const T* cache, const int64_t* tab,
     }
 }
 
-// attend_row's vector path (float or bfloat16, DC % VW == 0): each kv head's query heads, up to 4 at a time
+// attend_row's vector path (float or bfloat16, DC % VW == 0): a kv head's query heads, 4 at a time
 template <typename T, int DC>
 static void attend_row_vec(const T* q, const T* cache, const int64_t* tab, int64_t n, T* out,
                            int64_t H, int64_t KVH, int64_t bs, int64_t q_head, int64_t v_off, float scale,
@@ -171,7 +171,7 @@ static void decode(const T* q, const T* cache, const int64_t* tables, const int6
       const int64_t b = i / P, h0 = (i % P) * (KVH / P);
       if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && DC > 0 && DC % VW == 0)
         attend_row_vec<T, DC>(q + b * q_row, cache, tables + b * W, lens[b], out + b * H * D, H, KVH, bs,
-                           q_head, v_off, scale, h0, h0 + KVH / P, s);
+                              q_head, v_off, scale, h0, h0 + KVH / P, s);
       else
         attend_row<T, DC>(q + b * q_row, cache, tables + b * W, lens[b], out + b * H * D, H, KVH, D, bs,
                           q_head, v_off, scale, h0, h0 + KVH / P, s);

@@ -14,14 +14,20 @@ static void silu_row(const T* g, const T* u, T* o, int64_t n, int64_t i = 0) {
   }
 }
 
-static void silu_row(const float* g, const float* u, float* o, int64_t n) {
+// float and bfloat16 rows in vectors (bfloat16 widened to float and rounded back, as the scalar loop)
+template <typename T>
+static void silu_row_vec(const T* g, const T* u, T* o, int64_t n) {
   const vf one = vsplat(1.f), zero = vsplat(0.f);
   int64_t i = 0;
   for (; i + VW <= n; i += VW) {
     const vf gv = vload(g + i), e = vexp_nonpos(gv < zero ? gv : -gv);
     vstore(o + i, gv * (gv >= zero ? one / (one + e) : e / (one + e)) * vload(u + i));
   }
-  silu_row<float>(g, u, o, n, i);
+  silu_row<T>(g, u, o, n, i);
+}
+static void silu_row(const float* g, const float* u, float* o, int64_t n) { silu_row_vec(g, u, o, n); }
+static void silu_row(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* o, int64_t n) {
+  silu_row_vec(g, u, o, n);
 }
 
 // x [T, 2I]: each row the gate's I values, then the up projection's (the merged gate/up linear's
@@ -40,12 +46,35 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+// one head of rope: o[d] = a[d] cos[d] + a[d +- h] sin[d]; float and bfloat16 in whole vectors
+// per half (the scalar loops do not vectorize for bfloat16)
+template <typename T>
+static void rope_head(const T* a, T* o, const float* ct, const float* st, int64_t D) {
+  const int64_t h = D / 2;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (h % VW == 0) {
+      for (int64_t d = 0; d < h; d += VW) {
+        const vf lo = vload(a + d), hi = vload(a + d + h);
+        vstore(o + d, lo * vload(ct + d) + hi * vload(st + d));
+        vstore(o + d + h, hi * vload(ct + d + h) + lo * vload(st + d + h));
+      }
+      return;
+    }
+  }
+  _Pragma("omp simd")
+  for (int64_t d = 0; d < h; ++d)
+    o[d] = static_cast<T>(static_cast<float>(a[d]) * ct[d] + static_cast<float>(a[d + h]) * st[d]);
+  _Pragma("omp simd")
+  for (int64_t d = h; d < D; ++d)
+    o[d] = static_cast<T>(static_cast<float>(a[d]) * ct[d] + static_cast<float>(a[d - h]) * st[d]);
+}
+
 // neox-style rotary embedding: x [T, heads, D] (rows and heads strided, as views of the merged qkv
 // output), cos/sin [T, D] laid out as RotaryEmbedding's tables (cos twice; -sin, sin): out[d] =
 // x[d] cos[d] + x[d +- D/2] sin[d], into a contiguous [T, heads, D]
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0, "x must be [T, heads, D], D even and contiguous");
-  const int64_t T = x.size(0), NH = x.size(1), D = x.size(2), h = D / 2;
+  const int64_t T = x.size(0), NH = x.size(1), D = x.size(2);
   auto c = cos.reshape({T, D}).to(at::kFloat).contiguous();
   auto sn = sin.reshape({T, D}).to(at::kFloat).contiguous();
   auto out = at::empty({T, NH, D}, x.options());
@@ -57,22 +86,12 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
     at::parallel_for(0, T * NH, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = i / NH;
-        const scalar_t* a = src + t * x.stride(0) + (i % NH) * x.stride(1);
-        scalar_t* o = dst + i * D;
-        const float* ct = cp + t * D;
-        const float* st = sp + t * D;
-        _Pragma("omp simd")
-        for (int64_t d = 0; d < h; ++d)
-          o[d] = static_cast<scalar_t>(static_cast<float>(a[d]) * ct[d] + static_cast<float>(a[d + h]) * st[d]);
-        _Pragma("omp simd")
-        for (int64_t d = h; d < D; ++d)
-          o[d] = static_cast<scalar_t>(static_cast<float>(a[d]) * ct[d] + static_cast<float>(a[d - h]) * st[d]);
+        rope_head(src + t * x.stride(0) + (i % NH) * x.stride(1), dst + i * D, cp + t * D, sp + t * D, D);
       }
     });
   });
   return out;
 }
-
 
 // one row of add_rms_norm: s = a + d (d null: s is a, not written), o = rms_norm(s) * w
 template <typename T>
@@ -88,22 +107,30 @@ static void add_rms_norm_row(const T* a, const T* d, T* s, T* o, const float* w,
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(static_cast<float>(src[i]) * r * w[i]);
 }
 
-static void add_rms_norm_row(const float* a, const float* d, float* s, float* o, const float* w, int64_t n, float eps) {
-  if (n % VW != 0) return add_rms_norm_row<float>(a, d, s, o, w, n, eps);
+// float and bfloat16 rows of whole vectors (a bfloat16 sum is rounded when stored, and normed as stored)
+template <typename T>
+static void add_rms_norm_row_vec(const T* a, const T* d, T* s, T* o, const float* w, int64_t n, float eps) {
+  if (n % VW != 0) return add_rms_norm_row<T>(a, d, s, o, w, n, eps);
   vf acc = vsplat(0.f);
   for (int64_t i = 0; i < n; i += VW) {
     vf v = vload(a + i);
     if (d) {
-      v += vload(d + i);
-      vstore(s + i, v);
+      vstore(s + i, v + vload(d + i));
+      v = vload(s + i);
     }
     acc += v * v;
   }
-  float sq = 0.f;
-  for (int j = 0; j < VW; ++j) sq += acc[j];
-  const float* src = d ? s : a;
-  const vf r = vsplat(1.f / std::sqrt(sq / static_cast<float>(n) + eps));
+  const T* src = d ? s : a;
+  const vf r = vsplat(1.f / std::sqrt(vsum(acc) / static_cast<float>(n) + eps));
   for (int64_t i = 0; i < n; i += VW) vstore(o + i, vload(src + i) * r * vload(w + i));
+}
+static void add_rms_norm_row(const float* a, const float* d, float* s, float* o, const float* w, int64_t n,
+                             float eps) {
+  add_rms_norm_row_vec(a, d, s, o, w, n, eps);
+}
+static void add_rms_norm_row(const c10::BFloat16* a, const c10::BFloat16* d, c10::BFloat16* s, c10::BFloat16* o,
+                             const float* w, int64_t n, float eps) {
+  add_rms_norm_row_vec(a, d, s, o, w, n, eps);
 }
 
 // The residual stream's add and the RMSNorm after it in one pass over each row: x [T, H] (rows
