@@ -121,14 +121,15 @@ def model_flops(model_dir: str, reqs) -> dict:
     return {"linear": linear, "attention": attn, "logits": logits, "total": linear + attn + logits}
 
 
-def matmul_peak(threads: int) -> float:
-    """Best fp32 GFLOP/s of square matmuls and of the model's own MLP shape, this process, plain
-    (torch's mm) or oneDNN-packed (what pdserve's CPU linears use where that is faster)."""
+def matmul_peak(threads: int, dtype: str = "float32") -> float:
+    """Best GFLOP/s of square matmuls and of the model's own MLP shape in the run's dtype, this
+    process, plain (torch's mm) or oneDNN-packed (what pdserve's CPU linears use where that is faster)."""
     import torch
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    dt = getattr(torch, dtype)
     best = 0.0
     for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (512, 576, 3072)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
         for f in (lambda: a @ b, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")):
             for _ in range(3):
@@ -226,10 +227,10 @@ def main() -> None:
         if eng.startswith("vllm"):
             pys[eng] = ensure_vllm(args.vllm_venv)
     flops = model_flops(model_dir, reqs)
-    peak = matmul_peak(args.threads)
+    peak = matmul_peak(args.threads, args.dtype)
     print(f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt + {sum(m for _, m in reqs)} output "
           f"tokens; matmul FLOPs {flops['total'] / 1e12:.2f} T (linear {flops['linear'] / 1e12:.2f}, "
-          f"attention {flops['attention'] / 1e12:.2f}, logits {flops['logits'] / 1e12:.2f}); fp32 matmul "
+          f"attention {flops['attention'] / 1e12:.2f}, logits {flops['logits'] / 1e12:.2f}); {args.dtype} matmul "
           f"peak {peak:.0f} GFLOP/s on {args.threads} threads -> floor {flops['total'] / peak / 1e9:.1f} s",
           flush=True)
     runs = []
