@@ -49,6 +49,12 @@ def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, thread
         import torch
         if threads:   # 0: pdserve's own placement (threads from the cores it may use, pinned)
             torch.set_num_threads(threads)
+        import logging
+        changes: list[str] = []   # the engine's thread-count changes (it yields cores to other work)
+        handler = logging.Handler()
+        handler.emit = lambda rec: changes.append(f"{time.perf_counter() - t0:.1f}s {rec.getMessage()}")
+        logging.getLogger("pdserve.cpu").addHandler(handler)
+        logging.getLogger("pdserve.cpu").setLevel(logging.INFO)
         from pdserve import SamplingParams
         from pdserve.llm import LLM
         llm = LLM(model_dir, dtype=dtype, kv_cache_memory="1GiB", max_num_seqs=64,
@@ -66,8 +72,9 @@ def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, thread
         count = lambda outs: sum(len(o.outputs[0].token_ids) for o in outs)
     startup = time.perf_counter() - t0
     gen([prompt(spec["warmup"])], [mk(8)])           # first-call costs (compilation, allocation)
-    res = {"engine": engine, "startup_s": startup}
+    res = {"engine": engine, "startup_s": startup, "tasks_at_s": {}}
     for task in tasks:
+        res["tasks_at_s"][task] = round(time.perf_counter() - t0, 1)
         if task == "workload":
             reqs = spec["requests"]
             t = time.perf_counter()
@@ -83,6 +90,8 @@ def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, thread
         elif task == "prefill2000":   # best of two, each with nothing cached
             ids = spec["long_prompt"]
             res["prefill2000_s"] = min(_timed(gen, [prompt([ids[0] + i] + ids[1:])], [mk(1)]) for i in (1, 2))
+    if engine == "pdserve":
+        res["thread_changes"] = changes
     return res
 
 

@@ -1,6 +1,22 @@
 // Decode attention straight from the paged KV cache: one query token per row (see cpu_kernels.py).
 #include "common.h"
 
+// softmax over a row's own context, unnormalised: scores s[0, n) become e^(s - max); returns
+// 1 / their sum
+static inline float softmax_weights(float* s, int64_t n) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    const float e = exp_nonpos(s[t] - mx);
+    s[t] = e;
+    sum += e;
+  }
+  return 1.f / sum;
+}
+
 // one row's attention over its KV heads [h0, h1); DC > 0: the head size, known when compiled
 // (every loop over it unrolls and its accumulators stay in registers), 0: the runtime D
 template <typename T, int DC>
@@ -29,17 +45,7 @@ static void attend_row(const T* q, const T* cache, const int64_t* tab, int64_t n
           sg[t0 + u] = dot;
         }
       }
-      float mx = -INFINITY;   // softmax over the row's own context
-#pragma omp simd reduction(max : mx)
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        const float e = exp_nonpos(sg[t] - mx);
-        sg[t] = e;
-        sum += e;
-      }
-      const float inv = 1.f / sum;
+      const float inv = softmax_weights(sg, n);
       float acc[DC > 0 ? DC : 512] = {};
       for (int64_t t0 = 0; t0 < n; t0 += bs) {
         const T* vb = cache + v_off + tab[t0 / bs] * bs * tok + kh * D;
@@ -90,20 +96,7 @@ static void attend_group(const T* const* qh, const T* cache, const int64_t* tab,
     }
   }
   float inv[GB];
-  for (int g = 0; g < GB; ++g) {   // softmax over the row's own context
-    float* sg = s + g * n;
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < n; ++t) {
-      const float e = exp_nonpos(sg[t] - mx);
-      sg[t] = e;
-      sum += e;
-    }
-    inv[g] = 1.f / sum;
-  }
+  for (int g = 0; g < GB; ++g) inv[g] = softmax_weights(s + g * n, n);
   vf acc[GB][NV] = {};
   for (int64_t t0 = 0; t0 < n; t0 += bs) {   // values
     const T* vb = cache + v_off + tab[t0 / bs] * bs * tok + off;
