@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,11 +19,39 @@ import urllib.request
 from pathlib import Path
 
 
+LOWEST_CHOSEN_PORT = 10000   # free_port draws from here up to the kernel's ephemeral range
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free now (another process may still take it before it is bound)."""
+    """A port that is free now (another process may still take it before it is bound), drawn at
+    random from below the kernel's ephemeral range where there is room. A port from that range,
+    what binding port 0 gives, is also what the kernel hands out as the local end of outgoing
+    connections: a worker's own tensor-parallel ranks connecting to each other took the port
+    chosen for its HTTP server before it was bound (EADDRINUSE, once in a full suite)."""
+    low = ephemeral_ports()[0]
+    pick = random.SystemRandom()
+    for _ in range(64 if low > LOWEST_CHOSEN_PORT + 1000 else 0):
+        port = pick.randrange(LOWEST_CHOSEN_PORT, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default where
+    it cannot be read)."""
+    try:
+        with open(path) as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class PortInUse(ValueError):
