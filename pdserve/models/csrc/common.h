@@ -47,20 +47,19 @@ constexpr int VW = 8, REGS = 16;   // AVX2 (narrower targets: the compiler split
 #endif
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(VW * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(VW * sizeof(uint16_t))));
 static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 // VW bfloat16 values widened to floats (a bfloat16 is a float's upper 16 bits)
 static inline vf vload(const c10::BFloat16* p) {
-  typedef uint16_t vh __attribute__((vector_size(VW * sizeof(uint16_t))));
   vh h;
   std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vi) << 16);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 // VW floats rounded to bfloat16 as c10::BFloat16(float) rounds them: to nearest, ties to even; NaN
 // stays a NaN
 static inline void vstore(c10::BFloat16* p, vf v) {
-  typedef uint32_t vu __attribute__((vector_size(VW * sizeof(uint32_t))));
-  typedef uint16_t vh __attribute__((vector_size(VW * sizeof(uint16_t))));
   const vu bits = (vu)v, nan = (vu)(v != v);
   const vu r = ((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
   const vh h = __builtin_convertvector(r, vh);
