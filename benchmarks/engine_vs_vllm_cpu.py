@@ -135,12 +135,16 @@ def matmul_peak(threads: int, dtype: str = "float32") -> float:
     process, plain (torch's mm) or oneDNN-packed (what pdserve's CPU linears use where that is faster)."""
     import torch
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    from pdserve.models.layers import _packable   # oneDNN packs 16-bit weights only where the CPU has them
     dt = getattr(torch, dtype)
     best = 0.0
     for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (512, 576, 3072)):
         a, b = torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
-        for f in (lambda: a @ b, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")):
+        ways = [lambda: a @ b]
+        if _packable(dt):
+            packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
+            ways.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        for f in ways:
             for _ in range(3):
                 f()
             for _ in range(5):
