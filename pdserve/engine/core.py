@@ -44,8 +44,7 @@ class StepShape:
 
     def flops(self, model) -> float:
         """Matmul FLOPs of the batch for a ModelShape (what the performance model prices)."""
-        return (model.flops_per_token * (self.prefill_tokens + self.decode_seqs)
-                + model.flops_per_pair * (self.pairs + self.decode_ctx) + model.flops_per_sample * self.sampled)
+        return model.step_flops(self.prefill_tokens + self.decode_seqs, self.pairs + self.decode_ctx, self.sampled)
 
     def to_dict(self) -> dict:
         return asdict(self)

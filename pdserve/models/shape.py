@@ -41,6 +41,11 @@ class ModelShape:
         """The lm_head's FLOPs for one sampled row."""
         return 2 * self.hidden_size * self.vocab_size
 
+    def step_flops(self, tokens: int, pairs: int, sampled: int) -> int:
+        """Matmul FLOPs of a step: `tokens` fed through the layers, `pairs` (query, key) pairs
+        attended, `sampled` rows through the lm_head."""
+        return self.flops_per_token * tokens + self.flops_per_pair * pairs + self.flops_per_sample * sampled
+
     @property
     def num_params(self) -> int:
         emb = self.vocab_size * self.hidden_size

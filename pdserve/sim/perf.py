@@ -36,9 +36,7 @@ class AnalyticalPerf:
         self.flops = hw.flops * tp_size * COMPUTE_EFF
         self.bw = (mem_bw or hw.mem_bw) * tp_size * MEMORY_EFF
         self.overhead = hw.step_overhead
-        self.lp2 = model.flops_per_token      # FLOPs per token through the layers
-        self.head2 = model.flops_per_sample   # FLOPs per sampled row
-        self.attn4 = model.flops_per_pair     # per (query, key) pair
+        self.model = model
         self.weights = model.weight_bytes(dtype_bytes)
         self.kv_tok = model.kv_bytes_per_token(dtype_bytes)
         # two all-reduces per layer of tokens x hidden activations, ring: 2(tp-1)/tp of the data
@@ -48,7 +46,7 @@ class AnalyticalPerf:
 
     def step_time(self, pt: int, pairs: int, pkv: int, nd: int, dctx: int, ns: int) -> float:
         tokens = pt + nd
-        flops = self.lp2 * tokens + self.head2 * ns + self.attn4 * (pairs + dctx)
+        flops = self.model.step_flops(tokens, pairs + dctx, ns)
         bytes_ = self.weights + self.kv_tok * (dctx + pkv + tokens)
         t = max(flops / self.flops, bytes_ / self.bw) + self.overhead
         if self.tp > 1:
