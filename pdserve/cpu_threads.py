@@ -9,7 +9,9 @@ two threads that sleep at barriers (OMP_WAIT_POLICY=PASSIVE) 8-11. So:
 
 - threads = the cores this process may use: its affinity mask, capped by the cgroup quota
   (v2 `cpu.max`, v1 `cpu.cfs_quota_us`) rounded down, at least 1;
-- idle OpenMP threads wait passively (set before torch loads libgomp, see prepare_env);
+- how idle OpenMP threads wait follows where the count came from (prepare_env, before torch
+  loads libgomp): a count taken from the cores spins a while at barriers (libgomp's default),
+  a fixed count above one sleeps (OMP_WAIT_POLICY=PASSIVE);
 - the process is pinned to the cores it was given (`--cpus`, or `pdserve up`'s split).
   Threads are not bound one per core: a bound thread cannot leave a core a neighbour
   keeps busy (measured slower under the hogs than leaving placement to the kernel).
@@ -147,9 +149,9 @@ def plan(cpus: list[int] | None = None, num_threads: int | None = None, env=None
         if num_threads < 1:
             raise ValueError("--num-threads must be >= 1")
         return Placement(allowed, num_threads, "--num-threads", pin)
-    omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if omp.isdigit() and int(omp) > 0:
-        return Placement(allowed, int(omp), "OMP_NUM_THREADS", pin)
+    omp = _env_threads(env)
+    if omp is not None:
+        return Placement(allowed, omp, "OMP_NUM_THREADS", pin)
     if limit is False:
         limit = cgroup_cpu_limit()
     n = cores_for_threads(allowed, limit)
@@ -158,23 +160,59 @@ def plan(cpus: list[int] | None = None, num_threads: int | None = None, env=None
 
 
 _late: bool | None = None   # prepare_env ran after torch was loaded (libgomp had read the env)
+_MARK = "PDSERVE_OMP_WAIT"  # beside an OMP_WAIT_POLICY pdserve chose: a child decides its own
 
 
-def prepare_env() -> None:
-    """Before torch is imported: idle OpenMP threads sleep instead of spinning (see above).
-    An explicit OMP_WAIT_POLICY / GOMP_SPINCOUNT wins. Children inherit it."""
+def wait_for(fixed_threads: int | None) -> str | None:
+    """The OMP_WAIT_POLICY for a process whose thread count is fixed at `fixed_threads` (None:
+    taken from its cores). A fixed count above one cannot step aside for a neighbour, and a
+    thread spinning at a barrier burns the time slice its partner needs: PASSIVE (measured on 2
+    cores beside 2 CPU hogs, 16 requests on 2 fixed threads: 12.4 and 14.1 s sleeping, 20.8 and
+    24.8 s spinning). A count from the cores follows the machine between steps (Yielding, step
+    parts one thread each) and keeps libgomp's default, a bounded spin: sleeping at every
+    barrier cost the idle 64-request workload 15-25% (16.8-18.7 s against 13.2-15.0)."""
+    return "PASSIVE" if fixed_threads is not None and fixed_threads > 1 else None
+
+
+def _env_threads(env) -> int | None:
+    omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(omp) if omp.isdigit() and int(omp) > 0 else None
+
+
+def prepare_env(num_threads: int | None = None) -> None:
+    """Before torch is imported, once per process (libgomp reads the environment when it loads):
+    the wait policy for this process's thread count (wait_for): `num_threads` if the caller
+    knows it, else OMP_NUM_THREADS, else one from the cores. An OMP_WAIT_POLICY or GOMP_SPINCOUNT
+    the user set wins; one a pdserve parent chose (marked) is decided again here."""
     global _late
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        if _late is None:
-            _late = "torch" in sys.modules
+    if _late is not None:
+        return
+    _late = "torch" in sys.modules
+    env = os.environ
+    if env.pop(_MARK, None) is not None:
+        env.pop("OMP_WAIT_POLICY", None)
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return
+    policy = wait_for(num_threads or _env_threads(env))
+    if policy:
+        env["OMP_WAIT_POLICY"] = env[_MARK] = policy
+
+
+def threads_in_argv(argv: list[str]) -> int | None:
+    """A command line's --num-threads, read before its parser exists (building that imports the
+    command's module, and with it torch): None where absent or not a number (the parser says)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--num-threads", default=None)
+    value = p.parse_known_args(argv)[0].num_threads
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def wait_policy() -> str:
     if "GOMP_SPINCOUNT" in os.environ:
         return f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
-    policy = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
-    return policy + (" (for child processes: torch was imported before pdserve)" if _late else "")
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    text = f"OMP_WAIT_POLICY={policy}" if policy else "OpenMP threads spin a while at barriers (libgomp's default)"
+    return text + (" (torch was imported before pdserve: its OpenMP kept the environment it found)" if _late else "")
 
 
 def apply(p: Placement) -> None:
@@ -204,7 +242,7 @@ def setup(cpus: str | list[int] | None = None, num_threads: int | None = None) -
         if isinstance(cpus, str):
             cpus = parse_cpu_list(cpus)
         _done = plan(cpus, num_threads)
-        prepare_env()   # for children; this process's libgomp may have read it already
+        prepare_env(None if _done.yielding else _done.threads)   # a no-op where it ran before
         apply(_done)
         log.info("%s", _done.describe())
     return _done

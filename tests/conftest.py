@@ -7,12 +7,13 @@ import pytest
 
 # keep the two cores for the work under test, not for oversubscribed BLAS threads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# as every pdserve process does (pdserve.cpu_threads): idle OpenMP threads sleep instead of
-# spinning, before any test module imports torch; in-process engines on a busy machine then
-# slow down in proportion instead of stalling
+# before any test module imports torch (pdserve.cpu_threads): a test process runs torch on all
+# the cores beside the suite's other worker process, a fixed count that cannot step aside, so
+# its idle OpenMP threads sleep instead of spinning and a busy machine slows it in proportion.
+# Marked as pdserve's choice: the servers the tests start decide their own, as users' do.
 from pdserve.cpu_threads import prepare_env  # noqa: E402  (no torch import)
 
-prepare_env()
+prepare_env(len(os.sched_getaffinity(0)))
 
 
 @pytest.fixture(scope="session")

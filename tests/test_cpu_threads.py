@@ -77,6 +77,15 @@ def test_explicit_choices_win():
         ct.plan(num_threads=0, env={}, affinity=aff, limit=None)
 
 
+def test_wait_policy_follows_where_the_count_came_from():
+    assert ct.wait_for(None) is None and ct.wait_for(1) is None and ct.wait_for(2) == "PASSIVE"
+    assert ct.threads_in_argv(["serve", "--model", "m", "--num-threads", "3"]) == 3
+    assert ct.threads_in_argv(["generate", "--num-threads=2", "hi"]) == 2
+    assert ct.threads_in_argv(["generate", "hi"]) is None
+    assert ct.threads_in_argv(["generate", "--num-threads", "x"]) is None   # the real parser says why
+    assert ct.threads_in_argv(["generate", "--num-t", "2"]) is None        # no guessing at abbreviations
+
+
 PROBE = """
 import json, os, sys
 from pdserve import cpu_threads
@@ -91,7 +100,8 @@ print(json.dumps({"threads": torch.get_num_threads(), "allowed": sorted(allowed)
 
 
 def probe(cpus=None, num_threads=None, env=None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")} | (env or {})
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "PDSERVE_OMP_WAIT")} | (env or {})
     out = subprocess.run([sys.executable, "-c", PROBE, json.dumps([cpus, num_threads])], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -103,11 +113,16 @@ def test_real_process_gets_its_threads_and_cores():
     mine = sorted(os.sched_getaffinity(0))
     got = probe()
     assert got["threads"] == min(len(mine), ct.cores_for_threads(mine, ct.cgroup_cpu_limit()))
-    assert got["wait"] == "PASSIVE"
+    assert got["wait"] is None                              # from the cores: libgomp's bounded spin
     assert got["allowed"] == [ct.format_cpu_list(mine)]
     got = probe(cpus=str(mine[-1]))                         # pinned: every thread on that core
     assert got["threads"] == 1 and got["allowed"] == [str(mine[-1])]
-    assert probe(num_threads=3)["threads"] == 3
+    got = probe(num_threads=3)                              # a fixed count above one sleeps
+    assert got["threads"] == 3 and got["wait"] == "PASSIVE"
+    got = probe(env={"OMP_NUM_THREADS": "2"})
+    assert got["threads"] == 2 and got["wait"] == "PASSIVE"
+    got = probe(env={"OMP_WAIT_POLICY": "PASSIVE", "PDSERVE_OMP_WAIT": "PASSIVE"})   # a pdserve parent's
+    assert got["wait"] is None
     got = probe(env={"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"})   # the user's own choice
     assert got["threads"] == 1 and got["why"] == "OMP_NUM_THREADS" and got["wait"] == "ACTIVE"
 

@@ -58,7 +58,7 @@ def _command_in(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from pdserve import cpu_threads
-    cpu_threads.prepare_env()   # before a command's module imports torch (libgomp reads it once)
+    cpu_threads.prepare_env(cpu_threads.threads_in_argv(argv))   # before a command's module imports torch
     args = build_parser(_command_in(argv)).parse_args(argv)
     level = args.log_level or ("INFO" if args.command in SERVICES else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

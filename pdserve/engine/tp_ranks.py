@@ -153,7 +153,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores", default=None)
     a = p.parse_args(argv)
     from pdserve import cpu_threads
-    cpu_threads.prepare_env()
+    cpu_threads.prepare_env(a.threads)
     from pdserve.config import EngineConfig
     from pdserve.engine.model_runner import ModelRunner
     from pdserve.models.loader import read_hf_config

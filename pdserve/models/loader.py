@@ -94,6 +94,9 @@ def convert_gguf(gguf: str) -> str:
 
 
 def _dequantize_to(gguf: str, dest: Path) -> None:
+    # transformers' model loading imports torch._dynamo, which makes its cache directory at
+    # import, under $TMPDIR unless told: a server's first start would leave it behind there
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torchinductor"))
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     d, name = os.path.dirname(gguf), os.path.basename(gguf)
