@@ -244,7 +244,7 @@ def main() -> None:
     print(f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt + {sum(m for _, m in reqs)} output "
           f"tokens; matmul FLOPs {flops['total'] / 1e12:.2f} T (linear {flops['linear'] / 1e12:.2f}, "
           f"attention {flops['attention'] / 1e12:.2f}, logits {flops['logits'] / 1e12:.2f}); {args.dtype} matmul "
-          f"peak {peak:.0f} GFLOP/s on {args.threads} threads -> floor {flops['total'] / peak / 1e9:.1f} s",
+          f"peak {peak:.0f} GFLOP/s on {args.threads or len(os.sched_getaffinity(0))} threads -> floor {flops['total'] / peak / 1e9:.1f} s",
           flush=True)
     runs = []
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

@@ -4,7 +4,8 @@ is a strided view (as the merged qkv projection gives), half-precision caches, h
 kernel compiles in (64, 128) and any other, fewer rows than threads (a row split by its heads),
 and scores far apart (the polynomial e^x at the bottom of its range). The prefill kernel against
 paged_attention's SDPA path in the same ways, plus prompt chunks after a cached prefix, block
-sizes 4-32, head sizes 32/64/80/128, and a row that must not see the keys after it."""
+sizes 4-32, head sizes 32/64/80/128, and a row that must not see the keys after it. The
+float32 linear from packed panels against torch's, alone and inside the model's modules."""
 import os
 import shutil
 
@@ -230,3 +231,49 @@ def test_add_rms_norm_matches_torch(op, dtype, tol, hidden, with_delta):
     assert s.dtype == n.dtype == dtype
     torch.testing.assert_close(s, s_want, atol=0, rtol=0)       # the sum rounded as x + delta is
     torch.testing.assert_close(n.float(), n_want, atol=tol, rtol=tol)
+
+
+# rows: one, a partial tile, whole tiles, past a row block (96), a prompt chunk; columns: whole
+# panels (48 on AVX-512, 24 on AVX2) and not; k: within one block (576) and across blocks
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 64, 97, 300])
+@pytest.mark.parametrize("k,n", [(576, 960), (100, 37), (1536, 576), (1200, 50)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_torch(op, rows, k, n, bias):
+    from pdserve.models.cpu_kernels import linear_op
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(rows, k + 5, generator=g)[:, :k]   # rows with a stride of their own
+    packed = torch.ops.pdserve_cpu.pack_linear(w)
+    y = linear_op()(x, packed, n, b)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, atol=1e-4 * k ** 0.5, rtol=1e-5)
+    assert linear_op()(x[:0], packed, n, b).shape == (0, n)
+
+
+def test_linear_refuses_a_packed_weight_of_another_shape(op):
+    from pdserve.models.cpu_kernels import linear_op
+    packed = torch.ops.pdserve_cpu.pack_linear(torch.randn(50, 64))
+    with pytest.raises(RuntimeError, match="does not match"):
+        linear_op()(torch.randn(2, 63), packed, 50, None)
+    with pytest.raises(RuntimeError, match="does not match"):
+        linear_op()(torch.randn(2, 64), packed, 200, None)   # more columns than the panels hold
+
+
+def test_packed_modules_give_the_plain_ones_results(op):
+    """pack_linears_for_cpu on float32: every Linear in pdserve's panels, the plain weight gone
+    unless shared (a tied lm_head's is the embedding's); outputs as before, also for 3-d input."""
+    from pdserve.models.layers import Linear, MergedLinear, pack_linears_for_cpu
+    torch.manual_seed(0)
+    m = torch.nn.ModuleDict({"qkv": MergedLinear(64, {"q": 64, "k": 16, "v": 16}, bias=True),
+                             "o": Linear(64, 64, bias=False), "emb": torch.nn.Embedding(10, 64),
+                             "head": Linear(64, 10, bias=False)})
+    m["head"].weight = m["emb"].weight
+    x = torch.randn(3, 4, 64)
+    want = {name: mod(x) for name, mod in m.items() if name != "emb"}
+    assert pack_linears_for_cpu(m) == 3
+    assert all(m[name].panels is not None and m[name].packed is None for name in want)
+    assert m["qkv"].weight is None and m["o"].weight is None and m["head"].weight is m["emb"].weight
+    for name, y in want.items():
+        torch.testing.assert_close(m[name](x), y, atol=1e-4, rtol=1e-5)

@@ -59,15 +59,16 @@ NATIVE_CPU_DTYPE_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.flo
 
 
 def packs_on_cpu(dtype: torch.dtype) -> bool:
-    """Whether the CPU linears run from oneDNN-packed weights. bfloat16: always (1.3-1.45x per
+    """Whether the CPU linears run from packed weights (Linear.pack_for_cpu: float32 in pdserve's
+    own panels where the CPU kernels build, else and for 16-bit oneDNN's layout). bfloat16: always (1.3-1.45x per
     linear at 1-256 rows). float32: on x86 CPUs with AVX2 or AVX-512. Measured on this project's
     2-core AVX-512 host: packed 2.3-2.8x faster from 8 rows and as fast at 1 (a 2,000-token
     prefill 1.54x, decode at batch 32 1.32x). On a 2-core AVX2 host (2 threads, GFLOP/s plain /
     packed, best of 4): 16-128 rows 57-113 / 75-140, 1,024 rows 127-161 / 140-144, the 49,152-wide
     lm_head 39-88 / 89-140; at 1 row the layers' own linears are 10-40% slower packed but the
     lm_head 2.3x faster, per token 31 / 26 ms in all; the 64-request workload of
-    benchmarks/engine_vs_vllm_cpu.py 44.2 s plain, 38.0 s packed. $PDSERVE_CPU_PACK=0/1
-    overrides (for measurements)."""
+    benchmarks/engine_vs_vllm_cpu.py 44.2 s plain, 38.0 s packed (both oneDNN's).
+    $PDSERVE_CPU_PACK=0/1 overrides (for measurements)."""
     env = os.environ.get("PDSERVE_CPU_PACK")
     if env in ("0", "1"):
         return env == "1"
@@ -112,7 +113,7 @@ class ModelRunner:
         load_weights(self.model, model_dir)
         self.model.rope.float()  # keep cos/sin in float32 whatever the weights' dtype
         if self.device.type == "cpu" and packs_on_cpu(self.dtype):
-            # oneDNN-packed weights: the matmul stops re-packing each weight on every call
+            # packed weights: the matmul stops re-packing each weight on every call
             pack_linears_for_cpu(self.model)
         self.model.eval()
         self.sampler = Sampler(config.seed)

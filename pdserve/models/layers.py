@@ -41,19 +41,32 @@ def _add_rms_norm_op():
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can run from a oneDNN-packed copy of its weight on CPU (pack_for_cpu)."""
+    """nn.Linear that can run from a packed copy of its weight on CPU (pack_for_cpu): float32 in
+    the panels of pdserve's own kernel (models/cpu_kernels.py) where that library builds, else in
+    oneDNN's blocked layout."""
     packed: torch.Tensor | None = None
+    panels: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None:
+            rows = x.reshape(-1, x.shape[-1])
+            rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+            y = torch.ops.pdserve_cpu.linear(rows, self.panels, self.out_features, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def pack_for_cpu(self, batch_hint: int = 64, keep_weight: bool = False) -> None:
-        """Reorder the weight once into oneDNN's blocked layout: the matmul no longer re-packs
-        it on every call. The plain weight is dropped (never two copies) unless another module
-        shares it (a tied lm_head: the embedding keeps it anyway)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        """Reorder the weight once: the matmul no longer re-packs it on every call. The plain
+        weight is dropped (never two copies) unless another module shares it (a tied lm_head:
+        the embedding keeps it anyway)."""
+        from pdserve.models.cpu_kernels import linear_op
+        w = self.weight.detach()
+        if w.dtype == torch.float32 and linear_op() is not None:
+            self.panels = torch.ops.pdserve_cpu.pack_linear(w)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
         if not keep_weight:
             self.weight = None
 

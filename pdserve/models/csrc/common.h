@@ -66,6 +66,16 @@ static inline void vstore(c10::BFloat16* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 static inline vf vsplat(float x) { return vf{} + x; }
+// *p in every lane, loaded as a broadcast (vsplat of a loaded float costs an add and a shuffle)
+static inline vf vbcast(const float* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(*p);
+#elif defined(__AVX2__)
+  return (vf)_mm256_broadcast_ss(p);
+#else
+  return vsplat(*p);
+#endif
+}
 // the sum of a vector's lanes
 static inline float vsum(vf v) {
 #if defined(__AVX512F__)

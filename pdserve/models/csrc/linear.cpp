@@ -1,0 +1,111 @@
+// float32 linears from a weight packed once into panels of output columns (see cpu_kernels.py):
+// y[M, N] = x[M, K] W^T (+ bias), W kept as [P = ceil(N / NR)][K][NR], zero past N.
+#include "common.h"
+
+constexpr int NV = 3, NR = NV * VW;       // a panel: NV vectors of output columns
+constexpr int MR = REGS >= 32 ? 8 : 4;    // rows per tile: MR * NV accumulators + NV weights + 1 in registers
+constexpr int64_t MB = 96;                // rows per block: their inputs stay in this core's cache across the panels
+constexpr int64_t KB = 576;               // k per block: a panel's block stays in L2 across a row block's tiles
+
+at::Tensor pack_linear(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_linear: w must be [N, K] float32");
+  const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
+  auto padded = at::zeros({P * NR, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({P, NR, K}).transpose(1, 2).contiguous();
+}
+
+// acc[MR rows][NR columns] over k in [k0, k1) of one panel, added to c (first: from zero); pf,
+// when given, is the weight block after this one, fetched towards the cache meanwhile (the first
+// tile of a block reads its weights from memory, the others from L1)
+template <int R>
+static inline void tile(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* c, int64_t ldc,
+                        bool first, const float* pf) {
+  vf acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[r][j] = first ? vsplat(0.f) : vload(c + r * ldc + j * VW);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* wk = w + k * NR;
+    if (pf) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(pf + (k - k0) * NR + j * VW, 0, 2);
+    }
+    vf wv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) wv[j] = vload(wk + j * VW);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf xv = vbcast(x + r * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] += xv * wv[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) vstore(c + r * ldc + j * VW, acc[r][j]);
+}
+
+template <int R>
+static void tile_rows(int rows, const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* c,
+                      int64_t ldc, bool first, const float* pf) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile_rows<R - 1>(rows, x, ldx, w, k0, k1, c, ldc, first, pf);
+  }
+  tile<R>(x, ldx, w, k0, k1, c, ldc, first, pf);
+}
+
+// the threads take panels; each goes through the rows a block at a time, and within a block through
+// its panels: the block's inputs stay in this core's cache while the panels stream past
+static void linear_tiled(const float* X, int64_t ldx, int64_t M, int64_t K, const float* W, int64_t P, float* Y,
+                         int64_t N) {
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<float> tail;   // the last panel's outputs when N is not a multiple of NR
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int64_t m1 = std::min(M, m0 + MB);
+      for (int64_t p = pb; p < pe; ++p) {
+        const float* w = W + p * K * NR;
+        const int64_t n0 = p * NR, cols = std::min<int64_t>(NR, N - n0);
+        float* c = Y + m0 * N + n0;
+        int64_t ldc = N;
+        if (cols < NR) {
+          tail.assign((m1 - m0) * NR, 0.f);
+          c = tail.data();
+          ldc = NR;
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += KB) {
+          const int64_t k1 = std::min(K, k0 + KB);
+          for (int64_t m = m0; m < m1; m += MR)   // the next block (of this panel or the next) meanwhile
+            tile_rows<MR>((int)std::min<int64_t>(MR, m1 - m), X + m * ldx, ldx, w, k0, k1, c + (m - m0) * ldc, ldc,
+                          k0 == 0, m == m0 ? w + k1 * NR : nullptr);
+        }
+        if (cols < NR)
+          for (int64_t m = m0; m < m1; ++m) std::memcpy(Y + m * N + n0, c + (m - m0) * ldc, cols * sizeof(float));
+      }
+    }
+  });
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
+              "linear: x must be [M, K] float32 with contiguous rows");
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(1) == x.size(1) && packed.size(2) == NR &&
+                  packed.size(0) * NR >= N && (packed.size(0) - 1) * NR < N,
+              "linear: the packed weight does not match x or N");
+  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
+  auto y = at::empty({M, N}, x.options());
+  linear_tiled(x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), P, y.data_ptr<float>(), N);
+  if (bias && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
+  m.def("pack_linear(Tensor w) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
+  m.impl("pack_linear", &pack_linear);
+  m.impl("linear", &linear);
+}
