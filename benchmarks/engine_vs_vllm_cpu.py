@@ -46,6 +46,8 @@ def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, thread
         spec = json.load(f)
     t0 = time.perf_counter()
     if engine == "pdserve":
+        from pdserve import cpu_threads
+        cpu_threads.prepare_env(threads or None)   # before torch loads, as in every pdserve process
         import torch
         if threads:   # 0: pdserve's own placement (threads from the cores it may use, pinned)
             torch.set_num_threads(threads)
