@@ -159,7 +159,7 @@ def plan(cpus: list[int] | None = None, num_threads: int | None = None, env=None
     return Placement(allowed, n, why, pin, yielding=n > 1)
 
 
-_late: bool | None = None   # prepare_env ran after torch was loaded (libgomp had read the env)
+_late: bool | None = None   # None: prepare_env has not run; else whether torch was loaded before it
 _MARK = "PDSERVE_OMP_WAIT"  # beside an OMP_WAIT_POLICY pdserve chose: a child decides its own
 
 
@@ -169,8 +169,11 @@ def wait_for(fixed_threads: int | None) -> str | None:
     thread spinning at a barrier burns the time slice its partner needs: PASSIVE (measured on 2
     cores beside 2 CPU hogs, 16 requests on 2 fixed threads: 12.4 and 14.1 s sleeping, 20.8 and
     24.8 s spinning). A count from the cores follows the machine between steps (Yielding, step
-    parts one thread each) and keeps libgomp's default, a bounded spin: sleeping at every
-    barrier cost the idle 64-request workload 15-25% (16.8-18.7 s against 13.2-15.0)."""
+    parts one thread each) and keeps libgomp's default, a bounded spin: on a 2-core AMD host,
+    sleeping at every barrier cost the idle 64-request workload 15-25% in-process (PASSIVE
+    16.8-18.7 s; spinning: ACTIVE 13.2-15.0, GOMP_SPINCOUNT=100000 14.7-16.8); served by
+    `pdserve serve` on a 2-core Intel host the two were alike (PASSIVE 19.6-19.9 s, default
+    20.0-20.1)."""
     return "PASSIVE" if fixed_threads is not None and fixed_threads > 1 else None
 
 
@@ -254,13 +257,15 @@ class Yielding:
     ours running, /proc/self/task) averaged over the last `window` samples, one per `interval`
     seconds at most; threads = the placement's count minus those, at least 1. Counting our own
     second thread as a neighbour made an idle engine flip between 1 and 2 threads every few
-    steps (the 64-request workload 27.1 s against 21.7 s on a fixed 2). Readers and clock are
-    injectable."""
+    steps (the 64-request workload 27.1 s against 21.7 s on a fixed 2). The count moves only once
+    the average is `margin` past the halfway point between counts: a neighbour runnable about
+    half the time (the client or the router beside a served worker) flipped it between 2 and 1
+    every few steps. Readers and clock are injectable."""
 
     def __init__(self, full: int, window: int = 8, interval: float = 0.1, read=None, clock=None,
-                 set_threads=None, own=None):
+                 set_threads=None, own=None, margin: float = 0.25):
         import time
-        self.full, self.now, self.window, self.interval = full, full, window, interval
+        self.full, self.now, self.window, self.interval, self.margin = full, full, window, interval, margin
         self.read = read or (lambda: open("/proc/loadavg").read())
         self.own = own or own_running_threads
         self.clock = clock or time.monotonic
@@ -280,6 +285,8 @@ class Yielding:
             return self.now
         self.samples = (self.samples + [max(0, running - self.own())])[-self.window:]
         busy = sum(self.samples) / len(self.samples)
+        if abs(busy - (self.full - self.now)) < 0.5 + self.margin:   # near what the count assumes
+            return self.now
         want = max(1, min(self.full, self.full - math.floor(busy + 0.5)))
         if want != self.now:
             log.info("torch threads %d -> %d: %.1f other runnable task(s) on the machine", self.now, want, busy)

@@ -149,6 +149,27 @@ def test_threads_step_aside_while_neighbours_hold_cores_and_come_back():
     assert y.now == 2 and set_to == [1, 2]         # the neighbours left: both again
 
 
+def test_a_neighbour_running_half_the_time_does_not_flip_the_count():
+    from pdserve.cpu_threads import Yielding
+    others, t, set_to = [0], [0.0], []
+    y = Yielding(2, window=4, interval=0.1, read=lambda: f"0.1 0.2 0.3 {others[0] + 1}/90 1", clock=lambda: t[0],
+                 set_threads=set_to.append, own=lambda: 1)
+
+    def tick(*pattern):
+        for n in pattern:
+            others[0] = n
+            t[0] += 0.2
+            y.tick()
+    tick(0, 0, 0, 0, *[1, 0] * 8)           # a neighbour half the time: both cores still
+    assert y.now == 2 and set_to == []
+    tick(1, 1)                              # three samples of four (0.75): one core left
+    assert y.now == 1 and set_to == [1]
+    tick(*[0, 1] * 8)                       # half the time again: one core still
+    assert y.now == 1 and set_to == [1]
+    tick(0, 0)                              # one sample of four (0.25): both again
+    assert y.now == 2 and set_to == [1, 2]
+
+
 def test_own_running_threads_counts_this_process_only():
     import hashlib
     import threading

@@ -17,7 +17,7 @@ at::Tensor pack_linear(const at::Tensor& w) {
 
 // acc[MR rows][NR columns] over k in [k0, k1) of one panel, added to c (first: from zero); pf,
 // when given, is the weight block after this one, fetched towards the cache meanwhile (the first
-// tile of a block reads its weights from memory, the others from L1)
+// tile of a block reads its weights from memory, the others from this core's cache)
 template <int R>
 static inline void tile(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* c, int64_t ldc,
                         bool first, const float* pf) {
