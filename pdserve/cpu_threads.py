@@ -159,6 +159,7 @@ def plan(cpus: list[int] | None = None, num_threads: int | None = None, env=None
     return Placement(allowed, n, why, pin, yielding=n > 1)
 
 
+NUM_THREADS_FLAG = "--num-threads"   # the commands' flag (add_arguments), also read before parsing
 _late: bool | None = None   # None: prepare_env has not run; else whether torch was loaded before it
 _MARK = "PDSERVE_OMP_WAIT"  # beside an OMP_WAIT_POLICY pdserve chose: a child decides its own
 
@@ -205,7 +206,7 @@ def threads_in_argv(argv: list[str]) -> int | None:
     """A command line's --num-threads, read before its parser exists (building that imports the
     command's module, and with it torch): None where absent or not a number (the parser says)."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--num-threads", default=None)
+    p.add_argument(NUM_THREADS_FLAG, default=None)
     value = p.parse_known_args(argv)[0].num_threads
     return int(value) if value is not None and value.isdigit() else None
 
@@ -326,7 +327,7 @@ def setup_from_args(args: argparse.Namespace) -> Placement:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CPU threads")
-    g.add_argument("--num-threads", type=int, default=None, metavar="N",
+    g.add_argument(NUM_THREADS_FLAG, type=int, default=None, metavar="N",
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else the cores this process may use: "
                         "affinity mask capped by the cgroup CPU quota)")
     g.add_argument("--cpus", default=None, metavar="LIST",

@@ -60,8 +60,8 @@ NATIVE_CPU_DTYPE_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.flo
 
 def packs_on_cpu(dtype: torch.dtype) -> bool:
     """Whether the CPU linears run from packed weights (Linear.pack_for_cpu: float32 in pdserve's
-    own panels where the CPU kernels build, else and for 16-bit oneDNN's layout). bfloat16: always (1.3-1.45x per
-    linear at 1-256 rows). float32: on x86 CPUs with AVX2 or AVX-512. Measured on this project's
+    own panels where the CPU kernels build; 16-bit, and float32 elsewhere, in oneDNN's layout).
+    bfloat16: always (1.3-1.45x per linear at 1-256 rows). float32: on x86 CPUs with AVX2 or AVX-512. Measured on this project's
     2-core AVX-512 host: packed 2.3-2.8x faster from 8 rows and as fast at 1 (a 2,000-token
     prefill 1.54x, decode at batch 32 1.32x). On a 2-core AVX2 host (2 threads, GFLOP/s plain /
     packed, best of 4): 16-128 rows 57-113 / 75-140, 1,024 rows 127-161 / 140-144, the 49,152-wide
