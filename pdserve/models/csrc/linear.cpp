@@ -15,12 +15,20 @@ at::Tensor pack_linear(const at::Tensor& w) {
   return padded.view({P, NR, K}).transpose(1, 2).contiguous();
 }
 
-// acc[MR rows][NR columns] over k in [k0, k1) of one panel, added to c (first: from zero); pf,
-// when given, is the weight block after this one, fetched towards the cache meanwhile (the first
-// tile of a block reads its weights from memory, the others from this core's cache)
+// a share of the next weight block, fetched towards this core's cache while a tile runs: `lines`
+// cache lines from `at`, `per_k` of them each k step
+struct Prefetch {
+  const char* at;
+  int64_t lines;
+  int per_k;
+};
+
+// acc[MR rows][NR columns] over k in [k0, k1) of one panel, added to c (first: from zero), while
+// fetching pf's share of the weight block after this one: a row block's tiles share the fetch out,
+// so the weights stream from memory at an even pace instead of in a burst at the block's first tile
 template <int R>
 static inline void tile(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* c, int64_t ldc,
-                        bool first, const float* pf) {
+                        bool first, Prefetch pf) {
   vf acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -28,9 +36,10 @@ static inline void tile(const float* x, int64_t ldx, const float* w, int64_t k0,
     for (int j = 0; j < NV; ++j) acc[r][j] = first ? vsplat(0.f) : vload(c + r * ldc + j * VW);
   for (int64_t k = k0; k < k1; ++k) {
     const float* wk = w + k * NR;
-    if (pf) {
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(pf + (k - k0) * NR + j * VW, 0, 2);
+    if (pf.lines > 0) {
+      for (int j = 0; j < pf.per_k; ++j) __builtin_prefetch(pf.at + 64 * j, 0, 2);
+      pf.at += 64 * pf.per_k;
+      pf.lines -= pf.per_k;
     }
     vf wv[NV];
 #pragma GCC unroll 8
@@ -50,7 +59,7 @@ static inline void tile(const float* x, int64_t ldx, const float* w, int64_t k0,
 
 template <int R>
 static void tile_rows(int rows, const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* c,
-                      int64_t ldc, bool first, const float* pf) {
+                      int64_t ldc, bool first, Prefetch pf) {
   if constexpr (R > 1) {
     if (rows < R) return tile_rows<R - 1>(rows, x, ldx, w, k0, k1, c, ldc, first, pf);
   }
@@ -76,10 +85,14 @@ static void linear_tiled(const float* X, int64_t ldx, int64_t M, int64_t K, cons
           ldc = NR;
         }
         for (int64_t k0 = 0; k0 < K; k0 += KB) {
-          const int64_t k1 = std::min(K, k0 + KB);
-          for (int64_t m = m0; m < m1; m += MR)   // the next block (of this panel or the next) meanwhile
+          const int64_t k1 = std::min(K, k0 + KB), tiles = (m1 - m0 + MR - 1) / MR;
+          // the next block (of this panel or the next; as long as this one), a share per tile
+          const int64_t lines = (k1 - k0) * NR * (int64_t)sizeof(float) / 64, share = (lines + tiles - 1) / tiles;
+          const int per_k = (int)((share + (k1 - k0) - 1) / (k1 - k0));
+          const char* next = reinterpret_cast<const char*>(w + k1 * NR);
+          for (int64_t m = m0, t = 0; m < m1; m += MR, ++t)
             tile_rows<MR>((int)std::min<int64_t>(MR, m1 - m), X + m * ldx, ldx, w, k0, k1, c + (m - m0) * ldc, ldc,
-                          k0 == 0, m == m0 ? w + k1 * NR : nullptr);
+                          k0 == 0, Prefetch{next + 64 * t * share, std::min(share, lines - t * share), per_k});
         }
         if (cols < NR)
           for (int64_t m = m0; m < m1; ++m) std::memcpy(Y + m * N + n0, c + (m - m0) * ldc, cols * sizeof(float));
