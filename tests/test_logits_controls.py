@@ -104,6 +104,18 @@ def test_sampler_greedy_follows_controlled_logits_and_reports_raw_logprobs():
     assert lps[0].top[0][0] == top
 
 
+def test_greedy_takes_the_first_of_tied_tokens():
+    """A greedy row's token is the first index of its largest logit (argmax's rule), a tie
+    included (a logit_bias of several tokens to one value makes one)."""
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5))
+    logits[0, [7, 3, 11]] = 50.0
+    logits[1] = 1.0
+    logits[2, [5, 9]] = float("nan")   # a NaN propagates, as in argmax: the first one
+    g = SamplingParams(temperature=0)
+    tokens, _ = Sampler()(logits.clone(), [SampleRow(g, 1, ()) for _ in range(3)])
+    assert tokens == [3, 0, 5] == logits.argmax(-1).tolist()
+
+
 @pytest.mark.parametrize("kw,param", [({"presence_penalty": 2.5}, "presence_penalty"),
                                       ({"frequency_penalty": -3}, "frequency_penalty"),
                                       ({"repetition_penalty": 0}, "repetition_penalty"),
