@@ -277,3 +277,42 @@ def test_packed_modules_give_the_plain_ones_results(op):
     assert m["qkv"].weight is None and m["o"].weight is None and m["head"].weight is m["emb"].weight
     for name, y in want.items():
         torch.testing.assert_close(m[name](x), y, atol=1e-4, rtol=1e-5)
+
+
+# I: whole panels (96 is 2 of AVX-512's 48-column panels, 4 of AVX2's 24); rows and k as above
+@pytest.mark.parametrize("rows", [1, 5, 9, 97])
+@pytest.mark.parametrize("k", [64, 576, 1300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_silu_mul_matches_the_two_ops(op, rows, k, bias):
+    """silu(gate) * up out of the merged gate/up panels: torch's result in double, and bit for bit
+    what the linear followed by silu_and_mul gives (the fused MLP changes no number)."""
+    from pdserve.models.cpu_kernels import linear_op, silu_and_mul_op
+    inter = 96
+    g = torch.Generator().manual_seed(rows * 3 + k)
+    w = torch.randn(2 * inter, k, generator=g) * 0.05
+    b = torch.randn(2 * inter, generator=g) if bias else None
+    x = torch.randn(rows, k + 3, generator=g)[:, :k]
+    packed = torch.ops.pdserve_cpu.pack_linear(w)
+    y = torch.ops.pdserve_cpu.linear_silu_mul(x, packed, inter, b)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(y.double(), torch.nn.functional.silu(ref[:, :inter]) * ref[:, inter:],
+                               atol=1e-4 * k ** 0.5, rtol=1e-5)
+    assert torch.equal(y, silu_and_mul_op()(linear_op()(x, packed, 2 * inter, b)))
+
+
+def test_linear_silu_mul_refuses_a_split_panel(op):
+    """I must fill whole panels (the gated MLP takes the two ops otherwise)."""
+    packed = torch.ops.pdserve_cpu.pack_linear(torch.randn(2 * 40, 64))
+    with pytest.raises(RuntimeError, match="multiple of"):
+        torch.ops.pdserve_cpu.linear_silu_mul(torch.randn(2, 64), packed, 40, None)
+
+
+@pytest.mark.parametrize("inter", [96, 40])   # the fused op, and the two ops where I splits a panel
+def test_packed_gated_mlp_gives_the_plain_ones_results(op, inter):
+    from pdserve.models.layers import GatedMLP, pack_linears_for_cpu
+    torch.manual_seed(1)
+    mlp = GatedMLP(64, inter, bias=True)
+    x = torch.randn(6, 64)
+    want = mlp(x)
+    assert pack_linears_for_cpu(mlp) == 2
+    torch.testing.assert_close(mlp(x), want, atol=1e-4, rtol=1e-5)

@@ -129,7 +129,13 @@ class GatedMLP(nn.Module):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gu, inter = self.gate_up_proj, self.gate_up_proj.out_features // 2
+        if gu.panels is not None and inter % gu.panels.shape[2] == 0 and x.dim() == 2 and x.stride(-1) == 1:
+            # pdserve's panels (float32 on CPU): silu(gate) * up out of the matmul's own tiles
+            h = torch.ops.pdserve_cpu.linear_silu_mul(x, gu.panels, inter, gu.bias)
+        else:
+            h = silu_and_mul(gu(x))
+        y = self.down_proj(h)
         return self.tp.all_reduce(y) if self.tp is not None else y
 
 
