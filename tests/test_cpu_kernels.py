@@ -316,3 +316,22 @@ def test_packed_gated_mlp_gives_the_plain_ones_results(op, inter):
     want = mlp(x)
     assert pack_linears_for_cpu(mlp) == 2
     torch.testing.assert_close(mlp(x), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_puts_each_token_in_its_slot(op, dtype):
+    """The C++ write_kv (k and v as strided views of a merged qkv output) leaves the cache as
+    torch's indexed assignment does, and refuses a slot outside the cache."""
+    from pdserve.models.cpu_kernels import write_kv_op
+    g = torch.Generator().manual_seed(4)
+    cache = torch.randn(2, 6, 4, 3, 8, generator=g).to(dtype)
+    qkv = torch.randn(5, (9 + 3 + 3) * 8, generator=g).to(dtype)
+    k, v = qkv[:, 72:96].view(5, 3, 8), qkv[:, 96:].view(5, 3, 8)
+    slots = torch.tensor([3, 17, 0, 23, 8])
+    want = cache.clone()
+    want[0].view(-1, 3, 8)[slots] = k
+    want[1].view(-1, 3, 8)[slots] = v
+    write_kv_op()(cache, k, v, slots)
+    assert torch.equal(cache, want)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        write_kv_op()(cache, k, v, torch.tensor([0, 1, 2, 3, 24]))

@@ -43,6 +43,11 @@ class AttentionMetadata:
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """cache: [2, num_blocks, block_size, kv_heads, head_dim] of one layer."""
+    if cache.device.type == "cpu" and k.stride(-1) == 1 and v.stride(-1) == 1:
+        from pdserve.models.cpu_kernels import write_kv_op
+        op = write_kv_op()
+        if op is not None:
+            return op(cache, k, v, slots)
     kv_heads, head_dim = cache.shape[-2:]
     cache[0].view(-1, kv_heads, head_dim)[slots] = k
     cache[1].view(-1, kv_heads, head_dim)[slots] = v
@@ -52,6 +57,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for this step's tokens. Returns [T, H, D]."""
     write_kv(cache, k, v, meta.slot_mapping)
+    groups = meta.decode_groups
+    if groups is None and meta.decode_block_tables is not None:
+        groups = [(meta.decode_block_tables.shape[0], meta.decode_block_tables, meta.decode_mask,
+                   meta.decode_context_lens)]
+    if not meta.prefill_query_lens and groups and len(groups) == 1 and groups[0][2] is None:
+        from pdserve.models.cpu_kernels import paged_decode_op   # a decode-only step: the kernel's output as is
+        return paged_decode_op()(q, cache, groups[0][1], groups[0][3], scale)
     out = torch.empty_like(q)
     start = 0
     if meta.prefill_kernel_args is not None:   # every prompt chunk in one call, from the cache in place
@@ -75,10 +87,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             scale=scale, enable_gqa=True)
         out[start:start + qlen] = o.squeeze(0).transpose(0, 1)
         start += qlen
-    groups = meta.decode_groups
-    if groups is None and meta.decode_block_tables is not None:
-        groups = [(meta.decode_block_tables.shape[0], meta.decode_block_tables, meta.decode_mask,
-                   meta.decode_context_lens)]
     for rows, tables, mask, lens in groups or ():
         if mask is None:
             from pdserve.models.cpu_kernels import paged_decode_op

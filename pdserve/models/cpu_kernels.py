@@ -1,7 +1,7 @@
 """CPU ops as a small C++ library built on first use (the sources: csrc/, one op family per
 file, compiled as one unit): decode and prefill attention straight from the paged KV cache; the
 float32 linears from packed weights; the gated MLP's silu(gate) * up, the rotary embedding,
-and the residual add with the RMSNorm after it, each in one pass.
+the residual add with the RMSNorm after it, and the step's K and V into the cache, each in one pass.
 
 The torch backend gathers each decode row's KV blocks into a padded copy and then runs SDPA on
 it: per step that copies every row's whole context, for every layer, and pads it to the
@@ -114,6 +114,11 @@ def add_rms_norm_op():
 def silu_and_mul_op():
     """torch.ops.pdserve_cpu.silu_and_mul (None as paged_decode_op)."""
     return torch.ops.pdserve_cpu.silu_and_mul if _library() else None
+
+
+def write_kv_op():
+    """torch.ops.pdserve_cpu.write_kv (None as paged_decode_op)."""
+    return torch.ops.pdserve_cpu.write_kv if _library() else None
 
 
 def rope_op():

@@ -1,5 +1,5 @@
 // The elementwise ops around the linears, each in one pass: silu(gate) * up, the rotary embedding,
-// the residual add with the RMSNorm after it.
+// the residual add with the RMSNorm after it, this step's K and V into the cache.
 #include "common.h"
 
 // silu(g) * u over one row, sigmoid from e^-|g| (no overflow either side); float rows in vectors
@@ -164,12 +164,36 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::
   return {sum, out};
 }
 
+// this step's K and V into their cache slots: cache [2, blocks, bs, KVH, D] of one layer,
+// contiguous; k, v [T, KVH, D] (last dim contiguous; rows and heads strided, as views of the
+// merged qkv output); slots [T] int64, block * bs + offset. One op for what two index_puts did.
+void write_kv(at::Tensor& cache, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
+  TORCH_CHECK(cache.dim() == 5 && cache.is_contiguous() && cache.size(0) == 2, "cache must be a contiguous [2, N, bs, KVH, D]");
+  const int64_t KVH = cache.size(3), D = cache.size(4), n = cache.size(1) * cache.size(2), T = slots.numel();
+  for (const at::Tensor* x : {&k, &v})
+    TORCH_CHECK(x->dim() == 3 && x->size(0) == T && x->size(1) == KVH && x->size(2) == D && x->stride(2) == 1 &&
+                    x->scalar_type() == cache.scalar_type(), "k and v must be [T, KVH, D] of the cache's dtype");
+  auto sl = slots.to(at::kLong).contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < n, "slot ", sp[t], " is outside the cache");
+  const int64_t bytes = D * cache.element_size(), half = cache.stride(0) * cache.element_size();
+  char* base = static_cast<char*>(cache.data_ptr());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < KVH; ++h) {
+      char* dst = base + (sp[t] * KVH + h) * bytes;
+      std::memcpy(dst, static_cast<const char*>(k.data_ptr()) + (t * k.stride(0) + h * k.stride(1)) * k.element_size(), bytes);
+      std::memcpy(dst + half, static_cast<const char*>(v.data_ptr()) + (t * v.stride(0) + h * v.stride(1)) * v.element_size(), bytes);
+    }
+}
+
 TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
+  m.def("write_kv(Tensor(a!) cache, Tensor k, Tensor v, Tensor slots) -> ()");
   m.def("add_rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
+  m.impl("write_kv", &write_kv);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rope", &rope);
   m.impl("add_rms_norm", &add_rms_norm);
