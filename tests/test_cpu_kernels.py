@@ -234,7 +234,7 @@ def test_add_rms_norm_matches_torch(op, dtype, tol, hidden, with_delta):
 
 
 # rows: one, a partial tile, whole tiles, past a row block (96), a prompt chunk; columns: whole
-# panels (48 on AVX-512, 24 on AVX2) and not; k: within one block (576) and across blocks
+# panels (48 on AVX-512, 24 on AVX2) and not; k: within one block (144) and across blocks
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 64, 97, 300])
 @pytest.mark.parametrize("k,n", [(576, 960), (100, 37), (1536, 576), (1200, 50)])
 @pytest.mark.parametrize("bias", [False, True])
