@@ -170,6 +170,23 @@ def test_a_neighbour_running_half_the_time_does_not_flip_the_count():
     assert y.now == 2 and set_to == [1, 2]
 
 
+def test_an_own_thread_gone_to_sleep_during_a_look_is_not_a_neighbour():
+    """Our second thread runs when the machine's count is read and sleeps by the time our threads
+    are: the look before the count still sees it, so the engine keeps both cores."""
+    from pdserve.cpu_threads import Yielding
+    t, set_to, looks = [0.0], [], []
+
+    def own():   # two of ours running before the count is read, one after
+        looks.append(1)
+        return 2 if len(looks) % 2 else 1
+    y = Yielding(2, window=4, interval=0.1, read=lambda: "0.1 0.2 0.3 2/90 1", clock=lambda: t[0],
+                 set_threads=set_to.append, own=own)
+    for _ in range(8):
+        t[0] += 0.2
+        assert y.tick() == 2
+    assert set_to == [] and len(looks) == 16
+
+
 def test_own_running_threads_counts_this_process_only():
     import hashlib
     import threading
@@ -199,3 +216,61 @@ def test_an_explicit_thread_count_never_changes():
     assert not plan(env={"OMP_NUM_THREADS": "2"}, affinity=[0, 1], limit=None).yielding
     assert plan(env={}, affinity=[0, 1], limit=None).yielding
     assert not plan(env={}, affinity=[0], limit=None).yielding
+
+
+RELEASE_PROBE = r"""
+import json, os, threading, torch
+torch.set_num_threads(3)
+tasks = lambda: len(os.listdir("/proc/self/task"))
+before = tasks()
+torch.ones(4096, 4096).sum()            # a parallel region: this thread's pool of 2 OpenMP workers
+with_pool = tasks()
+from pdserve.cpu_threads import release_openmp_threads
+ok = release_openmp_threads()
+after = tasks()
+x = torch.ones(4096, 4096).sum().item()  # torch still works, in a new pool
+print(json.dumps([before, with_pool, ok, after, tasks(), x]))
+"""
+
+
+@pytest.mark.slow
+def test_release_openmp_threads_ends_the_calling_threads_pool():
+    """The workers a thread's parallel regions started end when it lets them go; a later region
+    starts new ones (the engine's stepping thread then has the only pool)."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "3"})
+    assert out.returncode == 0, out.stderr
+    before, with_pool, ok, after, again, x = json.loads(out.stdout)
+    assert ok and with_pool == before + 2 and after == before and again == with_pool and x == 4096 * 4096
+
+
+ENGINE_PROBE = r"""
+import json, os, sys, time, torch
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import LLMEngine
+tasks = lambda: len(os.listdir("/proc/self/task"))
+base = tasks()
+eng = LLMEngine(model=sys.argv[1], device="cpu", dtype="float32", max_model_len=64, kv_cache_memory=4 << 20)
+torch.ones(4096, 4096).sum()             # this thread's pool, as a model load leaves it
+loaded = tasks()
+ae = AsyncEngine(eng).start()
+time.sleep(0.2)
+print(json.dumps([base, loaded, tasks(), torch.get_num_threads()]))
+ae.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_starting_an_async_engine_ends_the_loading_threads_openmp_pool(default_model_dir, tmp_path):
+    """The thread that loaded the model hands stepping to the engine's loop thread and lets its
+    OpenMP workers go: the process is left with the loop thread more, not a second pool."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_model import make_tiny_model
+    d = make_tiny_model(tmp_path / "tiny", default_model_dir)
+    out = subprocess.run([sys.executable, "-c", ENGINE_PROBE, str(d)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    base, loaded, started, threads = json.loads(out.stdout.strip().splitlines()[-1])
+    workers = threads - 1                       # the loading thread's pool besides itself
+    assert workers >= 1 and loaded >= base + workers
+    assert started == loaded - workers + 1      # they ended; the loop thread began

@@ -38,7 +38,12 @@ class AsyncEngine:
         self.on_dead: Callable[[BaseException], None] | None = None
 
     def start(self) -> "AsyncEngine":
+        """Start the loop thread: from now on it runs the engine's torch work, so the calling
+        thread (which loaded the model) lets its OpenMP workers go (cpu_threads)."""
         self._thread.start()
+        if self.engine.runner.device.type == "cpu":
+            from pdserve.cpu_threads import release_openmp_threads
+            release_openmp_threads()
         if self.engine.ranks is not None:   # a tensor-parallel rank lost: the loop must end
             self.engine.ranks.watch(lambda e: self._cmds.put(("fatal", e)))
         return self
@@ -122,6 +127,20 @@ class AsyncEngine:
             except RuntimeError:  # the consumer's loop is closed
                 pass
 
+    def _deliver_step(self, outs: list[RequestOutput]) -> None:
+        """A step's outputs, one wake-up per event loop (a call_soon_threadsafe per request and step
+        woke the loop 64 times a step with 64 requests running)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
+
     def _loop(self) -> None:
         eng = self.engine
         try:
@@ -137,8 +156,7 @@ class AsyncEngine:
                         hook()
                     except Exception:
                         log.exception("engine step hook failed")
-                for out in eng.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_step(eng.step())
                 if eng.has_unfinished() and not eng.scheduler.has_work():
                     try:  # only requests waiting for their KV: wait for a command, do not spin
                         self._apply(self._cmds.get(timeout=0.005))
@@ -159,3 +177,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             self._apply(cmd)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
