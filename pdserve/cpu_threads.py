@@ -316,6 +316,17 @@ def own_running_threads() -> int:
     return max(n, 1)
 
 
+def _openmp():
+    """torch's OpenMP runtime, as loaded (None where it is not, or not by these names)."""
+    import ctypes
+    for name in ("libgomp.so.1", "libiomp5.so"):
+        try:
+            return ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 def release_openmp_threads() -> bool:
     """Let the calling thread's OpenMP worker threads end (omp_pause_resource_all, soft): call it
     in a thread that hands torch's work to another one (the engine's stepping thread). libgomp
@@ -325,16 +336,24 @@ def release_openmp_threads() -> bool:
     loaded in the first took 16.6 s against 14.2 s with the first's pool ended. A later parallel
     region in this thread starts a new pool. False where torch's OpenMP is not loaded or lacks it."""
     import ctypes
-    for name in ("libgomp.so.1", "libiomp5.so"):
-        try:
-            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
-        except (OSError, AttributeError):
-            continue
-        fn = getattr(lib, "omp_pause_resource_all", None)
-        if fn is not None:
-            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-            return fn(1) == 0   # omp_pause_soft
-    return False
+    fn = getattr(_openmp(), "omp_pause_resource_all", None)
+    if fn is None:
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn(1) == 0   # omp_pause_soft
+
+
+def one_openmp_thread() -> None:
+    """Run torch's ops in the calling thread on that thread alone: for a helper that lives on beside
+    the engine (a KV pull or serving thread, the tokenizer pool), whose one parallel copy would leave
+    a pool of OpenMP workers behind (see release_openmp_threads: the workload 14.3 -> 16.9 s beside
+    one such idle thread). Sets this thread's OpenMP count only: torch.set_num_threads would also
+    change the count torch gives threads started later, the engine's included."""
+    import torch
+    torch.get_num_threads()   # torch's own first-use setup of this thread, which would undo ours
+    lib = _openmp()
+    if lib is not None and hasattr(lib, "omp_set_num_threads"):
+        lib.omp_set_num_threads(1)
 
 
 def _set_torch_threads(n: int) -> None:

@@ -274,3 +274,40 @@ def test_starting_an_async_engine_ends_the_loading_threads_openmp_pool(default_m
     workers = threads - 1                       # the loading thread's pool besides itself
     assert workers >= 1 and loaded >= base + workers
     assert started == loaded - workers + 1      # they ended; the loop thread began
+
+
+HELPER_PROBE = r"""
+import json, os, threading, torch
+from pdserve.cpu_threads import one_openmp_thread
+torch.set_num_threads(2)
+tasks = lambda: len(os.listdir("/proc/self/task"))
+got, ready, stop = {}, threading.Event(), threading.Event()
+def helper(one):
+    if one:
+        one_openmp_thread()
+    torch.ones(10**7).clone()            # a KV copy's size: parallel with more than one thread
+    got[one] = torch.get_num_threads()
+    ready.set(); stop.wait()
+for one in (True, False):
+    before = tasks()
+    ready.clear()
+    threading.Thread(target=helper, args=(one,), daemon=True).start()
+    ready.wait()
+    got[f"grew {one}"] = tasks() - before   # the helper itself, and its pool's worker if it made one
+later = {}
+t = threading.Thread(target=lambda: later.update(n=torch.get_num_threads())); t.start(); t.join()
+print(json.dumps({**{str(k): v for k, v in got.items()}, "main": torch.get_num_threads(), "later": later["n"]}))
+"""
+
+
+@pytest.mark.slow
+def test_one_openmp_thread_keeps_a_helper_without_a_pool_and_the_default_as_it_was():
+    """A helper thread that called one_openmp_thread runs torch on itself alone (no OpenMP
+    workers left behind); one that did not leaves one; the main thread and threads started
+    later keep the process's count."""
+    out = subprocess.run([sys.executable, "-c", HELPER_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["True"] == 1 and got["grew True"] == 1
+    assert got["False"] == 2 and got["grew False"] == 2
+    assert got["main"] == 2 and got["later"] == 2

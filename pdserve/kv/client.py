@@ -9,6 +9,7 @@ import ssl
 import threading
 import time
 
+from pdserve.cpu_threads import one_openmp_thread
 from pdserve.kv import auth, heads, tls as kv_tls
 from pdserve.kv.heads import by_rank
 from pdserve.kv.layout import BlockPool
@@ -258,7 +259,8 @@ class KVClient:
             return [fn(items[0])]
         with self._lock:
             if self._workers is None:
-                self._workers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="pdserve-kv-part")
+                self._workers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="pdserve-kv-part",
+                                                                      initializer=one_openmp_thread)
         futs = [self._workers.submit(fn, x) for x in items[1:]]
         first, error = None, None
         try:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.config import KVTransferConfig
+from pdserve.cpu_threads import one_openmp_thread
 from pdserve.kv import auth, heads
 from pdserve.kv.base import KVEvents, Transport
 from pdserve.kv.cuda_ipc import export_pool
@@ -108,7 +109,8 @@ class KVConnector:
             # a thread per loading request (at most max_num_seqs load at once): a slow peer
             # holds its own pull until the deadline, never another request's
             self._pulls = concurrent.futures.ThreadPoolExecutor(engine.config.max_num_seqs + 1,
-                                                                thread_name_prefix="pdserve-kv-pull")
+                                                                thread_name_prefix="pdserve-kv-pull",
+                                                                initializer=one_openmp_thread)
             if self.secret is None and config.kv_allowed_peers is None:
                 log.warning("no KV secret (--kv-secret, $PDSERVE_KV_SECRET or --api-key): this worker pulls KV "
                             "only from loopback peers (or --kv-allowed-peers)")

@@ -32,6 +32,7 @@ import ssl
 import threading
 import time
 
+from pdserve.cpu_threads import one_openmp_thread
 from pdserve.kv import auth, tls as kv_tls
 from pdserve.kv.spec import KVHandshakeError
 from pdserve.kv.paths import producer_path
@@ -63,6 +64,7 @@ class KVServer:
         class Handler(socketserver.BaseRequestHandler):
             def handle(h):
                 try:
+                    one_openmp_thread()   # a connection's thread lives on beside the engine
                     self._serve(h.request)
                 finally:
                     with self._count_lock:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.cpu_threads import one_openmp_thread
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.kv.connector import KVConnector
@@ -57,7 +58,8 @@ class Worker:
         # constrained request's path (it would stall the event loop), but beside startup
         threading.Thread(target=self.engine.grammars.warm_up, name="grammar-tokenizer", daemon=True).start()
         # tokenizing and chat templates: CPU work that must not hold up the event loop
-        self.cpu_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-tokenize")
+        self.cpu_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-tokenize",
+                                           initializer=one_openmp_thread)
         self.died: BaseException | None = None
         self.async_engine = AsyncEngine(self.engine)
         if self.server_config.exit_on_engine_death:
