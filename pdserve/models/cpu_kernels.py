@@ -25,13 +25,20 @@ after 300-700 cached 1.23x.
 
 The float32 linears (csrc/linear.cpp) run from a weight packed once into panels of 3 vectors of
 output columns: a tile of 8 rows (4 on AVX2) x one panel sums in registers, the threads take
-panels, a block of rows goes past all of a thread's panels while it stays in cache, and the
-first tile of each block fetches the next block's weights meanwhile (without that the first
-tile waited on memory: 8 rows 111 GFLOP/s, 168 with it). Measured on a 2-core AVX-512 host, 2 threads,
+panels, a block of rows goes past all of a thread's panels while it stays in cache, and while a
+block's tiles run they fetch the next weight block between them (without any fetch the first tile
+waited on memory: 8 rows 111 GFLOP/s, 168 with it). Measured on a 2-core AVX-512 host, 2 threads,
 the model's four layer shapes 30 times over plus its lm_head, GFLOP/s against oneDNN's packed
 linear: 8 rows 168 / 105, 64 rows 338 / 275, 128 rows 374 / 338, 1,024 rows (no lm_head) 397-423
 / 412-423; the 64-request workload of benchmarks/engine_vs_vllm_cpu.py: decode steps 9.2-9.3 ->
-8.1 s, prefill steps as fast. Where the library does not build, oneDNN's packed linear serves.
+8.1 s, prefill steps as fast. Later, on another host of the same kind: the fetch shared out over a
+block's tiles instead of all at its first (64 rows 55.6 -> 48.8 ms over the shapes above, 16 rows
+22.2 -> 19.8); then, timed as the model runs them (its 30 layers' linears in layer order, so the
+weights come from memory, not cache), k blocks of 144 (a panel's block in L1) instead of 576: 64
+rows 55.4 -> 53.1 ms a step, 32 rows 35.2 -> 33.8; workload decode steps 8.05 -> 7.2-7.3 s. The
+gated MLP's first half (linear_silu_mul) takes silu(gate) * up from the gate and up panels' tiles
+in cache, so the [T, 2I] product is never written: workload prefill steps 6.9-7.1 -> 6.8 s. Where
+the library does not build, oneDNN's packed linear serves.
 
 The library is built with the system's C++ compiler (the one torch.compile's CPU backend needs
 too) into the pdserve cache, keyed by the sources, torch version and CPU; where no compiler
