@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 ROLES = ("both", "prefill", "decode")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_size(value: int | str | None) -> int | None:
@@ -34,6 +35,10 @@ class EngineConfig:
     device: str = setting("auto", "auto | cpu | cuda[:N]")
     dtype: str = setting("auto", "auto (cpu: float32, cuda: bfloat16; the simulator: bfloat16) | float32 | "
                          "bfloat16 | float16", sim=True)
+    kv_cache_dtype: str = setting("auto", "dtype of the KV cache: auto (the weights' --dtype) | float32 | bfloat16 | "
+                                  "float16; a 16-bit cache beside float32 weights holds twice the tokens per GiB "
+                                  "and halves the decode attention's reads (its numerics: the keys and values "
+                                  "rounded to 16 bits)", sim=True, choices=KV_CACHE_DTYPES)
     block_size: int = setting(16, "tokens per KV cache block (a power of two)", sim=True)
     max_model_len: int | None = setting(None, "longest prompt plus output, in tokens (default: the model's; "
                                         "a served model's at most 4096)", sim=True)
@@ -70,6 +75,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -113,7 +113,7 @@ def test_up_passes_every_engine_option_to_serve_as_a_flag():
     from pdserve.cli.args import engine_config_from_args
     from pdserve.launch.cluster import engine_flags
     from pdserve.launch.config import ENGINE_KEYS
-    opts = {"device": "cpu", "dtype": "float32", "block_size": 8, "max_model_len": 512, "max_num_seqs": 3,
+    opts = {"device": "cpu", "dtype": "float32", "kv_cache_dtype": "bfloat16", "block_size": 8, "max_model_len": 512, "max_num_seqs": 3,
             "max_num_batched_tokens": 99, "enable_chunked_prefill": False, "enable_prefix_caching": False,
             "kv_cache_memory": 1 << 20, "gpu_memory_utilization": 0.5, "seed": 4, "enforce_eager": True,
             "kv_lease_duration": 1.5, "served_model_name": "x", "step_trace": "/tmp/t.jsonl",

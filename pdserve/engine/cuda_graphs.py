@@ -44,7 +44,8 @@ class DecodeGraphRunner:
         self.slot_mapping = torch.zeros(b, dtype=torch.long, device=dev)
         self.block_tables = torch.zeros(b, w, dtype=torch.long, device=dev)
         self.context_lens = torch.zeros(b, dtype=torch.long, device=dev)
-        self.hidden = torch.zeros(b, model.config.hidden_size, dtype=kv_cache.dtype, device=dev)
+        self.hidden = torch.zeros(b, model.config.hidden_size, dtype=next(model.parameters()).dtype,
+                                  device=dev)   # the weights' dtype (the KV cache may have another)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool for all graphs: they never run concurrently
 

@@ -99,8 +99,9 @@ class LLMEngine:
         from pdserve import cpu_threads
         # only without tensor parallelism: the ranks' threads are their own (tp_ranks places them)
         self.threads = cpu_threads.yielding() if self.runner.device.type == "cpu" and not self.ranks else None
-        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
-                 self.model_name, self.runner.device, self.runner.dtype, self.runner.num_blocks,
+        kv = "" if self.runner.kv_dtype == self.runner.dtype else f" ({self.runner.kv_dtype})"
+        log.info("engine ready: %s on %s/%s, %d KV blocks%s of %d tokens, max_model_len %d",
+                 self.model_name, self.runner.device, self.runner.dtype, self.runner.num_blocks, kv,
                  config.block_size, self.max_model_len)
 
     def _max_model_len(self, hf: dict) -> int:

@@ -100,6 +100,7 @@ class ModelRunner:
         self.tp = tp or TPGroup()
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
         self.model_config = ModelConfig.from_hf(hf_config)
         self.block_size = config.block_size
         torch.manual_seed(config.seed)
@@ -129,7 +130,7 @@ class ModelRunner:
             from pdserve.engine.tp_pools import RankPoolAllocator
             kv_allocator = RankPoolAllocator()
         alloc = kv_allocator or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
-        self.kv_cache = alloc(self.kv_shape, self.dtype, self.device)
+        self.kv_cache = alloc(self.kv_shape, self.kv_dtype, self.device)
         # every rank's KV pool on rank 0, its own first: a KV connector serves and fills them all
         self.rank_pools, self.rank_ipc = [self.kv_cache], []
         if self.tp.size > 1:
@@ -158,7 +159,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         """Bytes of one block across all layers, K and V, of this rank's KV heads."""
         mc = self.model_config
-        return 2 * mc.num_layers * self.kv_heads * mc.head_dim * self.dtype.itemsize * self.block_size
+        return 2 * mc.num_layers * self.kv_heads * mc.head_dim * self.kv_dtype.itemsize * self.block_size
 
     def _num_blocks(self) -> int:
         budget = self.config.kv_cache_memory

@@ -20,7 +20,7 @@ class KVHandshakeError(ValueError):
 @dataclass(frozen=True)
 class KVSpec:
     model: str
-    dtype: str          # e.g. "float32", "bfloat16"
+    dtype: str          # the KV cache's (--kv-cache-dtype), e.g. "float32", "bfloat16"
     block_size: int
     num_kv_heads: int
     head_dim: int
@@ -29,7 +29,7 @@ class KVSpec:
     @classmethod
     def from_engine(cls, engine) -> "KVSpec":
         mc, runner = engine.runner.model_config, engine.runner
-        return cls(engine.model_name, dtype_name(runner.dtype), runner.block_size,
+        return cls(engine.model_name, dtype_name(runner.kv_dtype), runner.block_size,
                    mc.num_kv_heads, mc.head_dim, mc.num_layers)
 
     @property

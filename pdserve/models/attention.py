@@ -42,7 +42,10 @@ class AttentionMetadata:
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """cache: [2, num_blocks, block_size, kv_heads, head_dim] of one layer."""
+    """cache: [2, num_blocks, block_size, kv_heads, head_dim] of one layer; k and v are rounded to
+    its dtype where that is another (--kv-cache-dtype)."""
+    if k.dtype != cache.dtype:
+        k, v = k.to(cache.dtype), v.to(cache.dtype)
     if cache.device.type == "cpu" and k.stride(-1) == 1 and v.stride(-1) == 1:
         from pdserve.models.cpu_kernels import write_kv_op
         op = write_kv_op()
@@ -77,7 +80,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             ks, vs = k[start:start + qlen], v[start:start + qlen]
             mask, causal = None, True
         else:
-            ks, vs = _gather(cache, table, ctx)
+            ks, vs = (x.to(q.dtype) for x in _gather(cache, table, ctx))
             pos = torch.arange(ctx - qlen, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]
             causal = False
@@ -103,7 +106,8 @@ def _decode_attention(q, cache, tables, mask, scale):
     bs, kvh, d = cache.shape[2:]
     ks = cache[0][tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
     vs = cache[1][tables].view(b, nblk * bs, kvh, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks.to(q.dtype), vs.to(q.dtype), attn_mask=mask, scale=scale,
+                                       enable_gqa=True)
     return o.squeeze(2)
 
 

@@ -130,7 +130,7 @@ def _pd_calibrate(args, result: dict, engine) -> dict:
            "tensor_parallel_size": engine.config.tensor_parallel_size}
     if args.kv_cache_memory:
         eng["kv_cache_memory"] = args.kv_cache_memory
-    kv_tok = get_model(engine.model_name).kv_bytes_per_token(engine.runner.dtype.itemsize)
+    kv_tok = get_model(engine.model_name).kv_bytes_per_token(engine.runner.kv_dtype.itemsize)
     lengths = [n for n in (args.pd_prompt_tokens or pd_lengths(result)) if n < engine.max_model_len // 2]
     cal = calibrate(eng, lengths, ProfilePerf(result), engine.runner.model_config.vocab_size, kv_tok,
                     model=args.model)

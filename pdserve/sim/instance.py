@@ -25,7 +25,8 @@ class SimInstance:
         o = {**{k: getattr(engine, k) for k in SIM_FIELDS}, **spec.overrides}
         self.model: ModelShape = get_model(spec.model_name)
         db = dtype_bytes(o["dtype"])
-        self.kv_bytes_per_token = self.model.kv_bytes_per_token(db)
+        kv_db = db if o["kv_cache_dtype"] == "auto" else dtype_bytes(o["kv_cache_dtype"])
+        self.kv_bytes_per_token = self.model.kv_bytes_per_token(kv_db)
         self.kv_bytes_per_block = self.kv_bytes_per_token * o["block_size"]
         self.weight_bytes = self.model.weight_bytes(db)
         budget = spec.mem_size * spec.tp_size * spec.mem_util - self.weight_bytes
@@ -47,7 +48,8 @@ class SimInstance:
                             "may not apply", spec.name, spec.model_name, spec.tp_size, profile.get("model"),
                             profile.get("tp_size", 1))
         else:
-            self.perf = AnalyticalPerf(self.model, get_hardware(spec.hardware), spec.tp_size, db, spec.mem_bw)
+            self.perf = AnalyticalPerf(self.model, get_hardware(spec.hardware), spec.tp_size, db, spec.mem_bw,
+                                       kv_dtype_bytes=kv_db)
         self.step_time = self.perf.step_time
         # state of the step in flight
         self.busy = False

@@ -31,14 +31,16 @@ ALLREDUCE_LATENCY = 8e-6   # seconds per all-reduce, NCCL small-message floor
 
 class AnalyticalPerf:
     def __init__(self, model: ModelShape, hw: Hardware, tp_size: int = 1, dtype_bytes: int = 2,
-                 mem_bw: float | None = None):
+                 mem_bw: float | None = None, kv_dtype_bytes: int | None = None):
+        """dtype_bytes: the weights' and activations' element size; kv_dtype_bytes: the KV
+        cache's (--kv-cache-dtype; default: the same)."""
         self.tp = tp_size
         self.flops = hw.flops * tp_size * COMPUTE_EFF
         self.bw = (mem_bw or hw.mem_bw) * tp_size * MEMORY_EFF
         self.overhead = hw.step_overhead
         self.model = model
         self.weights = model.weight_bytes(dtype_bytes)
-        self.kv_tok = model.kv_bytes_per_token(dtype_bytes)
+        self.kv_tok = model.kv_bytes_per_token(kv_dtype_bytes or dtype_bytes)
         # two all-reduces per layer of tokens x hidden activations, ring: 2(tp-1)/tp of the data
         self.ar_bytes = 2 * model.num_layers * model.hidden_size * dtype_bytes * 2 * (tp_size - 1) / tp_size
         self.ar_fixed = 2 * model.num_layers * ALLREDUCE_LATENCY if tp_size > 1 else 0.0

@@ -91,6 +91,24 @@ static inline float vsum(vf v) {
 #endif
 }
 
+// element types that vload widens to floats
+template <typename T>
+constexpr bool vector_type = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// The attention kernels' KV cache element type beside their queries' T: T itself or, under float
+// queries, a 16-bit cache (--kv-cache-dtype); f gets a null pointer of that type.
+template <typename T, typename F>
+static inline void with_cache_type(at::ScalarType cache, F&& f) {
+  constexpr at::ScalarType qt = c10::CppTypeToScalarType<T>::value;
+  if (cache == qt) return f(static_cast<const T*>(nullptr));
+  if constexpr (std::is_same_v<T, float>) {
+    if (cache == at::kBFloat16) return f(static_cast<const c10::BFloat16*>(nullptr));
+    if (cache == at::kHalf) return f(static_cast<const c10::Half*>(nullptr));
+  }
+  TORCH_CHECK(false, "a ", cache, " KV cache under ", qt, " queries: the cache must be of the queries' dtype "
+              "or, under float queries, BFloat16 or Half");
+}
+
 // e^x for x in [-87, 0] on a vector: exp_nonpos's formula, k rounded by the 1.5 * 2^23 trick
 static inline vf vexp_nonpos(vf x) {
   const vf lo = vsplat(-87.f), magic = vsplat(12582912.f);

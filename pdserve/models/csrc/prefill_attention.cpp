@@ -28,8 +28,8 @@ struct Item {
 // lanes: scores S^T [key][lane], running max / sum per lane, output O^T [d][lane], so each key
 // and value element is broadcast from the cache where it lies (no transposed or gathered copy).
 // DC: the head size when compiled (0: Drt).
-template <typename T, int DC>
-void attend_tile(const Item& it, const T* q, const T* cache, const int64_t* tab, int64_t q_start,
+template <typename T, typename C, int DC>
+void attend_tile(const Item& it, const T* q, const C* cache, const int64_t* tab, int64_t q_start,
                  int64_t first_pos, T* out, int64_t H, int64_t KVH, int64_t Drt, int64_t bs,
                  int64_t q_row, int64_t q_head, int64_t v_off, float scale, std::vector<float>& buf) {
   const int64_t D = DC > 0 ? DC : Drt, G = H / KVH, tok = KVH * D, kh = it.kv_head, M = it.rows * G;
@@ -53,8 +53,8 @@ void attend_tile(const Item& it, const T* q, const T* cache, const int64_t* tab,
       rowpos[v][u] = m < M ? static_cast<int32_t>(first_pos + it.row0 + m / G) : INT32_MAX;
     }
   }
-  const T* krow[KC];
-  const T* vrow[KC];
+  const C* krow[KC];
+  const C* vrow[KC];
   for (int64_t t0 = 0; t0 < it.keys; t0 += KC) {
     const int64_t kc = std::min<int64_t>(KC, it.keys - t0);
     for (int64_t j = 0; j < KC; ++j) {   // padding keys read key 0 and are masked below
@@ -101,7 +101,7 @@ void attend_tile(const Item& it, const T* q, const T* cache, const int64_t* tab,
       for (int b = 0; b < DB; ++b)
         for (int v = 0; v < MV; ++v) acc[b][v] = vload(Ot + (d0 + b) * MT + v * VW) * corr[v];
       for (int64_t j = 0; j < kc; ++j) {
-        const T* vr = vrow[j] + d0;
+        const C* vr = vrow[j] + d0;
         const float* pj = St + j * MT;
         for (int b = 0; b < DB; ++b) {
           const float x = static_cast<float>(vr[b]);
@@ -123,7 +123,8 @@ void attend_tile(const Item& it, const T* q, const T* cache, const int64_t* tab,
 }  // namespace
 
 // q [T, H, D] (last dim contiguous): the prompt chunks' queries, sequence after sequence;
-// cache [2, blocks, bs, KVH, D] of one layer, contiguous, already holding the chunks' K and V;
+// cache [2, blocks, bs, KVH, D] of one layer, contiguous, already holding the chunks' K and V (of
+// q's dtype or, under float q, bfloat16 or half: with_cache_type);
 // tables [S, W] int64; q_starts, q_lens, ctx_lens [S] int64: a sequence's first row in q, its
 // query rows, and its tokens in the cache after this step (the queries are the last q_lens).
 at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
@@ -131,7 +132,6 @@ at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& cache, const at:
                          double scale) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [T, H, D] with a contiguous last dim");
   TORCH_CHECK(cache.dim() == 5 && cache.is_contiguous(), "cache must be a contiguous [2, N, bs, KVH, D]");
-  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "q and cache dtypes differ");
   auto tab = tables.to(at::kLong).contiguous();
   auto st = q_starts.to(at::kLong).contiguous(), ql = q_lens.to(at::kLong).contiguous(),
        cl = ctx_lens.to(at::kLong).contiguous();
@@ -164,26 +164,29 @@ at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& cache, const at:
   auto out = at::empty({T, H, D}, q.options());
   const int64_t v_off = cache.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_prefill", [&] {
-    auto run = [&](auto dc) {
-      constexpr int DC = decltype(dc)::value;
-      const scalar_t* qp = q.data_ptr<scalar_t>();
-      const scalar_t* cp = cache.data_ptr<scalar_t>();
-      scalar_t* op = out.data_ptr<scalar_t>();
-      const int64_t* tp = tab.data_ptr<int64_t>();
-      std::atomic<int64_t> next{0};
-      const int64_t n = static_cast<int64_t>(items.size());
-      at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
-        std::vector<float> buf;
-        for (int64_t i = next++; i < n; i = next++) {
-          const Item& it = items[i];
-          attend_tile<scalar_t, DC>(it, qp, cp, tp + it.seq * W, stp[it.seq], clp[it.seq] - qlp[it.seq], op,
-                                    H, KVH, D, bs, q.stride(0), q.stride(1), v_off, static_cast<float>(scale), buf);
-        }
-      });
-    };
-    if (D == 64) run(std::integral_constant<int, 64>());
-    else if (D == 128) run(std::integral_constant<int, 128>());
-    else run(std::integral_constant<int, 0>());
+    with_cache_type<scalar_t>(cache.scalar_type(), [&](auto ct) {
+      using C = std::remove_const_t<std::remove_pointer_t<decltype(ct)>>;
+      auto run = [&](auto dc) {
+        constexpr int DC = decltype(dc)::value;
+        const scalar_t* qp = q.data_ptr<scalar_t>();
+        const C* cp = static_cast<const C*>(cache.data_ptr());
+        scalar_t* op = out.data_ptr<scalar_t>();
+        const int64_t* tp = tab.data_ptr<int64_t>();
+        std::atomic<int64_t> next{0};
+        const int64_t n = static_cast<int64_t>(items.size());
+        at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+          std::vector<float> buf;
+          for (int64_t i = next++; i < n; i = next++) {
+            const Item& it = items[i];
+            attend_tile<scalar_t, C, DC>(it, qp, cp, tp + it.seq * W, stp[it.seq], clp[it.seq] - qlp[it.seq], op,
+                                         H, KVH, D, bs, q.stride(0), q.stride(1), v_off, static_cast<float>(scale), buf);
+          }
+        });
+      };
+      if (D == 64) run(std::integral_constant<int, 64>());
+      else if (D == 128) run(std::integral_constant<int, 128>());
+      else run(std::integral_constant<int, 0>());
+    });
   });
   return out;
 }
