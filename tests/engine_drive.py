@@ -19,3 +19,17 @@ def drive_with_logits(runner, sched, seqs) -> dict:
                 logits[s.request_id].append(next(rows))
         sched.update(out, tokens)
     return logits
+
+
+def worst_logit_error(hf, seqs, logits) -> float:
+    """The largest error of drive_with_logits' rows against a transformers model's float32 logits
+    of the same tokens, relative to the reference row's largest magnitude."""
+    import torch
+    worst = 0.0
+    for s in seqs:
+        with torch.inference_mode():
+            ref = hf(torch.tensor([s.token_ids[:-1]])).logits[0].float()
+        for step, got in enumerate(logits[s.request_id]):
+            want = ref[s.num_prompt_tokens - 1 + step]
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    return worst

@@ -9,6 +9,7 @@ import torch
 from pdserve.config import EngineConfig
 from pdserve.models.attention import _decode_attention, paged_attention
 from pdserve.models.cpu_kernels import paged_decode_op, paged_prefill_op
+from engine_drive import drive_with_logits, worst_logit_error
 
 
 def _decode_case(g, cache_dtype, heads=9, kv_heads=3, d=64, bs=16):
@@ -86,7 +87,6 @@ def _run(model_dir, kv_dtype):
     from pdserve.engine.request import SamplingParams, Sequence
     from pdserve.engine.scheduler import Scheduler, SchedulerConfig
     from pdserve.models.loader import read_hf_config
-    from engine_drive import drive_with_logits
     ecfg = EngineConfig(model=model_dir, device="cpu", dtype="float32", kv_cache_dtype=kv_dtype, block_size=4,
                         kv_cache_memory=1 << 20)
     runner = ModelRunner(ecfg, model_dir, read_hf_config(model_dir), 256)
@@ -104,13 +104,7 @@ def test_engine_with_a_bfloat16_cache_stays_close_to_float32(tiny_llama):
     r16, seqs, logits = _run(model_dir, "bfloat16")
     assert r32.kv_cache.dtype == torch.float32 and r16.kv_cache.dtype == torch.bfloat16
     assert r16.dtype == torch.float32 and r16.num_blocks == 2 * r32.num_blocks
-    worst = 0.0
-    for s in seqs:
-        with torch.inference_mode():
-            ref = hf(torch.tensor([s.token_ids[:-1]])).logits[0].float()
-        for step, got in enumerate(logits[s.request_id]):
-            want = ref[s.num_prompt_tokens - 1 + step]
-            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    worst = worst_logit_error(hf, seqs, logits)
     # float32 weights, keys and values rounded once to bfloat16 (~0.4%): within 2%, not exact
     assert 0 < worst < 0.02, worst
 
