@@ -40,7 +40,8 @@ def _timed(generate, prompts, params_list) -> float:
     return time.perf_counter() - t
 
 
-def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, threads: int, dtype: str) -> dict:
+def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, threads: int, dtype: str,
+           kv_cache_dtype: str = "auto") -> dict:
     """Runs in the engine's own venv; only the standard library is imported above this."""
     with open(reqs_file) as f:
         spec = json.load(f)
@@ -60,7 +61,7 @@ def worker(engine: str, tasks: list[str], model_dir: str, reqs_file: str, thread
         from pdserve import SamplingParams
         from pdserve.llm import LLM
         llm = LLM(model_dir, dtype=dtype, kv_cache_memory="1GiB", max_num_seqs=64,
-                  max_num_batched_tokens=1024)
+                  max_num_batched_tokens=1024, kv_cache_dtype=kv_cache_dtype)
         mk = lambda m: SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
         gen = lambda p, sp: llm.generate(p, sp, use_tqdm=False)
         prompt = lambda ids: {"prompt_token_ids": ids}
@@ -158,7 +159,8 @@ def matmul_peak(threads: int, dtype: str = "float32") -> float:
 
 
 def run_one(py: str, name: str, args, reqs_file: str, model_dir: str) -> dict:
-    """name: an engine, for vLLM optionally with its OpenMP binding: `vllm:0-1`."""
+    """name: an engine, for vLLM optionally with its OpenMP binding (`vllm:0-1`), for pdserve
+    with its KV cache's dtype (`pdserve:bfloat16`)."""
     engine, _, bind = name.partition(":")
     env = dict(os.environ)
     if engine == "vllm":
@@ -176,6 +178,8 @@ def run_one(py: str, name: str, args, reqs_file: str, model_dir: str) -> dict:
         cwd = os.path.dirname(HERE)
     cmd = [py, os.path.abspath(__file__), "--worker", engine, "--tasks", args.tasks, "--model-dir", model_dir,
            "--reqs", reqs_file, "--threads", str(args.threads), "--dtype", args.dtype]
+    if engine == "pdserve" and bind:
+        cmd += ["--kv-cache-dtype", bind]
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"{engine} failed:\n{p.stderr[-3000:]}")
@@ -209,7 +213,8 @@ def main() -> None:
     ap.add_argument("--engines", default="pdserve,vllm,vllm:0-1",
                     help="vllm: its default binding (auto: one OpenMP thread per core left after the one it "
                          "reserves for its scheduler, so one here); vllm:LIST: VLLM_CPU_OMP_THREADS_BIND=LIST "
-                         "(0-1: both cores)")
+                         "(0-1: both cores); pdserve:DTYPE: pdserve with --kv-cache-dtype DTYPE (e.g. "
+                         "pdserve:bfloat16)")
     ap.add_argument("--threads", type=int, default=0,
                     help="pdserve's torch threads (default 0: its own placement, threads from the cores it may "
                          "use, pinned; vLLM's CPU engine binds its own threads)")
@@ -218,11 +223,13 @@ def main() -> None:
     ap.add_argument("--vllm-venv", default="/work/vllm-venv")
     ap.add_argument("--output", default=None, help="write every measurement and the medians as JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--reqs", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        res = worker(args.worker, args.tasks.split(","), args.model_dir, args.reqs, args.threads, args.dtype)
+        res = worker(args.worker, args.tasks.split(","), args.model_dir, args.reqs, args.threads, args.dtype,
+                     args.kv_cache_dtype)
         print(RESULT + json.dumps(res), flush=True)
         return
     sys.path.insert(0, HERE)
@@ -237,10 +244,7 @@ def main() -> None:
             "decode_prompt": tok.encode(words)[:32], "long_prompt": tok.encode(words)[:2000]}
     assert len(spec["long_prompt"]) == 2000
     engines = args.engines.split(",")
-    pys = {"pdserve": sys.executable}
-    for eng in engines:
-        if eng.startswith("vllm"):
-            pys[eng] = ensure_vllm(args.vllm_venv)
+    pys = {eng: ensure_vllm(args.vllm_venv) if eng.startswith("vllm") else sys.executable for eng in engines}
     flops = model_flops(model_dir, reqs)
     peak = matmul_peak(args.threads, args.dtype)
     print(f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt + {sum(m for _, m in reqs)} output "
@@ -299,15 +303,18 @@ def report(summary, args) -> str:
     lines = ["| phase | engine | workload s | decode batch 1 tok/s | prefill 2,000 s | load avg |",
              "|---|---|---:|---:|---:|---:|"]
     for phase, s in summary.items():
-        names = [k for k in s if k == "pdserve" or k.startswith("vllm")]
+        names = [k for k in s if k.startswith(("pdserve", "vllm")) and k != "pdserve_vs_floor"]
         for eng in names:
             e = s[eng]
             lines.append(f"| {phase} | {eng} | {fmt(e['workload_s'])} | {fmt(e['decode1_tok_s'])} | "
                          f"{fmt(e['prefill2000_s'], 2)} | {fmt(e['load'])} |")
-        for eng in (n for n in names if n != "pdserve"):
+        for eng in (n for n in names if n.startswith("vllm")):
             key = "speedup" if eng == "vllm" else f"speedup_vs_{eng}"
             if key in s:
                 lines.append(f"| {phase} | pdserve speed / {eng}'s | {s[key]:.2f}x | | | |")
+            for pd in (n for n in names if n.startswith("pdserve:")):   # pdserve with another KV cache dtype
+                if s[pd]["workload_s"] and s[eng]["workload_s"]:
+                    lines.append(f"| {phase} | {pd} speed / {eng}'s | {s[eng]['workload_s'] / s[pd]['workload_s']:.2f}x | | | |")
         if "pdserve_vs_floor" in s:
             lines.append(f"| {phase} | pdserve / FLOP floor | {s['pdserve_vs_floor']:.2f}x | | | |")
     return "\n".join(lines)
