@@ -183,3 +183,22 @@ def test_a_hand_off_between_bfloat16_caches_decodes_what_the_decode_engine_compu
         for ae, conn in made:
             conn.close()
             ae.shutdown()
+
+
+def test_a_pair_the_cpu_kernels_do_not_read_takes_the_torch_path(tiny_llama):
+    """bfloat16 weights over a float32 cache: the kernels refuse that pair, so the runner gathers
+    and widens instead of failing every step."""
+    from pdserve.engine.block_manager import BlockManager
+    from pdserve.engine.model_runner import ModelRunner
+    from pdserve.engine.request import SamplingParams, Sequence
+    from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+    from pdserve.models.loader import read_hf_config
+    model_dir, _ = tiny_llama
+    ecfg = EngineConfig(model=model_dir, device="cpu", dtype="bfloat16", kv_cache_dtype="float32", block_size=4,
+                        kv_cache_memory=1 << 20)
+    runner = ModelRunner(ecfg, model_dir, read_hf_config(model_dir), 256)
+    assert runner.kv_cache.dtype == torch.float32 and not runner.decode_kernel and not runner.prefill_kernel
+    sched = Scheduler(SchedulerConfig(max_model_len=256, max_num_batched_tokens=24), BlockManager(runner.num_blocks, 4))
+    seqs = [Sequence("a", list(range(1, 40)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))]
+    logits = drive_with_logits(runner, sched, seqs)
+    assert len(logits["a"]) == 4 and all(torch.isfinite(x).all() for x in logits["a"])

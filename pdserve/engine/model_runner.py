@@ -140,8 +140,10 @@ class ModelRunner:
             else:
                 tp_pools.share_pool(self.tp, kv_allocator)
         # CPU decode and prefill attention from the cache in place (no gathered copy), where the
-        # kernels build (the prefill kernel takes head sizes in multiples of 16)
-        self.decode_kernel = self.device.type == "cpu" and paged_decode_op() is not None
+        # kernels build (the prefill kernel takes head sizes in multiples of 16) and read this
+        # cache's dtype (the weights' or, beside float32 weights, a 16-bit one; else the torch path)
+        self.decode_kernel = (self.device.type == "cpu" and paged_decode_op() is not None
+                              and (self.kv_dtype == self.dtype or self.dtype == torch.float32))
         self.prefill_kernel = self.decode_kernel and mc.head_dim % 16 == 0
         # CPU: a step's sequences in independent parts, one thread each (pdserve.engine.step_split):
         # always with step_parts N > 1; by default (None) only while neighbours hold cores (busy,
