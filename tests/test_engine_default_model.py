@@ -156,3 +156,27 @@ def test_incremental_detokenizer_never_splits_characters(llm):
     deltas = [det.add(t) for t in ids] + [det.flush()]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == llm.tokenizer.decode(ids)
+
+
+def test_default_model_runs_from_its_gguf_codes_with_the_same_numbers(llm, default_model_dir, chat_ids, monkeypatch):
+    """The default model's float32 weights come from a GGUF's Q4_1 linears and Q8_0 embedding:
+    with the CPU kernels every Linear keeps those codes (models/weight_codes.py), and the logprobs
+    of a greedy run are bit for bit those of float32 panels (PDSERVE_CPU_CODES=0)."""
+    from pdserve.models.cpu_kernels import linear_op
+    from pdserve.models.layers import Linear
+    if linear_op() is None:
+        pytest.skip("no C++ kernels here")
+    mods = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
+    assert mods and all(m.codes is not None and m.panels is None for m in mods)
+    assert sorted({m.codes[3] for m in mods}) == [4, 8]          # layers Q4_1, the tied lm_head Q8_0
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True)
+    prompts = [{"prompt_token_ids": i} for i in chat_ids[:3]]
+    coded = llm.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("PDSERVE_CPU_CODES", "0")
+    floats = LLM(default_model_dir, kv_cache_memory="64MiB", dtype="float32", device="cpu")
+    assert all(m.codes is None and m.panels is not None
+               for m in floats.engine.runner.model.modules() if isinstance(m, Linear))
+    for a, b in zip(coded, floats.generate(prompts, params, use_tqdm=False)):
+        assert len(a.outputs[0].logprobs) == 6
+        assert [(lp.token_id, lp.logprob, lp.top) for lp in a.outputs[0].logprobs] == \
+               [(lp.token_id, lp.logprob, lp.top) for lp in b.outputs[0].logprobs]

@@ -42,29 +42,43 @@ def _add_rms_norm_op():
 
 class Linear(nn.Linear):
     """nn.Linear that can run from a packed copy of its weight on CPU (pack_for_cpu): float32 in
-    the panels of pdserve's own kernel (models/cpu_kernels.py) where that library builds, else in
-    oneDNN's blocked layout."""
+    the panels of pdserve's own kernel (models/cpu_kernels.py) where that library builds, as the
+    codes it was dequantized from where it was (models/weight_codes.py), else in oneDNN's blocked
+    layout."""
     packed: torch.Tensor | None = None
     panels: torch.Tensor | None = None
+    codes: tuple | None = None    # (codes, scale, offset, bits) of weight_codes.find_codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.panels is not None:
+        if self.panels is not None or self.codes is not None:
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-            y = torch.ops.pdserve_cpu.linear(rows, self.panels, self.out_features, self.bias)
+            if self.codes is not None:
+                y = torch.ops.pdserve_cpu.linear_codes(rows, *self.codes, self.out_features, self.bias)
+            else:
+                y = torch.ops.pdserve_cpu.linear(rows, self.panels, self.out_features, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    @property
+    def panel_width(self) -> int | None:
+        """Output columns per panel of pdserve's kernel, when this weight is in its panels."""
+        held = self.codes[0] if self.codes is not None else self.panels
+        return None if held is None else held.shape[2]
 
     def pack_for_cpu(self, batch_hint: int = 64, keep_weight: bool = False) -> None:
         """Reorder the weight once: the matmul no longer re-packs it on every call. The plain
         weight is dropped (never two copies) unless another module shares it (a tied lm_head:
         the embedding keeps it anyway)."""
         from pdserve.models.cpu_kernels import linear_op
+        from pdserve.models.weight_codes import codes_enabled, find_codes
         w = self.weight.detach()
         if w.dtype == torch.float32 and linear_op() is not None:
-            self.panels = torch.ops.pdserve_cpu.pack_linear(w)
+            self.codes = find_codes(w) if codes_enabled() else None
+            if self.codes is None:
+                self.panels = torch.ops.pdserve_cpu.pack_linear(w)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
         if not keep_weight:
@@ -130,9 +144,13 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu, inter = self.gate_up_proj, self.gate_up_proj.out_features // 2
-        if gu.panels is not None and inter % gu.panels.shape[2] == 0 and x.dim() == 2 and x.stride(-1) == 1:
+        nr = gu.panel_width
+        if nr is not None and inter % nr == 0 and x.dim() == 2 and x.stride(-1) == 1:
             # pdserve's panels (float32 on CPU): silu(gate) * up out of the matmul's own tiles
-            h = torch.ops.pdserve_cpu.linear_silu_mul(x, gu.panels, inter, gu.bias)
+            if gu.codes is not None:
+                h = torch.ops.pdserve_cpu.linear_silu_mul_codes(x, *gu.codes, inter, gu.bias)
+            else:
+                h = torch.ops.pdserve_cpu.linear_silu_mul(x, gu.panels, inter, gu.bias)
         else:
             h = silu_and_mul(gu(x))
         y = self.down_proj(h)

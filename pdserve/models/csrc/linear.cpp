@@ -1,5 +1,7 @@
 // float32 linears from a weight packed once into panels of output columns (see cpu_kernels.py):
-// y[M, N] = x[M, K] W^T (+ bias), W kept as [P = ceil(N / NR)][K][NR], zero past N.
+// y[M, N] = x[M, K] W^T (+ bias), W kept as [P = ceil(N / NR)][K][NR], zero past N; or kept as
+// codes (weight_codes.py): W[n, k] = code * scale + offset with one scale and offset per G = 32
+// k of a column, codes of 4 or 8 bits, widened to floats block by block in this core's cache.
 #include "common.h"
 
 constexpr int NV = 3, NR = NV * VW;       // a panel: NV vectors of output columns
@@ -85,14 +87,117 @@ static void panel(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K
   }
 }
 
+// ---- coded weights: [P][K * BITS / 8][NR] bytes (4 bits: k even in the low nibble, k + 1 in the
+// high), scale and offset [P][K / G][NR] floats; a panel's k block is widened into a buffer in L1
+// and the float tiles run over it: the same sums in the same order as over the float panels
+constexpr int64_t G = 32;
+// VW bytes widened to int32 lanes (GCC scalarizes __builtin_convertvector of a byte vector)
+static inline vi vcodes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  vi q;
+  for (int j = 0; j < VW; ++j) q[j] = p[j];
+  return q;
+#endif
+}
+
+static inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// rows [k0, k1) of a coded panel as floats at buf (row k at buf + (k - k0) * NR), fetching the
+// codes and scales one block further on meanwhile (the next block, or the next panel's first)
+template <int BITS>
+static void widen(const uint8_t* codes, const float* scale, const float* offset, int64_t k0, int64_t k1, float* buf) {
+  constexpr int per = 8 / BITS;   // k per byte
+  const int64_t ahead = KB / per * NR;
+  for (int64_t k = k0; k < k1; k += per) {
+    const uint8_t* b = codes + k / per * NR;
+    const float *s = scale + k / G * NR, *o = offset + k / G * NR;
+    __builtin_prefetch(b + ahead, 0, 2);
+    if (k % G == 0) {
+      for (int64_t l = 0; l < NR * (int64_t)sizeof(float); l += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(s + KB / G * NR) + l, 0, 2);
+        __builtin_prefetch(reinterpret_cast<const char*>(o + KB / G * NR) + l, 0, 2);
+      }
+    }
+    float* row = buf + (k - k0) * NR;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      const vi q = vcodes(b + j * VW);
+      const vf sv = vload(s + j * VW), ov = vload(o + j * VW);
+      if constexpr (BITS == 8) {
+        vstore(row + j * VW, vfma(__builtin_convertvector(q, vf), sv, ov));
+      } else {
+        vstore(row + j * VW, vfma(__builtin_convertvector(q & 15, vf), sv, ov));
+        vstore(row + NR + j * VW, vfma(__builtin_convertvector(q >> 4, vf), sv, ov));
+      }
+    }
+  }
+}
+
+// panel() over a coded panel: each k block widened into buf (KB * NR floats), then the tiles
+template <int BITS>
+static void coded_panel(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K, const uint8_t* codes,
+                        const float* scale, const float* offset, float* c, int64_t ldc, float* buf) {
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t k1 = std::min(K, k0 + KB);
+    widen<BITS>(codes, scale, offset, k0, k1, buf);
+    for (int64_t m = m0; m < m1; m += MR)
+      tile_rows<MR>((int)std::min<int64_t>(MR, m1 - m), X + m * ldx + k0, ldx, buf, 0, k1 - k0, c + (m - m0) * ldc,
+                    ldc, k0 == 0, Prefetch{nullptr, 0, 0});
+  }
+}
+
+// where a linear's weights come from: pack_linear's float panels ...
+struct FloatPanels {
+  const float* W;
+  int64_t K;
+  static constexpr int64_t buffer = 0;
+  int64_t block_rows() const { return MB; }
+  // panel p's columns for rows [m0, m1) into c; panel `next` is fetched meanwhile
+  void run(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t p, int64_t next, float* c, int64_t ldc,
+           float*) const {
+    panel(X, ldx, m0, m1, K, W + p * K * NR, W + next * K * NR, c, ldc);
+  }
+};
+
+// ... or codes (the next panel's codes come by widen's fetch, which runs on into it)
+template <int BITS>
+struct CodedPanels {
+  const uint8_t* codes;
+  const float *scale, *offset;
+  int64_t K;
+  static constexpr int64_t buffer = KB * NR;
+  // rows per block: a block's k blocks are widened once for its rows, so more rows than MB where
+  // they fit in half this core's L2 (widening for 96 rows made a 1,024-token step 5% slower)
+  int64_t block_rows() const { return std::max<int64_t>(MB, std::min<int64_t>(480, (1 << 20) / (K * 4) / MR * MR)); }
+  void run(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t p, int64_t, float* c, int64_t ldc,
+           float* buf) const {
+    coded_panel<BITS>(X, ldx, m0, m1, K, codes + p * (K * BITS / 8) * NR, scale + p * (K / G) * NR,
+                      offset + p * (K / G) * NR, c, ldc, buf);
+  }
+};
+
 // the threads take panels; each goes through the rows a block at a time, and within a block through
 // its panels: the block's inputs stay in this core's cache while the panels stream past
-static void linear_tiled(const float* X, int64_t ldx, int64_t M, int64_t K, const float* W, int64_t P, float* Y,
-                         int64_t N) {
+template <typename Src>
+static void linear_tiled(const float* X, int64_t ldx, int64_t M, const Src& src, int64_t P, float* Y, int64_t N) {
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
     std::vector<float> tail;   // the last panel's outputs when N is not a multiple of NR
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int64_t m1 = std::min(M, m0 + MB);
+    std::vector<float> buf(Src::buffer);
+    const int64_t mb = src.block_rows();
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      const int64_t m1 = std::min(M, m0 + mb);
       for (int64_t p = pb; p < pe; ++p) {
         const int64_t n0 = p * NR, cols = std::min<int64_t>(NR, N - n0);
         float* c = Y + m0 * N + n0;
@@ -102,7 +207,7 @@ static void linear_tiled(const float* X, int64_t ldx, int64_t M, int64_t K, cons
           c = tail.data();
           ldc = NR;
         }
-        panel(X, ldx, m0, m1, K, W + p * K * NR, W + (p + 1) * K * NR, c, ldc);
+        src.run(X, ldx, m0, m1, p, p + 1, c, ldc, buf.data());
         if (cols < NR)
           for (int64_t m = m0; m < m1; ++m) std::memcpy(Y + m * N + n0, c + (m - m0) * ldc, cols * sizeof(float));
       }
@@ -114,19 +219,20 @@ static void linear_tiled(const float* X, int64_t ldx, int64_t M, int64_t K, cons
 // gate/up weight's panels (gate's I columns, then up's; I a multiple of NR, so panel p's gate
 // columns pair with panel p + I / NR's up columns). A pair's two tiles go to a small buffer in this
 // core's cache and only the product reaches memory: no [M, 2I] output written and read back.
-static void linear_silu_tiled(const float* X, int64_t ldx, int64_t M, int64_t K, const float* W, int64_t I,
-                              const float* bias, float* Y) {
+template <typename Src>
+static void linear_silu_tiled(const float* X, int64_t ldx, int64_t M, const Src& src, int64_t I, const float* bias,
+                              float* Y) {
   const int64_t PI = I / NR;
   at::parallel_for(0, PI, 1, [&](int64_t pb, int64_t pe) {
-    std::vector<float> gu(2 * MB * NR);
-    float *g = gu.data(), *u = g + MB * NR;
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int64_t m1 = std::min(M, m0 + MB);
+    const int64_t mb = src.block_rows();
+    std::vector<float> gu(2 * mb * NR);
+    std::vector<float> buf(Src::buffer);
+    float *g = gu.data(), *u = g + mb * NR;
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      const int64_t m1 = std::min(M, m0 + mb);
       for (int64_t p = pb; p < pe; ++p) {
-        const float* wg = W + p * K * NR;
-        const float* wu = W + (p + PI) * K * NR;
-        panel(X, ldx, m0, m1, K, wg, wu, g, NR);
-        panel(X, ldx, m0, m1, K, wu, wg + K * NR, u, NR);
+        src.run(X, ldx, m0, m1, p, p + PI, g, NR, buf.data());
+        src.run(X, ldx, m0, m1, p + PI, p + 1, u, NR, buf.data());
         const vf one = vsplat(1.f), zero = vsplat(0.f);
         for (int64_t m = m0; m < m1; ++m)
 #pragma GCC unroll 8
@@ -156,9 +262,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
   check_packed(x, packed, N);
   const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
   auto y = at::empty({M, N}, x.options());
-  linear_tiled(x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), P, y.data_ptr<float>(), N);
+  linear_tiled(x.data_ptr<float>(), x.stride(0), M, FloatPanels{packed.data_ptr<float>(), K}, P, y.data_ptr<float>(),
+               N);
   if (bias && bias->defined()) y.add_(*bias);
   return y;
+}
+
+static void check_bias(const c10::optional<at::Tensor>& bias, int64_t n, const char* op) {
+  TORCH_CHECK(!bias || !bias->defined() ||
+                  (bias->numel() == n && bias->is_contiguous() && bias->scalar_type() == at::kFloat),
+              op, ": bias must be [", n, "] float32");
 }
 
 // x [M, K]; packed: pack_linear of the merged [2I, K] gate/up weight; bias [2I] or none
@@ -166,23 +279,130 @@ at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_
                            const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(I > 0 && I % NR == 0, "linear_silu_mul: I must be a multiple of ", NR);
   check_packed(x, packed, 2 * I);
+  check_bias(bias, 2 * I, "linear_silu_mul");
   const bool b = bias && bias->defined();
-  TORCH_CHECK(!b || (bias->numel() == 2 * I && bias->is_contiguous() && bias->scalar_type() == at::kFloat),
-              "linear_silu_mul: bias must be [2I] float32");
   const int64_t M = x.size(0), K = x.size(1);
   auto y = at::empty({M, I}, x.options());
-  linear_silu_tiled(x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), I,
+  linear_silu_tiled(x.data_ptr<float>(), x.stride(0), M, FloatPanels{packed.data_ptr<float>(), K}, I,
                     b ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
   return y;
+}
+
+// ---- coded weights ------------------------------------------------------------------------------
+// q [N, K] uint8 codes (below 2^bits), scale and offset [N, K / G] float32 -> (codes, scale, offset)
+// in panels, zero past N
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_codes(const at::Tensor& q, const at::Tensor& scale,
+                                                         const at::Tensor& offset, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "pack_codes: bits must be 4 or 8");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.size(1) % G == 0 && q.size(1) > 0,
+              "pack_codes: q must be [N, K] uint8 with K a multiple of ", G);
+  const int64_t N = q.size(0), K = q.size(1), P = (N + NR - 1) / NR;
+  for (const auto* t : {&scale, &offset})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == K / G && t->scalar_type() == at::kFloat,
+                "pack_codes: scale and offset must be [N, K / ", G, "] float32");
+  TORCH_CHECK(bits == 8 || q.lt(16).all().item<bool>(), "pack_codes: a 4-bit code above 15");
+  auto panels = [&](const at::Tensor& t) {
+    auto padded = at::zeros({P * NR, t.size(1)}, t.options());
+    padded.narrow(0, 0, N).copy_(t);
+    return padded.view({P, NR, t.size(1)}).transpose(1, 2).contiguous();   // [P][cols of t][NR]
+  };
+  at::Tensor c = panels(q);
+  if (bits == 4) c = c.slice(1, 0, K, 2).bitwise_or(c.slice(1, 1, K, 2).bitwise_left_shift(4)).contiguous();
+  return {c, panels(scale), panels(offset)};
+}
+
+static void check_codes(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset, int64_t bits,
+                        int64_t K, int64_t N) {
+  TORCH_CHECK(bits == 4 || bits == 8, "linear: bits must be 4 or 8");
+  TORCH_CHECK(K % G == 0 && codes.dim() == 3 && codes.is_contiguous() && codes.scalar_type() == at::kByte &&
+                  codes.size(1) == K * bits / 8 && codes.size(2) == NR && codes.size(0) * NR >= N &&
+                  (codes.size(0) - 1) * NR < N,
+              "linear: the coded weight does not match x or N");
+  for (const auto* t : {&scale, &offset})
+    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->scalar_type() == at::kFloat && t->size(0) == codes.size(0) &&
+                    t->size(1) == K / G && t->size(2) == NR,
+                "linear: the coded weight's scale or offset does not match its codes");
+}
+
+template <typename F>
+static void with_bits(int64_t bits, F&& f) {
+  if (bits == 4) return f(std::integral_constant<int, 4>{});
+  f(std::integral_constant<int, 8>{});
+}
+
+at::Tensor linear_codes(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const at::Tensor& offset, int64_t bits, int64_t N, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
+              "linear: x must be [M, K] float32 with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
+  check_codes(codes, scale, offset, bits, K, N);
+  auto y = at::empty({M, N}, x.options());
+  with_bits(bits, [&](auto b) {
+    const CodedPanels<decltype(b)::value> src{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                                              offset.data_ptr<float>(), K};
+    linear_tiled(x.data_ptr<float>(), x.stride(0), M, src, P, y.data_ptr<float>(), N);
+  });
+  if (bias && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+at::Tensor linear_silu_mul_codes(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                                 const at::Tensor& offset, int64_t bits, int64_t I,
+                                 const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(I > 0 && I % NR == 0, "linear_silu_mul: I must be a multiple of ", NR);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
+              "linear: x must be [M, K] float32 with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_codes(codes, scale, offset, bits, K, 2 * I);
+  check_bias(bias, 2 * I, "linear_silu_mul");
+  const bool b = bias && bias->defined();
+  auto y = at::empty({M, I}, x.options());
+  with_bits(bits, [&](auto bb) {
+    const CodedPanels<decltype(bb)::value> src{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                                               offset.data_ptr<float>(), K};
+    linear_silu_tiled(x.data_ptr<float>(), x.stride(0), M, src, I, b ? bias->data_ptr<float>() : nullptr,
+                      y.data_ptr<float>());
+  });
+  return y;
+}
+
+// the floats a coded weight stands for, [N, K], by the kernels' own widening (what weight_codes.py
+// checks a weight against, bit for bit, before it keeps the codes)
+at::Tensor unpack_codes(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset, int64_t bits,
+                        int64_t N) {
+  TORCH_CHECK(codes.dim() == 3, "unpack_codes: codes must be [P, K * bits / 8, NR]");
+  const int64_t K = codes.size(1) * 8 / bits, P = codes.size(0);
+  check_codes(codes, scale, offset, bits, K, N);
+  auto w = at::empty({P, K, NR}, scale.options());
+  with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+      for (int64_t p = pb; p < pe; ++p)
+        for (int64_t k0 = 0; k0 < K; k0 += KB)
+          widen<B>(codes.data_ptr<uint8_t>() + p * (K * B / 8) * NR, scale.data_ptr<float>() + p * (K / G) * NR,
+                   offset.data_ptr<float>() + p * (K / G) * NR, k0, std::min(K, k0 + KB),
+                   w.data_ptr<float>() + (p * K + k0) * NR);
+    });
+  });
+  return w.transpose(1, 2).reshape({P * NR, K}).narrow(0, 0, N).contiguous();
 }
 
 TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
   m.def("pack_linear(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.def("linear_silu_mul(Tensor x, Tensor packed, int i, Tensor? bias) -> Tensor");
+  m.def("pack_codes(Tensor q, Tensor scale, Tensor offset, int bits) -> (Tensor, Tensor, Tensor)");
+  m.def("unpack_codes(Tensor codes, Tensor scale, Tensor offset, int bits, int n) -> Tensor");
+  m.def("linear_codes(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int n, Tensor? bias) -> Tensor");
+  m.def("linear_silu_mul_codes(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int i, Tensor? bias) "
+        "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("pack_linear", &pack_linear);
   m.impl("linear", &linear);
   m.impl("linear_silu_mul", &linear_silu_mul);
+  m.impl("pack_codes", &pack_codes);
+  m.impl("unpack_codes", &unpack_codes);
+  m.impl("linear_codes", &linear_codes);
+  m.impl("linear_silu_mul_codes", &linear_silu_mul_codes);
 }

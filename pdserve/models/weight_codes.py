@@ -1,0 +1,71 @@
+"""Float32 weights kept as the small integer codes they were made from, when they were.
+
+A model dequantized from a GGUF file (the default model: SmolLM2-135M's Q4_1 linears and Q8_0
+embedding) holds float32 values that each group of 32 along a row's inputs spells as
+`code * scale + offset`, codes of 4 or 8 bits. The linears of a decode step are bound by the
+bytes of their weights (540 MB of float32 a step for the default model), so the CPU kernels keep
+such a weight as its codes, a scale and an offset per group (0.75 or 1.25 bytes a weight instead
+of 4) and widen each block to floats in the core's cache (csrc/linear.cpp): the same float32
+values, the same sums in the same order, so every output is bit for bit the float panels' one.
+
+A weight is kept as codes only when the kernels' own widening (`unpack_codes`) gives back every
+one of its float32 values bit for bit; anything else (a float32 checkpoint, a group the search
+below does not spell, a tensor-parallel shard that splits a group) stays in float panels.
+$PDSERVE_CPU_CODES=0 keeps every weight in float panels (for measurements).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+GROUP = 32       # inputs per scale and offset (GGUF's block size; csrc/linear.cpp's G)
+ROWS = 4096      # rows searched at a time (bounds the temporaries on a 49,152-row lm_head)
+
+
+def codes_enabled() -> bool:
+    return os.environ.get("PDSERVE_CPU_CODES", "1") != "0"
+
+
+def find_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """(codes, scale, offset, bits) in csrc/linear.cpp's panels if w [N, K] float32 is exactly
+    codes * scale + offset per group of GROUP inputs with codes of 4 (tried first) or 8 bits;
+    else None."""
+    from pdserve.models.cpu_kernels import linear_op
+    if w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % GROUP or w.numel() == 0 or linear_op() is None:
+        return None
+    for bits in (4, 8):
+        found = _spell(w, bits)
+        if found is None:
+            continue
+        packed = torch.ops.pdserve_cpu.pack_codes(*found, bits)
+        back = torch.ops.pdserve_cpu.unpack_codes(*packed, bits, w.shape[0])
+        if torch.equal(back.view(torch.int32), w.view(torch.int32)):   # bit for bit, -0.0 and NaN too
+            return (*packed, bits)
+    return None
+
+
+def _spell(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Codes, scales and offsets [N, K], [N, K / GROUP] x 2 that may spell w, or None where some
+    group surely cannot be. The offset is the group's least value (its code 0); the scale a
+    half-precision step, as GGUF stores it: for 4 bits the group's range over 15 (Q4_1: the
+    greatest value has code 15), for 8 bits its largest magnitude over 127 (Q8_0: symmetric
+    codes, shifted here to start at 0). The caller checks the result bit for bit."""
+    top = (1 << bits) - 1
+    codes, scales, offsets = [], [], []
+    for start in range(0, w.shape[0], ROWS):
+        g = w[start:start + ROWS].reshape(-1, w.shape[1] // GROUP, GROUP)
+        if not torch.isfinite(g).all():
+            return None
+        lo, hi = g.amin(-1), g.amax(-1)
+        step = (hi - lo) / 15 if bits == 4 else torch.maximum(hi.abs(), lo.abs()) / 127
+        step = step.half().float()
+        if not torch.isfinite(step).all():
+            return None
+        q = ((g - lo[..., None]) / step.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round_()
+        if (q > top).any():
+            return None
+        codes.append(q.to(torch.uint8).reshape(g.shape[0], -1))
+        scales.append(step)
+        offsets.append(lo)
+    return torch.cat(codes), torch.cat(scales), torch.cat(offsets)
