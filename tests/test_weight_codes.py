@@ -136,3 +136,44 @@ def test_modules_keep_codes_and_give_the_same_numbers(ops, monkeypatch):
     assert coded["o"].weight is None and coded["head"].weight is coded["emb"].weight
     for name in ("mlp", "o", "plain", "head"):
         assert torch.equal(coded[name](x), floats[name](x)), name
+
+
+@pytest.fixture(scope="module")
+def amx(ops):
+    if not ops.amx_coded_linears():
+        pytest.skip("no AMX-BF16 here (or Linux does not grant the tiles): the FMA tiles serve")
+    return ops
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 130, 300])
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (64, 37)])
+@pytest.mark.parametrize("make", [q4_1, q8_0])
+def test_amx_coded_linear_has_float32_accuracy(amx, rows, k, n, make):
+    """On AMX (from amx_rows rows on) the products are exact and only the float32 sums round: no
+    further from the exact result (float64) than the FMA tiles' float32 sums, and a bias added."""
+    from pdserve.models.weight_codes import find_codes
+    w = make(n, k, seed=rows * 5 + n)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k + 3, generator=g)[:, :k]
+    b = torch.randn(n, generator=g)
+    coded = find_codes(w)
+    want = torch.nn.functional.linear(x.double(), w.double())
+    fma = amx.linear_codes(x, *coded, n, None, 0)
+    on = amx.linear_codes(x, *coded, n, None, 1)
+    assert (on.double() - want).abs().max() <= 1.5 * (fma.double() - want).abs().max() + 1e-7
+    assert torch.equal(amx.linear_codes(x, *coded, n, b, 1), on + b)
+    assert torch.equal(amx.linear_codes(x, *coded, n, None, rows + 1), fma)   # fewer rows than amx_rows
+
+
+@pytest.mark.parametrize("rows", [16, 97, 300])
+def test_amx_coded_silu_mul_has_float32_accuracy(amx, rows):
+    from pdserve.models.weight_codes import find_codes
+    inter, k = 192, 576
+    w = q4_1(2 * inter, k, seed=rows)
+    x = torch.randn(rows, k)
+    b = torch.randn(2 * inter)
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    want = torch.nn.functional.silu(ref[:, :inter]) * ref[:, inter:]
+    on = amx.linear_silu_mul_codes(x, *find_codes(w), inter, b, 1)
+    fma = amx.linear_silu_mul_codes(x, *find_codes(w), inter, b, 0)
+    assert (on.double() - want).abs().max() <= 1.5 * (fma.double() - want).abs().max() + 1e-7

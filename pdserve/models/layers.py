@@ -8,6 +8,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from pdserve.models.weight_codes import amx_rows
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -54,7 +56,7 @@ class Linear(nn.Linear):
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.stride(-1) == 1 else rows.contiguous()
             if self.codes is not None:
-                y = torch.ops.pdserve_cpu.linear_codes(rows, *self.codes, self.out_features, self.bias)
+                y = torch.ops.pdserve_cpu.linear_codes(rows, *self.codes, self.out_features, self.bias, amx_rows())
             else:
                 y = torch.ops.pdserve_cpu.linear(rows, self.panels, self.out_features, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
@@ -148,7 +150,7 @@ class GatedMLP(nn.Module):
         if nr is not None and inter % nr == 0 and x.dim() == 2 and x.stride(-1) == 1:
             # pdserve's panels (float32 on CPU): silu(gate) * up out of the matmul's own tiles
             if gu.codes is not None:
-                h = torch.ops.pdserve_cpu.linear_silu_mul_codes(x, *gu.codes, inter, gu.bias)
+                h = torch.ops.pdserve_cpu.linear_silu_mul_codes(x, *gu.codes, inter, gu.bias, amx_rows())
             else:
                 h = torch.ops.pdserve_cpu.linear_silu_mul(x, gu.panels, inter, gu.bias)
         else:

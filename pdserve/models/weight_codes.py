@@ -12,6 +12,11 @@ A weight is kept as codes only when the kernels' own widening (`unpack_codes`) g
 one of its float32 values bit for bit; anything else (a float32 checkpoint, a group the search
 below does not spell, a tensor-parallel shard that splits a group) stays in float panels.
 $PDSERVE_CPU_CODES=0 keeps every weight in float panels (for measurements).
+
+From AMX_ROWS rows on, where the CPU has AMX-BF16 and Linux grants the tiles, a coded linear runs
+on the bfloat16 tiles instead (csrc/linear_amx.h): a code is exact in bfloat16 and an input the
+exact sum of three bfloat16 parts, so each product is exact and only the float32 sums round:
+float32's accuracy, not the FMA tiles' exact order. $PDSERVE_CPU_AMX=0 keeps the FMA tiles.
 """
 from __future__ import annotations
 
@@ -23,8 +28,16 @@ GROUP = 32       # inputs per scale and offset (GGUF's block size; csrc/linear.c
 ROWS = 4096      # rows searched at a time (bounds the temporaries on a 49,152-row lm_head)
 
 
+AMX_ROWS = 16    # rows from which the AMX tiles beat the FMA tiles (measured: see cpu_kernels.py)
+
+
 def codes_enabled() -> bool:
     return os.environ.get("PDSERVE_CPU_CODES", "1") != "0"
+
+
+def amx_rows() -> int:
+    """The coded linears' amx_rows argument: AMX_ROWS, or 0 (never) with $PDSERVE_CPU_AMX=0."""
+    return 0 if os.environ.get("PDSERVE_CPU_AMX", "1") == "0" else AMX_ROWS
 
 
 def find_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:

@@ -250,6 +250,8 @@ static void linear_silu_tiled(const float* X, int64_t ldx, int64_t M, const Src&
   });
 }
 
+#include "linear_amx.h"
+
 static void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
               "linear: x must be [M, K] float32 with contiguous rows");
@@ -330,17 +332,21 @@ static void with_bits(int64_t bits, F&& f) {
   f(std::integral_constant<int, 8>{});
 }
 
+// amx_rows: from this many rows on, the AMX tiles where this build and process have them
+// (linear_amx.h: float32's accuracy, not the FMA tiles' exact order); 0: never
 at::Tensor linear_codes(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const at::Tensor& offset, int64_t bits, int64_t N, const c10::optional<at::Tensor>& bias) {
+                        const at::Tensor& offset, int64_t bits, int64_t N, const c10::optional<at::Tensor>& bias,
+                        int64_t amx_rows) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
               "linear: x must be [M, K] float32 with contiguous rows");
   const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
   check_codes(codes, scale, offset, bits, K, N);
   auto y = at::empty({M, N}, x.options());
   with_bits(bits, [&](auto b) {
-    const CodedPanels<decltype(b)::value> src{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                                              offset.data_ptr<float>(), K};
-    linear_tiled(x.data_ptr<float>(), x.stride(0), M, src, P, y.data_ptr<float>(), N);
+    constexpr int B = decltype(b)::value;
+    auto run = [&](const auto& src) { linear_tiled(x.data_ptr<float>(), x.stride(0), M, src, P, y.data_ptr<float>(), N); };
+    if (!with_amx<B>(x, codes, scale, offset, amx_rows, run))
+      run(CodedPanels<B>{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K});
   });
   if (bias && bias->defined()) y.add_(*bias);
   return y;
@@ -348,7 +354,7 @@ at::Tensor linear_codes(const at::Tensor& x, const at::Tensor& codes, const at::
 
 at::Tensor linear_silu_mul_codes(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                  const at::Tensor& offset, int64_t bits, int64_t I,
-                                 const c10::optional<at::Tensor>& bias) {
+                                 const c10::optional<at::Tensor>& bias, int64_t amx_rows) {
   TORCH_CHECK(I > 0 && I % NR == 0, "linear_silu_mul: I must be a multiple of ", NR);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
               "linear: x must be [M, K] float32 with contiguous rows");
@@ -358,13 +364,19 @@ at::Tensor linear_silu_mul_codes(const at::Tensor& x, const at::Tensor& codes, c
   const bool b = bias && bias->defined();
   auto y = at::empty({M, I}, x.options());
   with_bits(bits, [&](auto bb) {
-    const CodedPanels<decltype(bb)::value> src{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                                               offset.data_ptr<float>(), K};
-    linear_silu_tiled(x.data_ptr<float>(), x.stride(0), M, src, I, b ? bias->data_ptr<float>() : nullptr,
-                      y.data_ptr<float>());
+    constexpr int B = decltype(bb)::value;
+    auto run = [&](const auto& src) {
+      linear_silu_tiled(x.data_ptr<float>(), x.stride(0), M, src, I, b ? bias->data_ptr<float>() : nullptr,
+                        y.data_ptr<float>());
+    };
+    if (!with_amx<B>(x, codes, scale, offset, amx_rows, run))
+      run(CodedPanels<B>{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K});
   });
   return y;
 }
+
+// whether this build and process run the coded linears' many rows on AMX
+bool amx_coded_linears() { return amx_ready(); }
 
 // the floats a coded weight stands for, [N, K], by the kernels' own widening (what weight_codes.py
 // checks a weight against, bit for bit, before it keeps the codes)
@@ -393,9 +405,11 @@ TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
   m.def("linear_silu_mul(Tensor x, Tensor packed, int i, Tensor? bias) -> Tensor");
   m.def("pack_codes(Tensor q, Tensor scale, Tensor offset, int bits) -> (Tensor, Tensor, Tensor)");
   m.def("unpack_codes(Tensor codes, Tensor scale, Tensor offset, int bits, int n) -> Tensor");
-  m.def("linear_codes(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int n, Tensor? bias) -> Tensor");
-  m.def("linear_silu_mul_codes(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int i, Tensor? bias) "
-        "-> Tensor");
+  m.def("linear_codes(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int n, Tensor? bias, "
+        "int amx_rows=0) -> Tensor");
+  m.def("linear_silu_mul_codes(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int i, Tensor? bias, "
+        "int amx_rows=0) -> Tensor");
+  m.def("amx_coded_linears() -> bool", &amx_coded_linears);
 }
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("pack_linear", &pack_linear);

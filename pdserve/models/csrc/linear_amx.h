@@ -1,0 +1,174 @@
+// The coded linears (linear.cpp) for many rows on AMX: codes are small integers, exact in bfloat16,
+// and each float32 input is the exact sum of three bfloat16 parts (its top, middle and bottom 8
+// significant bits), so x . w over a group of G inputs = d * sum(x q) + offset * sum(x) with
+// sum(x q) = the three parts' bfloat16 tile products, each product exact and summed in float32:
+// float32's accuracy (not the FMA tiles' exact order), at the bf16 tiles' speed. Included by
+// linear.cpp after the coded panels; compiled where the compiler targets AMX-BF16 (the library is
+// built -march=native) and used where Linux grants the process the tile state.
+#pragma once
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512F__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+constexpr int64_t AMX_ROWS = 16;    // a tile's rows (and a B tile's k pairs: 2 * 16 = G)
+constexpr int64_t AMX_MB = 128;     // rows per block: a group's B tiles are built once for these
+static_assert(G == 32 && NR == 48, "the AMX tiles hold a group of 32 k and a panel of 3 x 16 columns");
+
+// x [M, K] as three bfloat16 parts [3][Mp][K] (Mp: M rounded up to whole tiles, zero past M) and
+// its sums per group [Mp][K / G], in float32
+struct SplitRows {
+  at::Tensor parts, sums;
+  SplitRows(const float* X, int64_t ldx, int64_t M, int64_t K) {
+    const int64_t Mp = (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+    parts = at::zeros({3, Mp, K}, at::kShort);
+    sums = at::zeros({Mp, K / G}, at::kFloat);
+    uint16_t* pt = reinterpret_cast<uint16_t*>(parts.data_ptr<int16_t>());
+    float* sm = sums.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t mb, int64_t me) {
+      for (int64_t m = mb; m < me; ++m)
+        for (int64_t k0 = 0; k0 < K; k0 += VW) {
+          const vf x = vload(X + m * ldx + k0);
+          const vu top = (vu)x & 0xffff0000u;
+          const vf r1 = x - (vf)top;
+          const vu mid = (vu)r1 & 0xffff0000u;
+          const vf r2 = r1 - (vf)mid;   // at most 8 significant bits left: exact in bfloat16
+          const vu bits[3] = {top >> 16, mid >> 16, (vu)r2 >> 16};
+          for (int i = 0; i < 3; ++i) {
+            const vh h = __builtin_convertvector(bits[i], vh);
+            std::memcpy(pt + (i * Mp + m) * K + k0, &h, sizeof h);
+          }
+          sm[m * (K / G) + k0 / G] += vsum(x);
+        }
+    });
+  }
+};
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// one 16-row tile's 3 x 16 columns over one group: C_j (tiles 0-2) = the three parts' A (tiles 6,
+// 7 in turn) times B_j (tiles 3-5), three accumulators so the products pipeline; then, in vectors,
+// acc += C_j * d + the rows' group sums * offset
+static inline void amx_tile_group(const uint16_t* a0, int64_t part_ld, int64_t stride, float* acc, float* cbuf,
+                                  const float* sums, int64_t sums_ld, const float* d, const float* o) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_loadd(6, a0, stride);
+  _tile_dpbf16ps(0, 6, 3);
+  _tile_dpbf16ps(1, 6, 4);
+  _tile_dpbf16ps(2, 6, 5);
+  _tile_loadd(7, a0 + part_ld, stride);
+  _tile_dpbf16ps(0, 7, 3);
+  _tile_dpbf16ps(1, 7, 4);
+  _tile_dpbf16ps(2, 7, 5);
+  _tile_loadd(6, a0 + 2 * part_ld, stride);
+  _tile_dpbf16ps(0, 6, 3);
+  _tile_dpbf16ps(1, 6, 4);
+  _tile_dpbf16ps(2, 6, 5);
+  _tile_stored(0, cbuf, 64);
+  _tile_stored(1, cbuf + AMX_ROWS * VW, 64);
+  _tile_stored(2, cbuf + 2 * AMX_ROWS * VW, 64);
+#pragma GCC unroll 16
+  for (int r = 0; r < AMX_ROWS; ++r) {
+    const vf s = vbcast(sums + r * sums_ld);
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) {
+      float* a = acc + r * NR + j * VW;
+      vstore(a, vfma(vload(cbuf + (j * AMX_ROWS + r) * VW), vload(d + j * VW), vfma(s, vload(o + j * VW), vload(a))));
+    }
+  }
+}
+
+// the coded panels on AMX, as CodedPanels (same codes, scale and offset), over rows split once
+template <int BITS>
+struct AmxCodedPanels {
+  const uint8_t* codes;
+  const float *scale, *offset;
+  int64_t K;
+  const SplitRows* split;
+  static constexpr int64_t buffer = AMX_MB * NR + 2 * 3 * AMX_ROWS * VW;   // acc, 3 C tiles, 3 B tiles
+  int64_t block_rows() const { return AMX_MB; }
+
+  // B tile j of group g: row kp holds column c's codes for k = 2 kp, 2 kp + 1 as a bfloat16 pair
+  void build_b(const uint8_t* pc, int64_t g, uint32_t* b) const {
+    for (int64_t kp = 0; kp < AMX_ROWS; ++kp) {
+      const int64_t k = g * G + 2 * kp;
+#pragma GCC unroll 3
+      for (int j = 0; j < NV; ++j) {
+        vi lo, hi;
+        if constexpr (BITS == 4) {
+          const vi q = vcodes(pc + k / 2 * NR + j * VW);
+          lo = q & 15;
+          hi = q >> 4;
+        } else {
+          lo = vcodes(pc + k * NR + j * VW);
+          hi = vcodes(pc + (k + 1) * NR + j * VW);
+        }
+        const vu pair = ((vu)__builtin_convertvector(lo, vf) >> 16) |
+                        ((vu)__builtin_convertvector(hi, vf) & 0xffff0000u);
+        std::memcpy(b + (j * AMX_ROWS + kp) * VW, &pair, sizeof pair);
+      }
+    }
+  }
+
+  void run(const float*, int64_t, int64_t m0, int64_t m1, int64_t p, int64_t, float* c, int64_t ldc,
+           float* buf) const {
+    const int64_t groups = K / G, Mp = split->parts.size(1), t1 = std::min(Mp, (m1 + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS);
+    const uint8_t* pc = codes + p * (K * BITS / 8) * NR;
+    const float *ps = scale + p * groups * NR, *po = offset + p * groups * NR;
+    const uint16_t* parts = reinterpret_cast<const uint16_t*>(split->parts.data_ptr<int16_t>());
+    const float* sums = split->sums.data_ptr<float>();
+    float *acc = buf, *cbuf = acc + AMX_MB * NR;
+    uint32_t* b = reinterpret_cast<uint32_t*>(cbuf + 3 * AMX_ROWS * VW);
+    std::fill(acc, acc + (t1 - m0) * NR, 0.f);
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = AMX_ROWS;
+    }
+    _tile_loadconfig(&cfg);
+    for (int64_t g = 0; g < groups; ++g) {
+      build_b(pc, g, b);
+      _tile_loadd(3, b, 64);
+      _tile_loadd(4, b + AMX_ROWS * VW, 64);
+      _tile_loadd(5, b + 2 * AMX_ROWS * VW, 64);
+      const float *d = ps + g * NR, *o = po + g * NR;
+      for (int64_t t = m0; t < t1; t += AMX_ROWS)
+        amx_tile_group(parts + t * K + g * G, Mp * K, K * (int64_t)sizeof(uint16_t), acc + (t - m0) * NR, cbuf,
+                       sums + t * groups + g, groups, d, o);
+    }
+    _tile_release();
+    for (int64_t m = m0; m < m1; ++m) std::memcpy(c + (m - m0) * ldc, acc + (m - m0) * NR, NR * sizeof(float));
+  }
+};
+
+// the coded linear on AMX where x has at least min_rows rows and the process may use the tiles;
+// false: the caller runs the FMA tiles
+template <int BITS, typename Run>
+static bool with_amx(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset,
+                     int64_t min_rows, Run&& run) {
+  if (min_rows <= 0 || x.size(0) < min_rows || !amx_ready()) return false;
+  const int64_t K = x.size(1);
+  const SplitRows split(x.data_ptr<float>(), x.stride(0), x.size(0), K);
+  run(AmxCodedPanels<BITS>{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K, &split});
+  return true;
+}
+#else
+static bool amx_ready() { return false; }
+template <int BITS, typename Run>
+static bool with_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, Run&&) {
+  return false;
+}
+#endif
