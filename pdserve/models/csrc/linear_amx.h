@@ -28,24 +28,30 @@ struct SplitRows {
   at::Tensor parts, sums;
   SplitRows(const float* X, int64_t ldx, int64_t M, int64_t K) {
     const int64_t Mp = (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
-    parts = at::zeros({3, Mp, K}, at::kShort);
+    parts = at::empty({3, Mp, K}, at::kShort);
+    parts.narrow(1, M, Mp - M).zero_();
     sums = at::zeros({Mp, K / G}, at::kFloat);
     uint16_t* pt = reinterpret_cast<uint16_t*>(parts.data_ptr<int16_t>());
     float* sm = sums.data_ptr<float>();
     at::parallel_for(0, M, 16, [&](int64_t mb, int64_t me) {
       for (int64_t m = mb; m < me; ++m)
-        for (int64_t k0 = 0; k0 < K; k0 += VW) {
-          const vf x = vload(X + m * ldx + k0);
-          const vu top = (vu)x & 0xffff0000u;
-          const vf r1 = x - (vf)top;
-          const vu mid = (vu)r1 & 0xffff0000u;
-          const vf r2 = r1 - (vf)mid;   // at most 8 significant bits left: exact in bfloat16
-          const vu bits[3] = {top >> 16, mid >> 16, (vu)r2 >> 16};
-          for (int i = 0; i < 3; ++i) {
-            const vh h = __builtin_convertvector(bits[i], vh);
-            std::memcpy(pt + (i * Mp + m) * K + k0, &h, sizeof h);
+        for (int64_t g0 = 0; g0 < K; g0 += G) {
+          vf sum = vsplat(0.f);
+#pragma GCC unroll 4
+          for (int64_t k0 = g0; k0 < g0 + G; k0 += VW) {
+            const vf x = vload(X + m * ldx + k0);
+            const vu top = (vu)x & 0xffff0000u;
+            const vf r1 = x - (vf)top;
+            const vu mid = (vu)r1 & 0xffff0000u;
+            const vf r2 = r1 - (vf)mid;   // at most 8 significant bits left: exact in bfloat16
+            const vu bits[3] = {top >> 16, mid >> 16, (vu)r2 >> 16};
+            for (int i = 0; i < 3; ++i) {
+              const vh h = __builtin_convertvector(bits[i], vh);
+              std::memcpy(pt + (i * Mp + m) * K + k0, &h, sizeof h);
+            }
+            sum += x;
           }
-          sm[m * (K / G) + k0 / G] += vsum(x);
+          sm[m * (K / G) + g0 / G] = vsum(sum);
         }
     });
   }
@@ -57,37 +63,28 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-// one 16-row tile's 3 x 16 columns over one group: C_j (tiles 0-2) = the three parts' A (tiles 6,
-// 7 in turn) times B_j (tiles 3-5), three accumulators so the products pipeline; then, in vectors,
-// acc += C_j * d + the rows' group sums * offset
-static inline void amx_tile_group(const uint16_t* a0, int64_t part_ld, int64_t stride, float* acc, float* cbuf,
-                                  const float* sums, int64_t sums_ld, const float* d, const float* o) {
+// one 16-row tile's columns J * 16.. over one group: C (tile 0) = the three parts' A (tiles 1-3)
+// times B_J (tile 4 + J); then, in vectors, acc += C * d + the rows' group sums * offset. One C
+// tile a column tile, each stored to its own buffer: the vectors of one overlap the next's products
+template <int J>
+static inline void amx_columns(float* acc, float* cbuf, const float* sums, int64_t sums_ld, const float* d,
+                               const float* o) {
+#define PDSERVE_AMX_PARTS(B) _tile_dpbf16ps(0, 1, B); _tile_dpbf16ps(0, 2, B); _tile_dpbf16ps(0, 3, B)
   _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_loadd(6, a0, stride);
-  _tile_dpbf16ps(0, 6, 3);
-  _tile_dpbf16ps(1, 6, 4);
-  _tile_dpbf16ps(2, 6, 5);
-  _tile_loadd(7, a0 + part_ld, stride);
-  _tile_dpbf16ps(0, 7, 3);
-  _tile_dpbf16ps(1, 7, 4);
-  _tile_dpbf16ps(2, 7, 5);
-  _tile_loadd(6, a0 + 2 * part_ld, stride);
-  _tile_dpbf16ps(0, 6, 3);
-  _tile_dpbf16ps(1, 6, 4);
-  _tile_dpbf16ps(2, 6, 5);
+  if constexpr (J == 0) {
+    PDSERVE_AMX_PARTS(4);
+  } else if constexpr (J == 1) {
+    PDSERVE_AMX_PARTS(5);
+  } else {
+    PDSERVE_AMX_PARTS(6);
+  }
+#undef PDSERVE_AMX_PARTS
   _tile_stored(0, cbuf, 64);
-  _tile_stored(1, cbuf + AMX_ROWS * VW, 64);
-  _tile_stored(2, cbuf + 2 * AMX_ROWS * VW, 64);
+  const vf dv = vload(d + J * VW), ov = vload(o + J * VW);
 #pragma GCC unroll 16
   for (int r = 0; r < AMX_ROWS; ++r) {
-    const vf s = vbcast(sums + r * sums_ld);
-#pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) {
-      float* a = acc + r * NR + j * VW;
-      vstore(a, vfma(vload(cbuf + (j * AMX_ROWS + r) * VW), vload(d + j * VW), vfma(s, vload(o + j * VW), vload(a))));
-    }
+    float* a = acc + r * NR + J * VW;
+    vstore(a, vfma(vload(cbuf + r * VW), dv, vfma(vbcast(sums + r * sums_ld), ov, vload(a))));
   }
 }
 
@@ -130,24 +127,32 @@ struct AmxCodedPanels {
     const float *ps = scale + p * groups * NR, *po = offset + p * groups * NR;
     const uint16_t* parts = reinterpret_cast<const uint16_t*>(split->parts.data_ptr<int16_t>());
     const float* sums = split->sums.data_ptr<float>();
-    float *acc = buf, *cbuf = acc + AMX_MB * NR;
+    float *acc = buf, *cbuf = acc + AMX_MB * NR;   // then 3 C buffers, 3 B tiles
     uint32_t* b = reinterpret_cast<uint32_t*>(cbuf + 3 * AMX_ROWS * VW);
     std::fill(acc, acc + (t1 - m0) * NR, 0.f);
     TileConfig cfg;
-    for (int t = 0; t < 8; ++t) {
+    for (int t = 0; t < 7; ++t) {
       cfg.colsb[t] = 64;
       cfg.rows[t] = AMX_ROWS;
     }
     _tile_loadconfig(&cfg);
     for (int64_t g = 0; g < groups; ++g) {
       build_b(pc, g, b);
-      _tile_loadd(3, b, 64);
-      _tile_loadd(4, b + AMX_ROWS * VW, 64);
-      _tile_loadd(5, b + 2 * AMX_ROWS * VW, 64);
+      _tile_loadd(4, b, 64);
+      _tile_loadd(5, b + AMX_ROWS * VW, 64);
+      _tile_loadd(6, b + 2 * AMX_ROWS * VW, 64);
       const float *d = ps + g * NR, *o = po + g * NR;
-      for (int64_t t = m0; t < t1; t += AMX_ROWS)
-        amx_tile_group(parts + t * K + g * G, Mp * K, K * (int64_t)sizeof(uint16_t), acc + (t - m0) * NR, cbuf,
-                       sums + t * groups + g, groups, d, o);
+      for (int64_t t = m0; t < t1; t += AMX_ROWS) {
+        const int64_t stride = K * (int64_t)sizeof(uint16_t);
+        _tile_loadd(1, parts + t * K + g * G, stride);
+        _tile_loadd(2, parts + (Mp + t) * K + g * G, stride);
+        _tile_loadd(3, parts + (2 * Mp + t) * K + g * G, stride);
+        float* a = acc + (t - m0) * NR;
+        const float* s = sums + t * groups + g;
+        amx_columns<0>(a, cbuf, s, groups, d, o);
+        amx_columns<1>(a, cbuf + AMX_ROWS * VW, s, groups, d, o);
+        amx_columns<2>(a, cbuf + 2 * AMX_ROWS * VW, s, groups, d, o);
+      }
     }
     _tile_release();
     for (int64_t m = m0; m < m1; ++m) std::memcpy(c + (m - m0) * ldc, acc + (m - m0) * NR, NR * sizeof(float));
