@@ -16,6 +16,12 @@ where there is one), then torchvision/torchaudio/torchcodec are removed: their w
 match that torch. vLLM runs with VLLM_CPU_KVCACHE_SPACE=1 (GiB), once with its own thread
 binding (`vllm`: on this 2-core machine one OpenMP thread, the other core left to its scheduler)
 and once with both cores (`vllm:0-1`, VLLM_CPU_OMP_THREADS_BIND=0-1).
+
+Both engines load the same float32 checkpoint (the default model, dequantized once from its
+GGUF). pdserve finds that its linears' float32 values are exactly the GGUF's Q4_1 / Q8_0 codes
+times their scales and keeps the codes (models/weight_codes.py; outputs as from float32 weights,
+within float32 rounding), running many-row linears on AMX where the CPU has it; `pdserve:floats`
+is pdserve with every weight in float32 panels instead, in the same run.
 """
 from __future__ import annotations
 
@@ -160,7 +166,8 @@ def matmul_peak(threads: int, dtype: str = "float32") -> float:
 
 def run_one(py: str, name: str, args, reqs_file: str, model_dir: str) -> dict:
     """name: an engine, for vLLM optionally with its OpenMP binding (`vllm:0-1`), for pdserve
-    with its KV cache's dtype (`pdserve:bfloat16`)."""
+    with its KV cache's dtype (`pdserve:bfloat16`) or with float32 panels for every weight instead
+    of a GGUF's codes (`pdserve:floats`, PDSERVE_CPU_CODES=0: the engine before the codes)."""
     engine, _, bind = name.partition(":")
     env = dict(os.environ)
     if engine == "vllm":
@@ -178,7 +185,9 @@ def run_one(py: str, name: str, args, reqs_file: str, model_dir: str) -> dict:
         cwd = os.path.dirname(HERE)
     cmd = [py, os.path.abspath(__file__), "--worker", engine, "--tasks", args.tasks, "--model-dir", model_dir,
            "--reqs", reqs_file, "--threads", str(args.threads), "--dtype", args.dtype]
-    if engine == "pdserve" and bind:
+    if engine == "pdserve" and bind == "floats":
+        env["PDSERVE_CPU_CODES"] = "0"
+    elif engine == "pdserve" and bind:
         cmd += ["--kv-cache-dtype", bind]
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     if p.returncode:
@@ -214,7 +223,8 @@ def main() -> None:
                     help="vllm: its default binding (auto: one OpenMP thread per core left after the one it "
                          "reserves for its scheduler, so one here); vllm:LIST: VLLM_CPU_OMP_THREADS_BIND=LIST "
                          "(0-1: both cores); pdserve:DTYPE: pdserve with --kv-cache-dtype DTYPE (e.g. "
-                         "pdserve:bfloat16)")
+                         "pdserve:bfloat16); pdserve:floats: every weight in float32 panels, none kept as "
+                         "its GGUF codes")
     ap.add_argument("--threads", type=int, default=0,
                     help="pdserve's torch threads (default 0: its own placement, threads from the cores it may "
                          "use, pinned; vLLM's CPU engine binds its own threads)")
@@ -312,7 +322,7 @@ def report(summary, args) -> str:
             key = "speedup" if eng == "vllm" else f"speedup_vs_{eng}"
             if key in s:
                 lines.append(f"| {phase} | pdserve speed / {eng}'s | {s[key]:.2f}x | | | |")
-            for pd in (n for n in names if n.startswith("pdserve:")):   # pdserve with another KV cache dtype
+            for pd in (n for n in names if n.startswith("pdserve:")):   # pdserve's variants
                 if s[pd]["workload_s"] and s[eng]["workload_s"]:
                     lines.append(f"| {phase} | {pd} speed / {eng}'s | {s[eng]['workload_s'] / s[pd]['workload_s']:.2f}x | | | |")
         if "pdserve_vs_floor" in s:
