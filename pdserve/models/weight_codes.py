@@ -6,7 +6,8 @@ embedding) holds float32 values that each group of 32 along a row's inputs spell
 bytes of their weights (540 MB of float32 a step for the default model), so the CPU kernels keep
 such a weight as its codes, a scale and an offset per group (0.75 or 1.25 bytes a weight instead
 of 4) and widen each block to floats in the core's cache (csrc/linear.cpp): the same float32
-values, the same sums in the same order, so every output is bit for bit the float panels' one.
+values through the same FMA tiles in the same order, so every output is bit for bit the float
+panels' one (below AMX_ROWS rows, or with $PDSERVE_CPU_AMX=0; AMX below).
 
 A weight is kept as codes only when the kernels' own widening (`unpack_codes`) gives back every
 one of its float32 values bit for bit; anything else (a float32 checkpoint, a group the search
@@ -16,7 +17,8 @@ $PDSERVE_CPU_CODES=0 keeps every weight in float panels (for measurements).
 From AMX_ROWS rows on, where the CPU has AMX-BF16 and Linux grants the tiles, a coded linear runs
 on the bfloat16 tiles instead (csrc/linear_amx.h): a code is exact in bfloat16 and an input the
 exact sum of three bfloat16 parts, so each product is exact and only the float32 sums round:
-float32's accuracy, not the FMA tiles' exact order. $PDSERVE_CPU_AMX=0 keeps the FMA tiles.
+float32's accuracy (bfloat16 parts below 2^-126 flush to zero), not the FMA tiles' exact order.
+$PDSERVE_CPU_AMX=0 keeps the FMA tiles.
 """
 from __future__ import annotations
 
@@ -26,8 +28,6 @@ import torch
 
 GROUP = 32       # inputs per scale and offset (GGUF's block size; csrc/linear.cpp's G)
 ROWS = 4096      # rows searched at a time (bounds the temporaries on a 49,152-row lm_head)
-
-
 AMX_ROWS = 16    # rows from which the AMX tiles beat the FMA tiles (measured: see cpu_kernels.py)
 
 
