@@ -78,6 +78,10 @@ def _spell(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torc
         q = ((g - lo[..., None]) / step.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round_()
         if (q > top).any():
             return None
+        # q * step is exact for a GGUF's steps, so this is the kernels' fused multiply-add: a
+        # checkpoint that is not codes is turned down on its first rows, not after a whole pass
+        if not torch.equal((q * step[..., None] + lo[..., None]).view(torch.int32), g.view(torch.int32)):
+            return None
         codes.append(q.to(torch.uint8).reshape(g.shape[0], -1))
         scales.append(step)
         offsets.append(lo)
