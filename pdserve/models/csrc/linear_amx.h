@@ -64,8 +64,9 @@ struct TileConfig {
 };
 
 // one 16-row tile's columns J * 16.. over one group: C (tile 0) = the three parts' A (tiles 1-3)
-// times B_J (tile 4 + J); then, in vectors, acc += C * d + the rows' group sums * offset. One C
-// tile a column tile, each stored to its own buffer: the vectors of one overlap the next's products
+// times B_J (tile 4 + J); then, in vectors, acc += C * d + the rows' group sums * offset. Tile 0
+// serves the column tiles in turn, each result stored to a buffer of its own, so the vectors on
+// one overlap the next one's products (one C tile each, all products first: 6.6 against 5.8 ms)
 template <int J>
 static inline void amx_columns(float* acc, float* cbuf, const float* sums, int64_t sums_ld, const float* d,
                                const float* o) {
