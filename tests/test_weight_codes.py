@@ -35,14 +35,39 @@ def q8_0(n, k, seed=0):
     return (q * d).reshape(n, k)
 
 
-@pytest.mark.parametrize("make,bits", [(q4_1, 4), (q8_0, 8)])
+def q4_0(n, k, seed=0):
+    """As GGUF's Q4_0: d = (the group's value of largest magnitude) / -8 in half precision, codes
+    0..15, (code - 8) * d: the largest magnitude has code 0; d of either sign."""
+    g = torch.Generator().manual_seed(seed)
+    d = ((torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-4) *
+         torch.where(torch.rand(n, k // 32, 1, generator=g) < 0.5, 1.0, -1.0)).half().float()
+    q = torch.randint(1, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 7] = 0
+    return ((q - 8) * d).reshape(n, k)
+
+
+def q5(n, k, seed=0, symmetric=False):
+    """As GGUF's Q5_1 (codes 0..31, d * code + m) or Q5_0 (d = largest magnitude / -16, (code - 16) * d)."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-4).half().float()
+    q = torch.randint(0, 32, (n, k // 32, 32), generator=g).float()
+    if symmetric:
+        q[..., 2] = 0
+        return ((q - 16) * -d).reshape(n, k)
+    m = (-torch.rand(n, k // 32, 1, generator=g) * 0.1).half().float()
+    q[..., 3], q[..., 9] = 0, 31
+    return (q * d + m).reshape(n, k)
+
+
+@pytest.mark.parametrize("make,bits", [(q4_1, 4), (q4_0, 4), (q8_0, 8), (q5, 8),
+                                       (lambda n, k: q5(n, k, symmetric=True), 8)])
 def test_codes_found_and_exact(ops, make, bits):
     from pdserve.models.weight_codes import find_codes
     w = make(100, 576)
     found = find_codes(w)
     assert found is not None and found[3] == bits
     back = ops.unpack_codes(*found, 100)
-    assert torch.equal(back.view(torch.int32), w.view(torch.int32))
+    assert torch.equal(back, w)   # -0.0 (Q4_0's code 8 times a negative d) comes back as +0.0
     assert found[0].numel() * 8 // bits >= w.numel()   # codes: bits a weight (plus scales)
 
 
@@ -57,11 +82,13 @@ def test_a_weight_no_codes_spell_stays_float(ops):
     bad[0, 0] = float("nan")
     assert find_codes(bad) is None
     assert find_codes(q4_1(8, 64).double()) is None
+    mixed = torch.cat([q4_1(8, 64), q4_0(8, 64, seed=1)], dim=1)     # groups of either kind: still 4 bits
+    assert find_codes(mixed)[3] == 4
 
 
 @pytest.mark.parametrize("rows", [1, 5, 9, 97, 300, 500])
 @pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (64, 37)])
-@pytest.mark.parametrize("make", [q4_1, q8_0])
+@pytest.mark.parametrize("make", [q4_1, q8_0, q4_0])   # q4_0: weights of -0.0 among them
 @pytest.mark.parametrize("bias", [False, True])
 def test_coded_linear_is_the_float_panels_bit_for_bit(ops, rows, k, n, make, bias):
     from pdserve.models.weight_codes import find_codes

@@ -10,7 +10,9 @@ values through the same FMA tiles in the same order, so every output is bit for 
 panels' one (below AMX_ROWS rows, or with $PDSERVE_CPU_AMX=0; AMX below).
 
 A weight is kept as codes only when the kernels' own widening (`unpack_codes`) gives back every
-one of its float32 values bit for bit; anything else (a float32 checkpoint, a group the search
+one of its float32 values, bit for bit but for a zero's sign (a symmetric format's code for zero
+times a negative scale is -0.0 where the codes give +0.0; a sum that starts from +0.0 over finite
+inputs comes out the same with either, so the outputs are still bit for bit); anything else (a float32 checkpoint, a group the search
 below does not spell, a tensor-parallel shard that splits a group) stays in float panels.
 $PDSERVE_CPU_CODES=0 keeps every weight in float panels (for measurements).
 
@@ -53,36 +55,53 @@ def find_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
             continue
         packed = torch.ops.pdserve_cpu.pack_codes(*found, bits)
         back = torch.ops.pdserve_cpu.unpack_codes(*packed, bits, w.shape[0])
-        if torch.equal(back.view(torch.int32), w.view(torch.int32)):   # bit for bit, -0.0 and NaN too
+        if torch.equal(back, w):   # every value (a zero's sign aside: see the module's docstring)
             return (*packed, bits)
     return None
 
 
+def _steps(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Candidate steps per group, half-precision as GGUF stores its scales: the group's range over
+    the top code (Q4_1, Q5_1: the least value has code 0, the greatest the top one) and its
+    largest magnitude over half the codes (Q4_0, Q5_0, Q8_0: symmetric codes, d * (q - 8) and
+    the like, whose largest magnitude is 8 d, 16 d or 127 d)."""
+    amax = torch.maximum(hi.abs(), lo.abs())
+    if bits == 4:
+        return [(hi - lo) / 15, amax / 8]
+    return [amax / 127, (hi - lo) / 31, amax / 16]
+
+
 def _spell(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Codes, scales and offsets [N, K], [N, K / GROUP] x 2 that may spell w, or None where some
-    group surely cannot be. The offset is the group's least value (its code 0); the scale a
-    half-precision step, as GGUF stores it: for 4 bits the group's range over 15 (Q4_1: the
-    greatest value has code 15), for 8 bits its largest magnitude over 127 (Q8_0: symmetric
-    codes, shifted here to start at 0). The caller checks the result bit for bit."""
+    group cannot be spelled: the offset is the group's least value (its code 0), the step the
+    first of _steps' candidates that gives back each of the group's values. The caller checks the
+    result bit for bit with the kernels' own widening."""
     top = (1 << bits) - 1
+    tiny = torch.finfo(torch.float32).tiny
     codes, scales, offsets = [], [], []
     for start in range(0, w.shape[0], ROWS):
         g = w[start:start + ROWS].reshape(-1, w.shape[1] // GROUP, GROUP)
         if not torch.isfinite(g).all():
             return None
         lo, hi = g.amin(-1), g.amax(-1)
-        step = (hi - lo) / 15 if bits == 4 else torch.maximum(hi.abs(), lo.abs()) / 127
-        step = step.half().float()
-        if not torch.isfinite(step).all():
+        done = torch.zeros_like(lo, dtype=torch.bool)
+        q_best, step_best = torch.zeros_like(g), torch.zeros_like(lo)
+        for step in _steps(lo, hi, bits):
+            step = step.half().float()
+            q = ((g - lo[..., None]) / step.clamp_min(tiny)[..., None]).round_()
+            # q * step is exact for a GGUF's steps, so this is the kernels' fused multiply-add
+            back = q * step[..., None] + lo[..., None]
+            fits = torch.isfinite(step) & (q <= top).all(-1) & (back == g).all(-1) & ~done
+            if fits.all():   # every group by this candidate (the usual case): no copying
+                q_best, step_best, done = q, step, fits
+                break
+            q_best[fits], step_best[fits] = q[fits], step[fits]
+            done |= fits
+            if done.all():
+                break
+        if not done.all():   # a checkpoint that is not codes is turned down on its first rows
             return None
-        q = ((g - lo[..., None]) / step.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round_()
-        if (q > top).any():
-            return None
-        # q * step is exact for a GGUF's steps, so this is the kernels' fused multiply-add: a
-        # checkpoint that is not codes is turned down on its first rows, not after a whole pass
-        if not torch.equal((q * step[..., None] + lo[..., None]).view(torch.int32), g.view(torch.int32)):
-            return None
-        codes.append(q.to(torch.uint8).reshape(g.shape[0], -1))
-        scales.append(step)
+        codes.append(q_best.to(torch.uint8).reshape(g.shape[0], -1))
+        scales.append(step_best)
         offsets.append(lo)
     return torch.cat(codes), torch.cat(scales), torch.cat(offsets)
