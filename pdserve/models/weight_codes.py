@@ -9,11 +9,13 @@ of 4) and widen each block to floats in the core's cache (csrc/linear.cpp): the 
 values through the same FMA tiles in the same order, so every output is bit for bit the float
 panels' one (below AMX_ROWS rows, or with $PDSERVE_CPU_AMX=0; AMX below).
 
-A weight is kept as codes only when the kernels' own widening (`unpack_codes`) gives back every
-one of its float32 values, bit for bit but for a zero's sign (a symmetric format's code for zero
-times a negative scale is -0.0 where the codes give +0.0; a sum that starts from +0.0 over finite
-inputs comes out the same with either, so the outputs are still bit for bit); anything else (a float32 checkpoint, a group the search
-below does not spell, a tensor-parallel shard that splits a group) stays in float panels.
+Groups of GGUF's Q4_0 / Q4_1 (4-bit codes) and Q5_0 / Q5_1 / Q8_0 (kept as 8-bit codes) are
+found, each group by its own format. A weight is kept as codes only when the kernels' own
+widening (`unpack_codes`) gives back every one of its float32 values, bit for bit but for a
+zero's sign (a symmetric format's zero code times a negative scale is -0.0 where the codes give
++0.0; a sum that starts from +0.0 over finite inputs comes out the same with either, so the
+outputs are still bit for bit); anything else (a float32 checkpoint, a K-quant's 6-bit
+sub-scales, a tensor-parallel shard that splits a group) stays in float panels.
 $PDSERVE_CPU_CODES=0 keeps every weight in float panels (for measurements).
 
 From AMX_ROWS rows on, where the CPU has AMX-BF16 and Linux grants the tiles, a coded linear runs
