@@ -1,7 +1,9 @@
 """Float32 weights kept as the codes they were dequantized from (models/weight_codes.py): found
-where GGUF's Q4_1 / Q8_0 spell them and only there, checked bit for bit, and the coded linears'
-outputs bit for bit those of the float panels (the same sums in the same order), over row counts
-past a tile, a row block and the coded row block, columns past a panel, k past a block."""
+where GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 spell them and only there, checked bit for bit, and
+the coded linears' outputs on the FMA tiles bit for bit those of the float panels (the same sums
+in the same order), over row counts past a tile, a row block and the coded row block, columns
+past a panel, k past a block; on AMX (where the CPU has it) no further from float64 than the FMA
+tiles' float32 sums."""
 import pytest
 import torch
 
