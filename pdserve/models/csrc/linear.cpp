@@ -11,12 +11,18 @@ constexpr int64_t MB = 96;                // rows per block: their inputs stay i
 // core's line fill buffers to the fetch of the next block (576, a block in L2: 32 rows 5%, 64 rows 4% slower)
 constexpr int64_t KB = 144;
 
+// t [N, C] (a weight's rows, or its codes, scales or offsets) as panels [P = ceil(N / NR)][C][NR],
+// zero past N
+static at::Tensor to_panels(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), P = (N + NR - 1) / NR;
+  auto padded = at::zeros({P * NR, C}, t.options());
+  padded.narrow(0, 0, N).copy_(t);
+  return padded.view({P, NR, C}).transpose(1, 2).contiguous();
+}
+
 at::Tensor pack_linear(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_linear: w must be [N, K] float32");
-  const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
-  auto padded = at::zeros({P * NR, K}, w.options());
-  padded.narrow(0, 0, N).copy_(w);
-  return padded.view({P, NR, K}).transpose(1, 2).contiguous();
+  return to_panels(w);
 }
 
 // a share of the next weight block, fetched towards this core's cache while a tile runs: `lines`
@@ -178,13 +184,16 @@ struct CodedPanels {
   const float *scale, *offset;
   int64_t K;
   static constexpr int64_t buffer = KB * NR;
+  // panel p's codes, scales and offsets
+  const uint8_t* codes_of(int64_t p) const { return codes + p * (K * BITS / 8) * NR; }
+  const float* scale_of(int64_t p) const { return scale + p * (K / G) * NR; }
+  const float* offset_of(int64_t p) const { return offset + p * (K / G) * NR; }
   // rows per block: a block's k blocks are widened once for its rows, so more rows than MB where
   // they fit in half this core's L2 (widening for 96 rows made a 1,024-token step 5% slower)
   int64_t block_rows() const { return std::max<int64_t>(MB, std::min<int64_t>(480, (1 << 20) / (K * 4) / MR * MR)); }
   void run(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t p, int64_t, float* c, int64_t ldc,
            float* buf) const {
-    coded_panel<BITS>(X, ldx, m0, m1, K, codes + p * (K * BITS / 8) * NR, scale + p * (K / G) * NR,
-                      offset + p * (K / G) * NR, c, ldc, buf);
+    coded_panel<BITS>(X, ldx, m0, m1, K, codes_of(p), scale_of(p), offset_of(p), c, ldc, buf);
   }
 };
 
@@ -252,9 +261,13 @@ static void linear_silu_tiled(const float* X, int64_t ldx, int64_t M, const Src&
 
 #include "linear_amx.h"
 
-static void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+static void check_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
               "linear: x must be [M, K] float32 with contiguous rows");
+}
+
+static void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  check_rows(x);
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(1) == x.size(1) && packed.size(2) == NR &&
                   packed.size(0) * NR >= N && (packed.size(0) - 1) * NR < N,
               "linear: the packed weight does not match x or N");
@@ -298,19 +311,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_codes(const at::Tensor& q, c
   TORCH_CHECK(bits == 4 || bits == 8, "pack_codes: bits must be 4 or 8");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.size(1) % G == 0 && q.size(1) > 0,
               "pack_codes: q must be [N, K] uint8 with K a multiple of ", G);
-  const int64_t N = q.size(0), K = q.size(1), P = (N + NR - 1) / NR;
+  const int64_t N = q.size(0), K = q.size(1);
   for (const auto* t : {&scale, &offset})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == K / G && t->scalar_type() == at::kFloat,
                 "pack_codes: scale and offset must be [N, K / ", G, "] float32");
   TORCH_CHECK(bits == 8 || q.lt(16).all().item<bool>(), "pack_codes: a 4-bit code above 15");
-  auto panels = [&](const at::Tensor& t) {
-    auto padded = at::zeros({P * NR, t.size(1)}, t.options());
-    padded.narrow(0, 0, N).copy_(t);
-    return padded.view({P, NR, t.size(1)}).transpose(1, 2).contiguous();   // [P][cols of t][NR]
-  };
-  at::Tensor c = panels(q);
+  at::Tensor c = to_panels(q);
   if (bits == 4) c = c.slice(1, 0, K, 2).bitwise_or(c.slice(1, 1, K, 2).bitwise_left_shift(4)).contiguous();
-  return {c, panels(scale), panels(offset)};
+  return {c, to_panels(scale), to_panels(offset)};
 }
 
 static void check_codes(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset, int64_t bits,
@@ -332,21 +340,30 @@ static void with_bits(int64_t bits, F&& f) {
   f(std::integral_constant<int, 8>{});
 }
 
+// run(src) with the coded weight as a weight source: AMX's from amx_rows rows on where this build
+// and process have it (linear_amx.h), else the FMA tiles'
+template <typename Run>
+static void with_coded_panels(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& offset, int64_t bits, int64_t amx_rows, Run&& run) {
+  with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    const CodedPanels<B> coded{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
+                               x.size(1)};
+    if (!with_amx(x, coded, amx_rows, run)) run(coded);
+  });
+}
+
 // amx_rows: from this many rows on, the AMX tiles where this build and process have them
 // (linear_amx.h: float32's accuracy, not the FMA tiles' exact order); 0: never
 at::Tensor linear_codes(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const at::Tensor& offset, int64_t bits, int64_t N, const c10::optional<at::Tensor>& bias,
                         int64_t amx_rows) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
-              "linear: x must be [M, K] float32 with contiguous rows");
+  check_rows(x);
   const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
   check_codes(codes, scale, offset, bits, K, N);
   auto y = at::empty({M, N}, x.options());
-  with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    auto run = [&](const auto& src) { linear_tiled(x.data_ptr<float>(), x.stride(0), M, src, P, y.data_ptr<float>(), N); };
-    if (!with_amx<B>(x, codes, scale, offset, amx_rows, run))
-      run(CodedPanels<B>{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K});
+  with_coded_panels(x, codes, scale, offset, bits, amx_rows, [&](const auto& src) {
+    linear_tiled(x.data_ptr<float>(), x.stride(0), M, src, P, y.data_ptr<float>(), N);
   });
   if (bias && bias->defined()) y.add_(*bias);
   return y;
@@ -356,21 +373,15 @@ at::Tensor linear_silu_mul_codes(const at::Tensor& x, const at::Tensor& codes, c
                                  const at::Tensor& offset, int64_t bits, int64_t I,
                                  const c10::optional<at::Tensor>& bias, int64_t amx_rows) {
   TORCH_CHECK(I > 0 && I % NR == 0, "linear_silu_mul: I must be a multiple of ", NR);
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
-              "linear: x must be [M, K] float32 with contiguous rows");
+  check_rows(x);
   const int64_t M = x.size(0), K = x.size(1);
   check_codes(codes, scale, offset, bits, K, 2 * I);
   check_bias(bias, 2 * I, "linear_silu_mul");
   const bool b = bias && bias->defined();
   auto y = at::empty({M, I}, x.options());
-  with_bits(bits, [&](auto bb) {
-    constexpr int B = decltype(bb)::value;
-    auto run = [&](const auto& src) {
-      linear_silu_tiled(x.data_ptr<float>(), x.stride(0), M, src, I, b ? bias->data_ptr<float>() : nullptr,
-                        y.data_ptr<float>());
-    };
-    if (!with_amx<B>(x, codes, scale, offset, amx_rows, run))
-      run(CodedPanels<B>{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K});
+  with_coded_panels(x, codes, scale, offset, bits, amx_rows, [&](const auto& src) {
+    linear_silu_tiled(x.data_ptr<float>(), x.stride(0), M, src, I, b ? bias->data_ptr<float>() : nullptr,
+                      y.data_ptr<float>());
   });
   return y;
 }
@@ -388,11 +399,11 @@ at::Tensor unpack_codes(const at::Tensor& codes, const at::Tensor& scale, const 
   auto w = at::empty({P, K, NR}, scale.options());
   with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
+    const CodedPanels<B> coded{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K};
     at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
       for (int64_t p = pb; p < pe; ++p)
         for (int64_t k0 = 0; k0 < K; k0 += KB)
-          widen<B>(codes.data_ptr<uint8_t>() + p * (K * B / 8) * NR, scale.data_ptr<float>() + p * (K / G) * NR,
-                   offset.data_ptr<float>() + p * (K / G) * NR, k0, std::min(K, k0 + KB),
+          widen<B>(coded.codes_of(p), coded.scale_of(p), coded.offset_of(p), k0, std::min(K, k0 + KB),
                    w.data_ptr<float>() + (p * K + k0) * NR);
     });
   });

@@ -92,9 +92,7 @@ static inline void amx_columns(float* acc, float* cbuf, const float* sums, int64
 // the coded panels on AMX, as CodedPanels (same codes, scale and offset), over rows split once
 template <int BITS>
 struct AmxCodedPanels {
-  const uint8_t* codes;
-  const float *scale, *offset;
-  int64_t K;
+  CodedPanels<BITS> coded;
   const SplitRows* split;
   static constexpr int64_t buffer = AMX_MB * NR + 2 * 3 * AMX_ROWS * VW;   // acc, 3 C tiles, 3 B tiles
   int64_t block_rows() const { return AMX_MB; }
@@ -123,9 +121,10 @@ struct AmxCodedPanels {
 
   void run(const float*, int64_t, int64_t m0, int64_t m1, int64_t p, int64_t, float* c, int64_t ldc,
            float* buf) const {
-    const int64_t groups = K / G, Mp = split->parts.size(1), t1 = std::min(Mp, (m1 + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS);
-    const uint8_t* pc = codes + p * (K * BITS / 8) * NR;
-    const float *ps = scale + p * groups * NR, *po = offset + p * groups * NR;
+    const int64_t K = coded.K, groups = K / G, Mp = split->parts.size(1);
+    const int64_t t1 = std::min(Mp, (m1 + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS);
+    const uint8_t* pc = coded.codes_of(p);
+    const float *ps = coded.scale_of(p), *po = coded.offset_of(p);
     const uint16_t* parts = reinterpret_cast<const uint16_t*>(split->parts.data_ptr<int16_t>());
     const float* sums = split->sums.data_ptr<float>();
     float *acc = buf, *cbuf = acc + AMX_MB * NR;   // then 3 C buffers, 3 B tiles
@@ -163,18 +162,16 @@ struct AmxCodedPanels {
 // the coded linear on AMX where x has at least min_rows rows and the process may use the tiles;
 // false: the caller runs the FMA tiles
 template <int BITS, typename Run>
-static bool with_amx(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset,
-                     int64_t min_rows, Run&& run) {
+static bool with_amx(const at::Tensor& x, const CodedPanels<BITS>& coded, int64_t min_rows, Run&& run) {
   if (min_rows <= 0 || x.size(0) < min_rows || !amx_ready()) return false;
-  const int64_t K = x.size(1);
-  const SplitRows split(x.data_ptr<float>(), x.stride(0), x.size(0), K);
-  run(AmxCodedPanels<BITS>{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K, &split});
+  const SplitRows split(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1));
+  run(AmxCodedPanels<BITS>{coded, &split});
   return true;
 }
 #else
 static bool amx_ready() { return false; }
 template <int BITS, typename Run>
-static bool with_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, Run&&) {
+static bool with_amx(const at::Tensor&, const CodedPanels<BITS>&, int64_t, Run&&) {
   return false;
 }
 #endif
